@@ -1,0 +1,17 @@
+"""prescore.kernels: pure torch + Triton (no vLLM import). Each kernel has a torch reference beside it.
+
+- :mod:`.scoring`   query-independent block pre-scores (registered methods) + Quest min/max summaries
+- :mod:`.selection` budgeted block selection per (request, KV head): prior / quest / hybrid
+- :mod:`.decode`    paged sparse decode attention (Triton, split-K) over vLLM's paged KV layout
+"""
+
+from .decode import sparse_decode, sparse_decode_ref
+from .scoring import (METHODS, BlockSummaries, ScoringMethod, get_method, register_method, score_decode_tail,
+                      score_prefill)
+from .selection import MODES, Selection, select_blocks, select_blocks_ref
+
+__all__ = [
+    "sparse_decode", "sparse_decode_ref", "METHODS", "BlockSummaries", "ScoringMethod", "get_method",
+    "register_method", "score_decode_tail", "score_prefill", "MODES", "Selection", "select_blocks",
+    "select_blocks_ref",
+]

@@ -1,0 +1,154 @@
+"""Budgeted block selection for one decode step, per (request, KV head).
+
+Inputs (one layer): ``BlockSummaries`` (physical-block scores, key min/max, tags), ``block_table [B, MB]``,
+``seq_lens [B]`` (current token included), and per-row controls as int tensors ``[B]``:
+``budget_blocks`` (0 = dense), ``sink_blocks``, ``window_blocks``, ``mode`` (MODES), ``prior_blocks`` (the
+part of the budget that `hybrid` spends on the prior), ``req_tags`` (int64). ``q [B, Hq, D]`` is read only by
+query-aware modes.
+
+Rule: always the first ``sink_blocks`` and the last ``window_blocks`` blocks of the context (the partial tail
+block included) and every block whose tag is not the row's (never scored for this content: must-attend),
+then the ``budget_blocks`` best remaining blocks by the mode's key:
+
+- ``prior``: the pre-score (query-independent).
+- ``quest``: Quest's upper bound sum_d max(q_d * kmin_d, q_d * kmax_d), max over the GQA group (each head's
+  bound taken relative to its own best block).
+- ``hybrid``: ``prior_blocks`` by the pre-score, the rest of the budget by the Quest bound.
+
+A row is dense (``dense[b]`` True, every block attended) when its budget is 0 or the context fits in
+sink + window + budget. Output (fixed-size buffers, CUDA-graph friendly): ``ids [B, Hkv, S]`` int32 logical
+block ids sorted ascending (padding after ``counts``), ``counts [B, Hkv]`` int32, ``dense [B]`` bool.
+``S = max_selected`` is a static capacity (>= the largest sink + window + budget in blocks); must-attend
+blocks beyond it are dropped in favour of sink/window blocks.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from .scoring import BlockSummaries
+
+MODES = {"prior": 0, "quest": 1, "hybrid": 2}
+
+_FORCED = 3.0e38  # sink / window
+_MUST = 1.0e38  # never scored for this request
+
+
+@dataclass
+class Selection:
+    ids: torch.Tensor  # [B, Hkv, S] int32
+    counts: torch.Tensor  # [B, Hkv] int32
+    dense: torch.Tensor  # [B] bool
+
+    def kernel_counts(self) -> torch.Tensor:
+        """Counts as the decode kernel reads them: negative marks a dense row."""
+        return torch.where(self.dense[:, None], torch.full_like(self.counts, -1), self.counts)
+
+
+def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
+    """q [B, Hkv, G, D]; kmin/kmax [B, Hkv, MB, D] -> [B, Hkv, MB] (max over the group of relative bounds)."""
+    qf = q.float()
+    bound = qf.clamp_min(0) @ kmax.float().transpose(-1, -2) + qf.clamp_max(0) @ kmin.float().transpose(-1, -2)
+    bound = bound - bound.amax(-1, keepdim=True)
+    return bound.amax(2)
+
+
+def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: torch.Tensor,
+                  budget_blocks: torch.Tensor, sink_blocks: torch.Tensor, window_blocks: torch.Tensor,
+                  mode: torch.Tensor, prior_blocks: torch.Tensor, req_tags: torch.Tensor, max_selected: int,
+                  q: torch.Tensor | None = None, block_size: int | None = None,
+                  need_query: bool | None = None) -> Selection:
+    """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode."""
+    B, MB = block_table.shape
+    H = summ.scores.shape[1]
+    BS = block_size
+    dev = block_table.device
+    seq = seq_lens.long()
+    nblk = (seq + BS - 1) // BS  # [B]
+    j = torch.arange(MB, device=dev)
+    phys = block_table.long().clamp_min(0)
+    in_ctx = j[None, :] < nblk[:, None]  # [B, MB]
+    sw = (j[None, :] < sink_blocks.long()[:, None]) | (j[None, :] >= (nblk - window_blocks.long())[:, None])
+    stale = summ.tags[phys] != req_tags.long()[:, None]  # [B, MB]
+    forced_key = torch.where(sw, _FORCED, _MUST)[:, None, :]  # [B, 1, MB]
+    forced = (sw | stale) & in_ctx  # [B, MB]
+    n_forced = forced.sum(-1)  # [B]
+
+    prior = summ.scores[phys].transpose(1, 2)  # [B, H, MB]
+    neg = torch.tensor(float("-inf"), device=dev)
+    S = max_selected
+    k = min(S, MB)
+    budget = budget_blocks.long()
+    total = torch.minimum(n_forced + budget, torch.full_like(n_forced, S)).clamp_max(MB)  # [B]
+    mode = mode.long()
+
+    def topk_mask(key, n):  # key [B, H, MB]; keep the n[b] best -> bool mask
+        vals, idx = key.topk(k, dim=-1)
+        keep = torch.arange(k, device=dev)[None, None, :] < n[:, None, None]
+        keep &= vals > float("-inf")
+        return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, idx, keep)
+
+    key = torch.where(forced[:, None, :], forced_key, prior)
+    key = torch.where(in_ctx[:, None, :], key, neg)
+    if need_query is None:
+        need_query = bool((mode != MODES["prior"]).any())
+    if need_query:
+        if q is None:
+            raise ValueError("query-aware selection needs q")
+        G = q.shape[1] // H
+        kmin = summ.kmin[phys].transpose(1, 2)  # [B, H, MB, D]
+        kmax = summ.kmax[phys].transpose(1, 2)
+        bound = quest_bound(q.view(B, H, G, -1), kmin, kmax)
+        n_prior = torch.where(mode == MODES["hybrid"], n_forced + prior_blocks.long().clamp_max(budget),
+                              n_forced)
+        first = topk_mask(key, torch.where(mode == MODES["prior"], total, n_prior))
+        qkey = torch.where(first, _FORCED, bound)
+        qkey = torch.where(in_ctx[:, None, :], qkey, neg)
+        key = torch.where((mode == MODES["prior"])[:, None, None], key, qkey)
+    vals, idx = key.topk(k, dim=-1)  # [B, H, k]
+    keep = (torch.arange(k, device=dev)[None, None, :] < total[:, None, None]) & (vals > float("-inf"))
+    ids = torch.where(keep, idx, MB).sort(-1).values
+    counts = keep.sum(-1)
+    if k < S:
+        ids = torch.cat([ids, ids.new_full((B, H, S - k), MB)], -1)
+    dense = (budget == 0) | (nblk <= sink_blocks.long() + window_blocks.long() + budget)
+    jj = torch.arange(S, device=dev)
+    dense_ids = torch.where(jj[None, :] < nblk[:, None], jj[None, :], MB)  # [B, S]
+    ids = torch.where(dense[:, None, None], dense_ids[:, None, :].expand(B, H, S), ids)
+    counts = torch.where(dense[:, None], nblk[:, None].expand(B, H), counts)
+    return Selection(ids=ids.to(torch.int32), counts=counts.to(torch.int32), dense=dense)
+
+
+def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tag_ok: torch.Tensor,
+                      seq_len: int, block_size: int, budget: int, sink: int, window: int, mode: str,
+                      prior_share: int, q: torch.Tensor | None) -> list[list[int]] | None:
+    """One row, pure python over logical blocks. scores [nblk, H]; kmin/kmax [nblk, H, D]; tag_ok [nblk];
+    q [Hq, D]. Returns per KV head the sorted selected block ids, or None for a dense row. Ties in the
+    ranking key are broken arbitrarily, so tests compare sets only where keys are distinct."""
+    nblk = -(-seq_len // block_size)
+    if budget == 0 or nblk <= sink + window + budget:
+        return None
+    H = scores.shape[1]
+    G = q.shape[0] // H if q is not None else 1
+    out = []
+    for h in range(H):
+        forced = [j for j in range(nblk) if j < sink or j >= nblk - window or not bool(tag_ok[j])]
+        rest = [j for j in range(nblk) if j not in forced]
+        chosen = set(forced)
+        n_prior = budget if mode == "prior" else (min(prior_share, budget) if mode == "hybrid" else 0)
+        by_prior = sorted(rest, key=lambda j: -float(scores[j, h]))[:n_prior]
+        chosen |= set(by_prior)
+        if mode != "prior":
+            rel = []
+            for g in range(G):
+                qq = q[h * G + g].double()
+                b = [float(torch.maximum(qq * kmin[i, h].double(), qq * kmax[i, h].double()).sum())
+                     for i in range(nblk)]
+                rel.append([x - max(b) for x in b])
+            bound = [max(r[i] for r in rel) for i in range(nblk)]
+            remaining = [j for j in rest if j not in chosen]
+            chosen |= set(sorted(remaining, key=lambda j: -bound[j])[: budget - len(by_prior)])
+        out.append(sorted(chosen))
+    return out

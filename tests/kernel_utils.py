@@ -1,0 +1,32 @@
+"""Shared builders for the kernel tests: random paged caches in vLLM's layouts."""
+
+import torch
+
+
+def rel_err(out, ref):
+    out = out.double()
+    ref = ref.double()
+    return float((out - ref).norm() / ref.norm().clamp_min(1e-30))
+
+
+def make_paged(seq_lens, Hkv, D, BS, dtype, layout="NHD", extra_blocks=3, scale=1.0, gen=None, device="cpu"):
+    """Random paged cache holding len(seq_lens) sequences in shuffled physical blocks.
+
+    layout "NHD": vLLM GPU (token-major inside a block); "HND": CPU attention (head-major).
+    Returns kv_cache view [NB, Hkv, BS, 2D], block_table [B, MB] int32, seq_lens int32.
+    """
+    nblk = [-(-L // BS) for L in seq_lens]
+    MB = max(nblk) + 1
+    NB = sum(nblk) + extra_blocks
+    if layout == "NHD":
+        kv = (torch.randn(NB, BS, Hkv, 2 * D, generator=gen) * scale).to(dtype).permute(0, 2, 1, 3)
+    else:
+        kv = (torch.randn(NB, Hkv, BS, 2 * D, generator=gen) * scale).to(dtype)
+    perm = torch.randperm(NB, generator=gen)
+    bt = torch.zeros(len(seq_lens), MB, dtype=torch.int32)
+    o = 0
+    for b, n in enumerate(nblk):
+        bt[b, :n] = perm[o:o + n].int()
+        bt[b, n:] = perm[-1]  # padding entries point at a real block, as vLLM's do
+        o += n
+    return kv.to(device), bt.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
