@@ -179,9 +179,8 @@ class KMeans(ScoringMethod):
             sums = keys.new_zeros(H, k, D).scatter_add_(1, assign[..., None].expand(H, T, D), keys)
             cnt = keys.new_zeros(H, k).scatter_add_(1, assign, ones)
             cents = torch.where(cnt[..., None] > 0, sums / cnt.clamp_min(1)[..., None], cents)
-        d2 = self._sqdist(keys, cents)
-        dist, assign = d2.min(-1)
-        dist = dist.sqrt()
+        assign = self._sqdist(keys, cents).argmin(-1)
+        dist = _dist_to(keys, cents, assign)
         denom = keys.new_zeros(H, k).scatter_add_(1, assign, dist)
         if k < self.k:  # pad unused clusters far away so they never win an assignment
             pad = self.k - k
@@ -194,9 +193,21 @@ class KMeans(ScoringMethod):
         cents = state[..., : self.k * D].unflatten(-1, (self.k, D))  # [..., H, k, D]
         denom = state[..., self.k * D:]  # [..., H, k]
         d2 = ((keys * keys).sum(-1, keepdim=True) - 2 * keys @ cents.transpose(-1, -2)
-              + (cents * cents).sum(-1).unsqueeze(-2)).clamp_min(0)
-        dist, assign = d2.min(-1)
-        return dist.sqrt() / torch.gather(denom, -1, assign).clamp_min(1e-12)
+              + (cents * cents).sum(-1).unsqueeze(-2))
+        assign = d2.argmin(-1)
+        return _outlier_ratio(_dist_to(keys, cents, assign), torch.gather(denom, -1, assign))
+
+
+def _dist_to(keys, cents, assign):
+    """Exact distance of each key to its assigned centroid (no |x|^2 - 2xc + |c|^2 cancellation)."""
+    c = torch.gather(cents, -2, assign[..., None].expand(*assign.shape, cents.shape[-1]))
+    return torch.linalg.vector_norm(keys - c, dim=-1)
+
+
+def _outlier_ratio(dist, denom):
+    """dist / (sum of distances in the cluster); a key alone at its centroid (0/0) scores 1, the limit of a
+    cluster of one."""
+    return torch.where(denom <= 1e-30, torch.ones_like(dist), dist / denom.clamp_min(1e-30))
 
 
 def score_keys_at_fit(method: ScoringMethod, keys: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
@@ -349,8 +360,8 @@ def kmeans_score_ref(keys: torch.Tensor, centroids: torch.Tensor) -> torch.Tenso
     for kh, ch in zip(keys.double(), centroids.double()):
         d = torch.cdist(kh, ch)
         dist, a = d.min(1)
-        denom = torch.zeros(ch.shape[0], dtype=torch.float64).index_add_(0, a, dist)
-        out.append(dist / denom[a].clamp_min(1e-12))
+        denom = torch.zeros(ch.shape[0], dtype=torch.float64).index_add_(0, a, dist)[a]
+        out.append(torch.where(denom <= 1e-9, torch.ones_like(dist), dist / denom.clamp_min(1e-30)))
     return torch.stack(out)
 
 

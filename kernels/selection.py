@@ -11,8 +11,8 @@ block included) and every block whose tag is not the row's (never scored for thi
 then the ``budget_blocks`` best remaining blocks by the mode's key:
 
 - ``prior``: the pre-score (query-independent).
-- ``quest``: Quest's upper bound sum_d max(q_d * kmin_d, q_d * kmax_d), max over the GQA group (each head's
-  bound taken relative to its own best block).
+- ``quest``: Quest's upper bound sum_d max(q_d * kmin_d, q_d * kmax_d) per query head, combined over the GQA
+  group by a log-sum-exp of the heads' scaled bounds relative to their best block (see ``quest_bound``).
 - ``hybrid``: ``prior_blocks`` by the pre-score, the rest of the budget by the Quest bound.
 
 A row is dense (``dense[b]`` True, every block attended) when its budget is 0 or the context fits in
@@ -24,6 +24,7 @@ blocks beyond it are dropped in favour of sink/window blocks.
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -47,12 +48,17 @@ class Selection:
         return torch.where(self.dense[:, None], torch.full_like(self.counts, -1), self.counts)
 
 
-def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor) -> torch.Tensor:
-    """q [B, Hkv, G, D]; kmin/kmax [B, Hkv, MB, D] -> [B, Hkv, MB] (max over the group of relative bounds)."""
+def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_ctx: torch.Tensor) -> torch.Tensor:
+    """q [B, Hkv, G, D]; kmin/kmax [B, Hkv, MB, D]; in_ctx [B, MB] -> [B, Hkv, MB].
+
+    Per query head, Quest's bound scaled by 1/sqrt(D) and taken relative to the head's best block in the
+    context is an upper bound on the block's log attention weight relative to the best block; the group's
+    key is the log-sum-exp over its heads (the most attention mass the block can take from the group)."""
     qf = q.float()
     bound = qf.clamp_min(0) @ kmax.float().transpose(-1, -2) + qf.clamp_max(0) @ kmin.float().transpose(-1, -2)
-    bound = bound - bound.amax(-1, keepdim=True)
-    return bound.amax(2)
+    best = torch.where(in_ctx[:, None, None, :], bound, float("-inf")).amax(-1, keepdim=True)
+    rel = (bound - best) / math.sqrt(q.shape[-1])
+    return torch.logsumexp(rel, dim=2)
 
 
 def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: torch.Tensor,
@@ -87,7 +93,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     def topk_mask(key, n):  # key [B, H, MB]; keep the n[b] best -> bool mask
         vals, idx = key.topk(k, dim=-1)
         keep = torch.arange(k, device=dev)[None, None, :] < n[:, None, None]
-        keep &= vals > float("-inf")
+        keep = keep & (vals > float("-inf"))
         return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, idx, keep)
 
     key = torch.where(forced[:, None, :], forced_key, prior)
@@ -100,7 +106,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
         G = q.shape[1] // H
         kmin = summ.kmin[phys].transpose(1, 2)  # [B, H, MB, D]
         kmax = summ.kmax[phys].transpose(1, 2)
-        bound = quest_bound(q.view(B, H, G, -1), kmin, kmax)
+        bound = quest_bound(q.view(B, H, G, -1), kmin, kmax, in_ctx)
         n_prior = torch.where(mode == MODES["hybrid"], n_forced + prior_blocks.long().clamp_max(budget),
                               n_forced)
         first = topk_mask(key, torch.where(mode == MODES["prior"], total, n_prior))
@@ -146,8 +152,8 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
                 qq = q[h * G + g].double()
                 b = [float(torch.maximum(qq * kmin[i, h].double(), qq * kmax[i, h].double()).sum())
                      for i in range(nblk)]
-                rel.append([x - max(b) for x in b])
-            bound = [max(r[i] for r in rel) for i in range(nblk)]
+                rel.append([(x - max(b)) / math.sqrt(q.shape[-1]) for x in b])
+            bound = [math.log(sum(math.exp(r[i]) for r in rel)) for i in range(nblk)]
             remaining = [j for j in rest if j not in chosen]
             chosen |= set(sorted(remaining, key=lambda j: -bound[j])[: budget - len(by_prior)])
         out.append(sorted(chosen))

@@ -1,0 +1,147 @@
+"""Block pre-scoring against float64 references: every method, chunked prefill, decode-time tail blocks."""
+
+import pytest
+import torch
+
+from kernel_utils import make_paged, rel_err
+from prescore.kernels import METHODS, BlockSummaries, get_method, score_decode_tail, score_prefill
+from prescore.kernels.scoring import (Leverage, block_scores_ref, gather_keys, kmeans_score_ref, leverage_ref,
+                                      score_keys_at_fit)
+
+
+def seq_keys(kv, bt_row, L):
+    nblk = -(-L // kv.shape[2])
+    return gather_keys(kv, bt_row[:nblk])[:, :L].double()
+
+
+def test_registry():
+    assert set(METHODS) >= {"kmeans", "leverage", "keynorm"}
+    with pytest.raises(ValueError, match="unknown scoring method"):
+        get_method("nope")
+
+
+def test_leverage_exact_matches_float64():
+    gen = torch.Generator().manual_seed(0)
+    keys = torch.randn(3, 300, 64, generator=gen) * torch.linspace(0.1, 3, 64)  # anisotropic
+    keys[:, 7] *= 20  # an outlier key
+    got = Leverage().exact_scores(keys)
+    ref = leverage_ref(keys)
+    assert rel_err(got, ref) < 1e-4
+    assert (got.argmax(-1) == 7).all()
+
+
+def test_leverage_state_full_rank_is_exact_and_low_rank_close():
+    gen = torch.Generator().manual_seed(1)
+    keys = torch.randn(2, 257, 32, generator=gen) * torch.linspace(0.2, 2, 32)
+    new = torch.randn(2, 9, 32, generator=gen)
+    full = Leverage(rank=32)
+    st = full.fit(keys)
+    assert st.shape == (2, full.state_size(32))
+    # scores of unseen keys with the fitted inverse: explicit float64 formula
+    k = keys.double()
+    kc = k - k.mean(1, keepdim=True)
+    g = kc.transpose(1, 2) @ kc
+    lam = 1e-2 * g.diagonal(dim1=1, dim2=2).sum(-1) / 32
+    inv = torch.linalg.inv(g + lam[:, None, None] * torch.eye(32, dtype=torch.float64))
+    nc = new.double() - k.mean(1, keepdim=True)
+    ref = torch.einsum("hnd,hde,hne->hn", nc, inv, nc)
+    assert rel_err(full.score(new, st), ref) < 1e-4
+    low = Leverage(rank=16)
+    assert rel_err(low.score(new, low.fit(keys)), ref) < 0.35
+
+
+def test_kmeans_scores_match_reference_and_find_outliers():
+    gen = torch.Generator().manual_seed(2)
+    H, D = 2, 32
+    centers = torch.randn(H, 6, D, generator=gen) * 10
+    assign = torch.randint(0, 6, (H, 500), generator=gen)
+    keys = torch.gather(centers, 1, assign[..., None].expand(H, 500, D)) + torch.randn(H, 500, D, generator=gen)
+    keys[:, 123] += 40  # planted outlier
+    m = get_method("kmeans", k=8, iters=8)
+    st = m.fit(keys)
+    assert st.shape == (H, m.state_size(D))
+    cents = st[:, : 8 * D].view(H, 8, D)
+    got = m.score(keys, st)
+    assert rel_err(got, kmeans_score_ref(keys, cents)) < 1e-4
+    assert (got.argmax(-1) == 123).all()
+    assert torch.equal(st, m.fit(keys))  # seeded: deterministic
+
+
+def test_kmeans_fewer_keys_than_clusters():
+    keys = torch.randn(2, 3, 16)
+    m = get_method("kmeans", k=8)
+    s = m.score(keys, m.fit(keys))
+    assert torch.isfinite(s).all()
+
+
+@pytest.mark.parametrize("method", ["keynorm", "leverage", "kmeans"])
+@pytest.mark.parametrize("BS,layout", [(16, "NHD"), (32, "HND")])
+def test_prefill_scores_every_block(method, BS, layout):
+    gen = torch.Generator().manual_seed(3)
+    L, H, D = 203, 2, 64  # partial last block
+    kv, bt, _ = make_paged([L], H, D, BS, torch.bfloat16, layout, gen=gen)
+    summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.bfloat16, "cpu")
+    m = get_method(method)
+    state = score_prefill(kv, summ, bt[0], 0, L, m, tag=11, final=True)
+    assert state.shape == (H, m.state_size(D))
+    keys = seq_keys(kv, bt[0], L)
+    ks = score_keys_at_fit(m, keys.float(), state)
+    ref = block_scores_ref(ks.double(), L, BS)
+    nblk = ref.shape[1]
+    phys = bt[0, :nblk].long()
+    assert rel_err(summ.scores[phys].T, ref) < 1e-5
+    assert (summ.tags[phys] == 11).all()
+    for j in range(nblk):
+        blk = keys[:, j * BS:min(L, (j + 1) * BS)]
+        assert torch.equal(summ.kmin[phys[j]].double(), blk.amin(1))
+        assert torch.equal(summ.kmax[phys[j]].double(), blk.amax(1))
+    if method == "keynorm":
+        assert rel_err(ks, keys.norm(dim=-1)) < 1e-5
+
+
+@pytest.mark.parametrize("method", ["keynorm", "leverage", "kmeans"])
+def test_chunked_prefill_equals_one_shot(method):
+    gen = torch.Generator().manual_seed(4)
+    L, H, D, BS = 150, 2, 32, 16
+    kv, bt, _ = make_paged([L], H, D, BS, torch.float16, gen=gen)
+    m = get_method(method)
+    a = BlockSummaries.allocate(kv.shape[0], H, D, torch.float16, "cpu")
+    b = BlockSummaries.allocate(kv.shape[0], H, D, torch.float16, "cpu")
+    sa = score_prefill(kv, a, bt[0], 0, L, m, tag=1, final=True)
+    assert score_prefill(kv, b, bt[0], 0, 40, m, tag=1, final=False) is None
+    # a non-final chunk scores the blocks it wrote (first 3 blocks, the 3rd partially)
+    assert (b.tags[bt[0, :3].long()] == 1).all() and (b.tags[bt[0, 3:10].long()] == -1).all()
+    score_prefill(kv, b, bt[0], 40, 100, m, tag=1, final=False)
+    sb = score_prefill(kv, b, bt[0], 100, L, m, tag=1, final=True)
+    assert torch.equal(sa, sb)
+    phys = bt[0, :10].long()
+    assert torch.equal(a.scores[phys], b.scores[phys])
+    assert torch.equal(a.kmin[phys], b.kmin[phys]) and torch.equal(a.kmax[phys], b.kmax[phys])
+
+
+def test_decode_tail_rescores_newest_block():
+    gen = torch.Generator().manual_seed(5)
+    H, D, BS = 2, 64, 16
+    lens = [40, 64, 17, 100]  # tail blocks: partial, exactly full, 1 token, partial
+    kv, bt, seq = make_paged(lens, H, D, BS, torch.bfloat16, gen=gen)
+    summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.bfloat16, "cpu")
+    names = ["keynorm", "leverage", "kmeans", "leverage"]
+    methods = {get_method(n).method_id: get_method(n) for n in set(names)}
+    S = max(mm.state_size(D) for mm in methods.values())
+    states = torch.zeros(len(lens), H, S)
+    for b, (L, n) in enumerate(zip(lens, names)):
+        m = get_method(n)
+        st = score_prefill(kv, summ, bt[b], 0, L - 1, m, tag=b, final=True)
+        states[b, :, : st.shape[1]] = st
+    mids = torch.tensor([get_method(n).method_id for n in names])
+    score_decode_tail(kv, summ, bt, seq, mids, states, torch.arange(4), methods)
+    for b, (L, n) in enumerate(zip(lens, names)):
+        m = get_method(n)
+        j = (L - 1) // BS
+        keys = gather_keys(kv, bt[b, j:j + 1])[:, : L - j * BS].float()
+        ref = m.score(keys, states[b, :, : m.state_size(D)]).amax(-1)
+        phys = int(bt[b, j])
+        assert rel_err(summ.scores[phys], ref) < 1e-5
+        assert torch.equal(summ.kmax[phys].float(), keys.amax(1))
+        assert torch.equal(summ.kmin[phys].float(), keys.amin(1))
+        assert summ.tags[phys] == b
