@@ -83,7 +83,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     n_forced = forced.sum(-1)  # [B]
 
     prior = summ.scores[phys].transpose(1, 2)  # [B, H, MB]
-    neg = torch.tensor(float("-inf"), device=dev)
+    neg = float("-inf")
     S = max_selected
     k = min(S, MB)
     budget = budget_blocks.long()

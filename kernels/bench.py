@@ -1,0 +1,322 @@
+"""Kernel benchmark on a CUDA GPU: checks, then times decode and scoring; prints a table, writes JSON.
+
+    python -m prescore.kernels.bench --out results/kernels-h100.json            # full table (H100: ~4 min)
+    python -m prescore.kernels.bench --quick                                    # small smoke run
+    python -m prescore.kernels.bench --sweep                                    # tile/warp sweep only
+
+Decode rows (Hq=32, Hkv=8, D=128, bf16, block 16, vLLM's GPU cache layout, shuffled physical blocks):
+``dense_sdpa_ms``  torch SDPA (GQA) over contiguous K/V;
+``dense_paged_ms`` our kernel, every block (dense mode);
+``sparse_ms``      prior-mode selection (select_blocks) + our kernel over the selection;
+``ideal_ms``       bytes of the selected K/V at the measured device-to-device copy bandwidth.
+Every time is the median over CUDA-graph replays of R calls with rotating inputs (different queries and
+selections each call), divided by R; the dense baseline is measured in the same run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import statistics
+import sys
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .decode import sparse_decode, sparse_decode_ref
+from .scoring import BlockSummaries, get_method, score_prefill
+from .selection import MODES, select_blocks
+
+HQ, HKV, D, BS = 32, 8, 128, 16
+SINK, WINDOW = 32, 256  # tokens (the backend's defaults)
+
+
+def graph_time_ms(fn, reps: int, n_graph_calls: int = 1) -> float:
+    """Median ms of one fn() call: CUDA graph of `reps` back-to-back calls, replayed; events around replays."""
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(2):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    torch.cuda.synchronize()
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    for _ in range(3):
+        g.replay()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(max(5, n_graph_calls)):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b) / reps)
+    del g
+    return statistics.median(times)
+
+
+def event_time_ms(fn, iters: int = 20) -> float:
+    for _ in range(3):
+        fn()
+    torch.cuda.synchronize()
+    times = []
+    for _ in range(iters):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        b.synchronize()
+        times.append(a.elapsed_time(b))
+    return statistics.median(times)
+
+
+def copy_gbps() -> float:
+    n = 1 << 30
+    a = torch.empty(n, dtype=torch.uint8, device="cuda").random_()
+    b = torch.empty_like(a)
+    ms = event_time_ms(lambda: b.copy_(a), iters=30)
+    del a, b
+    return 2 * n / (ms * 1e-3) / 1e9
+
+
+def paged_cache(B: int, L: int, gen: torch.Generator):
+    nblk = L // BS
+    NB = B * nblk
+    kv = torch.empty(NB, BS, HKV, 2 * D, dtype=torch.bfloat16, device="cuda").normal_(generator=gen)
+    kv = kv.permute(0, 2, 1, 3)  # logical [NB, Hkv, BS, 2D], token-major physical (vLLM GPU layout)
+    bt = torch.randperm(NB, device="cuda", generator=gen).view(B, nblk).int()
+    return kv, bt
+
+
+def check(gen: torch.Generator) -> list[str]:
+    """Compiled kernels vs the float64 reference on fresh random inputs (odd sizes, GQA 1..8, D 64/128/256)."""
+    from .selection import Selection  # noqa: F401
+
+    lines = []
+    cases = [(64, 1, 16, [1, 17, 1000]), (64, 3, 16, [333, 5]), (128, 4, 16, [4099, 16, 70]),
+             (128, 7, 32, [2000, 31]), (256, 8, 32, [513, 1024]), (256, 2, 16, [77])]
+    for dt in (torch.bfloat16, torch.float16):
+        for (d, g, bs, lens) in cases:
+            hkv = 2
+            nblk = [-(-x // bs) for x in lens]
+            NB = sum(nblk) + 2
+            kv = torch.randn(NB, bs, hkv, 2 * d, device="cuda", generator=gen).to(dt).permute(0, 2, 1, 3)
+            perm = torch.randperm(NB, device="cuda", generator=gen)
+            MB = max(nblk)
+            bt = torch.zeros(len(lens), MB, dtype=torch.int32, device="cuda")
+            o = 0
+            for i, n in enumerate(nblk):
+                bt[i, :n] = perm[o:o + n].int()
+                o += n
+            seq = torch.tensor(lens, dtype=torch.int32, device="cuda")
+            q = torch.randn(len(lens), g * hkv, d, device="cuda", generator=gen).to(dt)
+            summ = BlockSummaries.allocate(NB, hkv, d, dt, "cuda")
+            summ.scores.uniform_(generator=gen)
+            summ.tags.zero_()
+            t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+            B = len(lens)
+            for mode in ("prior", "hybrid"):
+                sel = select_blocks(summ, bt, seq, t([5] * B), t([1] * B), t([2] * B), t([MODES[mode]] * B),
+                                    t([2] * B), t([0] * B), 8, q=q, block_size=bs)
+                out = sparse_decode(q, kv, bt, seq, sel.ids, sel.kernel_counts())
+                ref = sparse_decode_ref(q, kv, bt, seq, sel.ids, sel.kernel_counts())
+                err = float((out.double() - ref).norm() / ref.norm())
+                tol = 1.5e-2 if dt == torch.bfloat16 else 2e-3
+                ok = err < tol and torch.isfinite(out).all()
+                lines.append(f"check {str(dt)[6:]:8s} D={d:3d} G={g} BS={bs} {mode:6s} rel_err={err:.2e} "
+                             f"{'ok' if ok else 'FAIL'}")
+                if not ok:
+                    raise SystemExit("\n".join(lines))
+            dense = sparse_decode(q, kv, bt, seq)
+            ref = sparse_decode_ref(q, kv, bt, seq)
+            err = float((dense.double() - ref).norm() / ref.norm())
+            lines.append(f"check {str(dt)[6:]:8s} D={d:3d} G={g} BS={bs} dense  rel_err={err:.2e}")
+            if err > 1.5e-2:
+                raise SystemExit("\n".join(lines))
+    return lines
+
+
+def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Generator, rot: int = 4,
+               cfg: dict | None = None) -> list[dict]:
+    cfg = cfg or {}
+    kv, bt = paged_cache(B, L, gen)
+    seq = torch.full((B,), L, dtype=torch.int32, device="cuda")
+    qs = [torch.randn(B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16) for _ in range(rot)]
+    out = torch.empty_like(qs[0])
+
+    # dense SDPA over contiguous K/V (same values as the paged cache, copied out)
+    k_c = kv[..., :D][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+    v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+    q4 = [q[:, :, None, :] for q in qs]
+    it = [0]
+
+    def sdpa():
+        i = it[0] = (it[0] + 1) % rot
+        return F.scaled_dot_product_attention(q4[i], k_c, v_c, enable_gqa=True)
+
+    # correctness of the dense paged kernel against SDPA on this exact data (bf16 vs bf16)
+    ref = F.scaled_dot_product_attention(q4[0], k_c, v_c, enable_gqa=True)[:, :, 0].float()
+    got = sparse_decode(qs[0], kv, bt, seq, **cfg).float()
+    dense_err = float((got - ref).norm() / ref.norm())
+    dense_sdpa = graph_time_ms(sdpa, reps=rot * 2)
+    del k_c, v_c
+
+    def paged():
+        i = it[0] = (it[0] + 1) % rot
+        sparse_decode(qs[i], kv, bt, seq, out=out, **cfg)
+
+    dense_paged = graph_time_ms(paged, reps=rot * 2)
+
+    rows = []
+    NB = kv.shape[0]
+    summs = []
+    for _ in range(rot):  # rotating priors -> different selected blocks each call
+        s = BlockSummaries(scores=torch.rand(NB, HKV, device="cuda", generator=gen),
+                           kmin=torch.empty(0, device="cuda"), kmax=torch.empty(0, device="cuda"),
+                           tags=torch.zeros(NB, dtype=torch.int64, device="cuda"))
+        summs.append(s)
+    zeros = torch.zeros(B, dtype=torch.long, device="cuda")
+    for budget in budgets:
+        bb = torch.full((B,), budget // BS, device="cuda")
+        sink = torch.full((B,), SINK // BS, device="cuda")
+        win = torch.full((B,), WINDOW // BS, device="cuda")
+        mode = torch.full((B,), MODES["prior"], device="cuda")
+        cap = budget // BS + SINK // BS + WINDOW // BS
+        sel0 = select_blocks(summs[0], bt, seq, bb, sink, win, mode, zeros, zeros, cap, block_size=BS,
+                             need_query=False)
+        sel_tokens = int(sel0.counts.sum()) * BS  # every selected block is full here (L % BS == 0)
+        ideal = sel_tokens * 2 * D * 2 / (gbps * 1e9) * 1e3
+
+        def sparse():
+            i = it[0] = (it[0] + 1) % rot
+            sel = select_blocks(summs[i], bt, seq, bb, sink, win, mode, zeros, zeros, cap, block_size=BS,
+                                need_query=False)
+            sparse_decode(qs[i], kv, bt, seq, sel.ids, sel.counts, out=out, **cfg)
+
+        def sparse_kernel_only():
+            i = it[0] = (it[0] + 1) % rot
+            sparse_decode(qs[i], kv, bt, seq, sels[i].ids, sels[i].counts, out=out, **cfg)
+
+        sels = [select_blocks(s, bt, seq, bb, sink, win, mode, zeros, zeros, cap, block_size=BS, need_query=False)
+                for s in summs]
+        sp = graph_time_ms(sparse, reps=rot * 2)
+        spk = graph_time_ms(sparse_kernel_only, reps=rot * 2)
+        rows.append(dict(B=B, L=L, budget=budget, selected_tokens_per_head=sel_tokens // (B * HKV),
+                         dense_sdpa_ms=round(dense_sdpa, 5), dense_paged_ms=round(dense_paged, 5),
+                         sparse_ms=round(sp, 5), sparse_kernel_ms=round(spk, 5), ideal_ms=round(ideal, 5),
+                         bw_fraction=round(ideal / sp, 4), speedup_vs_sdpa=round(dense_sdpa / sp, 2),
+                         dense_paged_vs_sdpa=round(dense_paged / dense_sdpa, 4), dense_paged_rel_err=dense_err))
+    del kv, bt, summs
+    torch.cuda.empty_cache()
+    return rows
+
+
+def scoring_rows(L: int, gen: torch.Generator) -> list[dict]:
+    kv, bt = paged_cache(1, L, gen)
+    NB = kv.shape[0]
+    summ = BlockSummaries.allocate(NB, HKV, D, torch.bfloat16, "cuda")
+    q = torch.randn(1, HQ, L, D, device="cuda", generator=gen).to(torch.bfloat16)
+    k = torch.randn(1, HKV, L, D, device="cuda", generator=gen).to(torch.bfloat16)
+    v = torch.randn(1, HKV, L, D, device="cuda", generator=gen).to(torch.bfloat16)
+    attn = event_time_ms(lambda: F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True), 10)
+    rows = []
+    for name in ("keynorm", "leverage", "kmeans"):
+        m = get_method(name)
+        ms = event_time_ms(lambda: score_prefill(kv, summ, bt[0], 0, L, m, tag=1, final=True), 10)
+        rows.append(dict(method=name, L=L, score_ms=round(ms, 4), prefill_attn_ms=round(attn, 4),
+                         ratio=round(ms / attn, 4)))
+    return rows
+
+
+def sweep(gen: torch.Generator):
+    print("sweep: dense paged kernel, (blocks_per_iter, num_warps, num_stages) -> ms", flush=True)
+    for B, L in ((1, 32768), (8, 32768), (32, 32768), (8, 131072)):
+        kv, bt = paged_cache(B, L, gen)
+        seq = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        q = torch.randn(B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
+        out = torch.empty_like(q)
+        k_c = kv[..., :D][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+        v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+        sd = graph_time_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], k_c, v_c, enable_gqa=True), 4)
+        del k_c, v_c
+        res = []
+        for bpi in (2, 4, 8):
+            for nw in (4, 8):
+                for ns in (2, 3, 4):
+                    for split_mult in (1, 2):
+                        from .decode import choose_num_splits
+                        nsp = choose_num_splits(B, HKV, bt.shape[1], q.device, bpi) * split_mult
+                        try:
+                            t = graph_time_ms(lambda: sparse_decode(q, kv, bt, seq, out=out, blocks_per_iter=bpi,
+                                                                    num_warps=nw, num_stages=ns, num_splits=nsp), 4)
+                        except Exception as e:  # noqa: BLE001 (shared-memory limits etc.)
+                            t = float("inf")
+                            print("  fail", bpi, nw, ns, type(e).__name__)
+                        res.append((t, bpi, nw, ns, nsp))
+        res.sort()
+        print(f"  B={B} L={L} sdpa={sd:.4f}ms best: " + "; ".join(f"{t:.4f}ms bpi={a} w={b} s={c} splits={d}"
+                                                                  for t, a, b, c, d in res[:4]), flush=True)
+        del kv, bt
+        torch.cuda.empty_cache()
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--sweep", action="store_true")
+    ap.add_argument("--no-check", action="store_true")
+    args = ap.parse_args(argv)
+    if not torch.cuda.is_available():
+        sys.exit("this benchmark needs a CUDA GPU")
+    gen = torch.Generator(device="cuda")
+    gen.manual_seed(int(time.time()))  # fresh inputs every run
+    dev = torch.cuda.get_device_name()
+    print(f"device: {dev}; torch {torch.__version__}", flush=True)
+    if not args.no_check:
+        for line in check(gen):
+            print(line)
+    if args.sweep:
+        sweep(gen)
+        return
+    gbps = copy_gbps()
+    print(f"device-to-device copy: {gbps:.0f} GB/s (read + write)", flush=True)
+    Bs, Ls, budgets = ((1, 8, 32), (32768, 131072), (512, 2048, 4096))
+    if args.quick:
+        Bs, Ls, budgets = (1, 8), (32768,), (2048,)
+    decode = []
+    for L in Ls:
+        for B in Bs:
+            rows = decode_row(B, L, list(budgets), gbps, gen)
+            decode += rows
+            for r in rows:
+                print(json.dumps(r), flush=True)
+    scoring = scoring_rows(32768, gen)
+    hdr = f"{'B':>3} {'L':>7} {'budget':>6} {'sdpa ms':>8} {'paged ms':>9} {'sparse ms':>9} {'ideal ms':>8} " \
+          f"{'bw frac':>7} {'x sdpa':>7} {'paged/sdpa':>10}"
+    print("\n" + hdr)
+    for r in decode:
+        print(f"{r['B']:>3} {r['L']:>7} {r['budget']:>6} {r['dense_sdpa_ms']:>8.4f} {r['dense_paged_ms']:>9.4f} "
+              f"{r['sparse_ms']:>9.4f} {r['ideal_ms']:>8.4f} {r['bw_fraction']:>7.2f} {r['speedup_vs_sdpa']:>7.1f} "
+              f"{r['dense_paged_vs_sdpa']:>10.3f}")
+    print(f"\n{'method':>9} {'L':>6} {'score ms':>9} {'prefill attn ms':>15} {'ratio':>6}")
+    for r in scoring:
+        print(f"{r['method']:>9} {r['L']:>6} {r['score_ms']:>9.4f} {r['prefill_attn_ms']:>15.4f} {r['ratio']:>6.3f}")
+    res = {"device": dev, "copy_gbps": round(gbps, 1), "torch": torch.__version__,
+           "command": "python -m prescore.kernels.bench --out results/kernels-h100.json",
+           "decode": decode, "scoring": scoring}
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+        print(f"wrote {args.out}")
+    return res
+
+
+if __name__ == "__main__":
+    main()
+
