@@ -42,9 +42,12 @@ class Selection:
     ids: torch.Tensor  # [B, Hkv, S] int32
     counts: torch.Tensor  # [B, Hkv] int32
     dense: torch.Tensor  # [B] bool
+    kcounts: torch.Tensor | None = None  # counts as the decode kernel reads them (negative = dense row)
 
     def kernel_counts(self) -> torch.Tensor:
         """Counts as the decode kernel reads them: negative marks a dense row."""
+        if self.kcounts is not None:
+            return self.kcounts
         return torch.where(self.dense[:, None], torch.full_like(self.counts, -1), self.counts)
 
 
@@ -65,8 +68,17 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                   budget_blocks: torch.Tensor, sink_blocks: torch.Tensor, window_blocks: torch.Tensor,
                   mode: torch.Tensor, prior_blocks: torch.Tensor, req_tags: torch.Tensor, max_selected: int,
                   q: torch.Tensor | None = None, block_size: int | None = None,
-                  need_query: bool | None = None) -> Selection:
-    """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode."""
+                  need_query: bool | None = None, use_triton: bool | None = None) -> Selection:
+    """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode
+    (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
+    (:mod:`.select_triton`); otherwise this torch implementation runs."""
+    if need_query is None:
+        need_query = bool((mode.long() != MODES["prior"]).any())
+    if use_triton is None:
+        use_triton = block_table.is_cuda
+    if use_triton:
+        return _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
+                              prior_blocks, req_tags, max_selected, q, block_size, need_query)
     B, MB = block_table.shape
     H = summ.scores.shape[1]
     BS = block_size
@@ -98,8 +110,6 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
 
     key = torch.where(forced[:, None, :], forced_key, prior)
     key = torch.where(in_ctx[:, None, :], key, neg)
-    if need_query is None:
-        need_query = bool((mode != MODES["prior"]).any())
     if need_query:
         if q is None:
             raise ValueError("query-aware selection needs q")
@@ -158,3 +168,24 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
             chosen |= set(sorted(remaining, key=lambda j: -bound[j])[: budget - len(by_prior)])
         out.append(sorted(chosen))
     return out
+
+
+def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
+                   req_tags, max_selected, q, block_size, need_query) -> Selection:
+    from .select_triton import select_blocks_triton
+
+    qkey = None
+    if need_query:
+        if q is None:
+            raise ValueError("query-aware selection needs q")
+        B, MB = block_table.shape
+        H = summ.scores.shape[1]
+        phys = block_table.long().clamp_min(0)
+        nblk = (seq_lens.long() + block_size - 1) // block_size
+        in_ctx = torch.arange(MB, device=phys.device)[None, :] < nblk[:, None]
+        qkey = quest_bound(q.view(B, H, q.shape[1] // H, -1), summ.kmin[phys].transpose(1, 2),
+                           summ.kmax[phys].transpose(1, 2), in_ctx).contiguous()
+    ids, counts, kcounts, dense = select_blocks_triton(
+        summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
+        prior_blocks, req_tags, max_selected, block_size, qkey)
+    return Selection(ids=ids, counts=counts, dense=dense, kcounts=kcounts)

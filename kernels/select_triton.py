@@ -1,0 +1,177 @@
+"""Fused block selection (Triton): one program per (row, KV head), no sort, no host sync.
+
+Same rule and output as :func:`prescore.kernels.selection.select_blocks` (the torch version is the reference).
+Per program: pass 0 builds the ranking key of every logical block (sink/window > never-scored > prior or the
+query-aware key; -inf outside the context) as order-preserving int32 in a workspace; a 32-step bitwise binary
+search finds the ``total``-th largest key; a final pass writes the selected ids in ascending order (ties at the
+threshold taken in index order). ``hybrid`` runs the search twice: first ``forced + prior_blocks`` by the
+prior, then the rest of the budget by the query-aware key.
+"""
+
+from __future__ import annotations
+
+import triton
+import triton.language as tl
+
+FORCED = 3.0e38
+MUST = 1.0e38
+
+
+@triton.jit
+def _sortable(x):
+    """float32 -> int32 with the same order (negative floats: flip all bits but the sign)."""
+    i = x.to(tl.int32, bitcast=True)
+    return i ^ ((i >> 31) & 0x7FFFFFFF)
+
+
+@triton.jit
+def _load_key(ptr, offs, n):
+    """Workspace int32 -> int64 in [0, 2^32), order preserved."""
+    return tl.load(ptr + offs, mask=offs < n, other=-2147483648).to(tl.int64) + 2147483648
+
+
+@triton.jit
+def _kth_largest(WS, n_items, total, CH: tl.constexpr):
+    """Largest t with count(key >= t) >= total over WS[0:n_items] (keys as _load_key gives them)."""
+    prefix = tl.zeros([], dtype=tl.int64)
+    one = tl.full([], 1, dtype=tl.int64)
+    for bit in range(31, -1, -1):
+        cand = prefix | (one << bit)
+        cnt = tl.zeros([], dtype=tl.int32)
+        for c in range(0, n_items, CH):
+            offs = c + tl.arange(0, CH)
+            u = _load_key(WS, offs, n_items)
+            cnt += tl.sum(((u >= cand) & (offs < n_items)).to(tl.int32), 0)
+        prefix = tl.where(cnt >= total, cand, prefix)
+    return prefix
+
+
+@triton.jit
+def _select_kernel(
+    SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, QKEY, WS,
+    IDS, COUNTS, KCOUNTS, DENSE,
+    stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+    stride_qk_b, stride_qk_h, stride_qk_n,
+    stride_ws_b, stride_ws_h,
+    stride_id_b, stride_id_h, stride_id_s, stride_cn_b,
+    MB, S, BS: tl.constexpr, CH: tl.constexpr, HAS_QKEY: tl.constexpr,
+):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    seq = tl.load(SEQ + b)
+    nblk = (seq + BS - 1) // BS
+    budget = tl.load(BUDGET + b).to(tl.int32)
+    sink = tl.load(SINK + b).to(tl.int32)
+    window = tl.load(WINDOW + b).to(tl.int32)
+    mode = tl.load(MODE + b).to(tl.int32)
+    rtag = tl.load(RTAG + b).to(tl.int64)
+    dense = (budget == 0) | (nblk <= sink + window + budget)
+    ws = WS + b * stride_ws_b + h * stride_ws_h
+
+    # pass 0: prior key (with forced overrides) -> workspace; count forced blocks
+    n_forced = tl.zeros([], dtype=tl.int32)
+    for c in range(0, MB, CH):
+        j = c + tl.arange(0, CH)
+        inb = j < MB
+        in_ctx = j < nblk
+        phys = tl.load(BT + b * stride_bt_b + j * stride_bt_n, mask=inb & in_ctx, other=0).to(tl.int64)
+        sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=inb & in_ctx, other=0.0)
+        tg = tl.load(TAGS + phys, mask=inb & in_ctx, other=0)
+        sw = (j < sink) | (j >= nblk - window)
+        stale = tg != rtag
+        key = tl.where(sw, FORCED, tl.where(stale, MUST, sc))
+        key = tl.where(in_ctx, key, float("-inf"))
+        tl.store(ws + j, _sortable(key), mask=inb)
+        n_forced += tl.sum(((sw | stale) & in_ctx).to(tl.int32), 0)
+    total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
+
+    if HAS_QKEY:
+        if mode != 0:
+            # first stage: forced (+ the prior share for hybrid) by the prior key
+            n_first = n_forced
+            if mode == 2:
+                n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
+            n_first = tl.minimum(n_first, total)
+            thr = _kth_largest(ws, MB, n_first, CH)
+            n_gt = tl.zeros([], dtype=tl.int32)
+            for c in range(0, MB, CH):
+                j = c + tl.arange(0, CH)
+                u = _load_key(ws, j, MB)
+                n_gt += tl.sum(((u > thr) & (j < MB)).to(tl.int32), 0)
+            ties = n_first - n_gt
+            seen_eq = tl.zeros([], dtype=tl.int32)
+            for c in range(0, MB, CH):
+                j = c + tl.arange(0, CH)
+                inb = j < MB
+                u = _load_key(ws, j, MB)
+                eq = (u == thr) & inb
+                eq_rank = seen_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+                first = (u > thr) | (eq & (eq_rank < ties))
+                first = first & (n_first > 0)
+                qk = tl.load(QKEY + b * stride_qk_b + h * stride_qk_h + j * stride_qk_n, mask=inb, other=0.0)
+                key = tl.where(first, FORCED, qk)
+                key = tl.where(j < nblk, key, float("-inf"))
+                tl.store(ws + j, _sortable(key), mask=inb)
+                seen_eq += tl.sum(eq.to(tl.int32), 0)
+
+    thr = _kth_largest(ws, MB, total, CH)
+    n_gt = tl.zeros([], dtype=tl.int32)
+    for c in range(0, MB, CH):
+        j = c + tl.arange(0, CH)
+        u = _load_key(ws, j, MB)
+        n_gt += tl.sum(((u > thr) & (j < MB)).to(tl.int32), 0)
+    ties = total - n_gt
+    seen_eq = tl.zeros([], dtype=tl.int32)
+    written = tl.zeros([], dtype=tl.int32)
+    ids = IDS + b * stride_id_b + h * stride_id_h
+    for c in range(0, MB, CH):
+        j = c + tl.arange(0, CH)
+        inb = j < MB
+        u = _load_key(ws, j, MB)
+        eq = (u == thr) & inb
+        eq_rank = seen_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+        take = ((u > thr) & inb) | (eq & (eq_rank < ties))
+        take = take & (total > 0)
+        pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
+        if dense:
+            take = (j < nblk) & (j < S)
+            pos = j
+        tl.store(ids + pos * stride_id_s, j.to(tl.int32), mask=take & (pos < S))
+        written += tl.sum(take.to(tl.int32), 0)
+        seen_eq += tl.sum(eq.to(tl.int32), 0)
+    for c in range(0, S, CH):  # padding
+        p = c + tl.arange(0, CH)
+        tl.store(ids + p * stride_id_s, tl.full([CH], 0, tl.int32) + MB, mask=(p >= written) & (p < S))
+    cnt = tl.where(dense, nblk, total)
+    tl.store(COUNTS + b * stride_cn_b + h, cnt)
+    tl.store(KCOUNTS + b * stride_cn_b + h, tl.where(dense, -1, total))
+    if h == 0:
+        tl.store(DENSE + b, dense.to(tl.int8))
+
+
+def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
+                         prior_blocks, req_tags, max_selected, block_size, qkey=None):
+    """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] bool)."""
+    import torch
+
+    B, MB = block_table.shape
+    H = scores.shape[1]
+    S = max_selected
+    dev = block_table.device
+    ids = torch.empty(B, H, S, dtype=torch.int32, device=dev)
+    counts = torch.empty(B, H, dtype=torch.int32, device=dev)
+    kcounts = torch.empty(B, H, dtype=torch.int32, device=dev)
+    dense = torch.empty(B, dtype=torch.int8, device=dev)
+    ws = torch.empty(B, H, MB, dtype=torch.int32, device=dev)
+    has_q = qkey is not None
+    qk = qkey if has_q else scores.new_empty(1, 1, 1)
+    CH = min(4096, max(64, triton.next_power_of_2(MB)))
+    _select_kernel[(B, H)](
+        scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
+        req_tags, qk, ws, ids, counts, kcounts, dense,
+        scores.stride(0), scores.stride(1), block_table.stride(0), block_table.stride(1),
+        qk.stride(0), qk.stride(1), qk.stride(2), ws.stride(0), ws.stride(1),
+        ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0),
+        MB, S, BS=block_size, CH=CH, HAS_QKEY=has_q, num_warps=4,
+    )
+    return ids, counts, kcounts, dense.bool()
