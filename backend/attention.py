@@ -1,0 +1,431 @@
+"""The PRESCORE attention backend (``--attention-backend prescore``).
+
+Per step the metadata builder plans, on the host, what each batch row needs (see :class:`StepPlan`):
+
+- prefill rows (``num_computed < prefill_len``): dense causal attention by vLLM's own kernel, then
+  ``score_prefill`` over the blocks the chunk filled (the final chunk fits the method's state);
+- decode rows: ``score_decode_tail`` for the block that received the new token; a row is *dense* (vLLM's
+  kernel) when its budget is 0 or its context fits in sink + window + budget, else *sparse*:
+  ``select_blocks`` + sparse decode over the selected blocks (Triton on CUDA, the torch reference on CPU).
+
+Per layer the impl owns :class:`LayerStore`: block summaries (scores, key min/max, tags) and, on CPU, a
+K|V mirror of the cache in the kernels' layout (vLLM's CPU cache stores each head's K rows then V rows,
+not ``[..., :D] | [..., D:]``). Both live in the padding of each KV page, which ``customize_spec`` adds,
+so vLLM counts them in the KV-cache memory; the per-request fitted states are a separate
+``[slots, Hkv, S]`` float32 buffer per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass, fields, replace
+
+import torch
+from vllm.platforms import current_platform
+
+from prescore.kernels import BlockSummaries, METHODS, MODES, get_method, score_decode_tail, score_prefill, select_blocks
+from prescore.kernels.decode import sparse_decode, sparse_decode_ref
+
+from . import compat, metrics
+from . import params as P
+from .requests import TABLE
+
+compat.check_version()
+logger = logging.getLogger("vllm.prescore")
+
+CPUBackend, CPUBuilder, CPUImpl, CPUMetadata = compat.cpu_attention()
+_DECODER = "decoder"
+_METHOD_NAMES = list(P.METHOD_NAMES)
+_LABELS = [(m, md) for m in P.METHOD_NAMES for md in P.MODE_NAMES]  # counter row = method * 3 + mode
+_ALIGN = 64
+
+# Test hook: when a list, every sparse decode appends what it attended (see tests/test_backend_*).
+CAPTURE: list | None = None
+
+
+def _label(p: P.PrescoreParams) -> int:
+    return P.METHOD_NAMES.index(p.method) * len(P.MODE_NAMES) + P.MODE_NAMES.index(p.mode)
+
+
+def extra_page_bytes(num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype, mirror: bool) -> int:
+    el = torch.empty((), dtype=dtype).element_size()
+    summ = 8 + 4 * num_kv_heads + 2 * num_kv_heads * head_size * el + el
+    kv = num_kv_heads * block_size * 2 * head_size * el if mirror else 0
+    return -(-(kv + summ + _ALIGN) // _ALIGN) * _ALIGN
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Host-side plan
+# ----------------------------------------------------------------------------------------------------------
+
+@dataclass
+class StepPlan:
+    prefill: list  # (row, start, end, final, slot, method, tag)
+    score_rows: torch.Tensor  # [Bd] decode rows that get their tail block scored
+    score_slots: torch.Tensor
+    score_methods: torch.Tensor  # kernel method ids
+    score_tags: torch.Tensor
+    sparse_rows: torch.Tensor  # [Bs]
+    sparse_tokens: torch.Tensor  # [Bs] query token of each sparse row
+    budget: torch.Tensor  # [Bs] blocks
+    sink: torch.Tensor
+    window: torch.Tensor
+    mode: torch.Tensor
+    prior: torch.Tensor
+    tags: torch.Tensor
+    labels: torch.Tensor  # [Bs] counter row
+    max_selected: int
+    need_query: bool
+    methods: tuple  # method names used this step (scoring)
+    dense_tokens: torch.Tensor | None = None  # tokens vLLM's kernel attends when some rows are sparse
+    dense_md: object | None = None
+
+    @property
+    def num_sparse(self) -> int:
+        return int(self.sparse_rows.numel())
+
+
+def _i(vals, device, dtype=torch.int32):
+    return torch.tensor(vals, dtype=dtype, device=device)
+
+
+def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
+    """Classify the batch rows (host only). Returns the plan and the rows vLLM's kernel must attend."""
+    n = cm.num_reqs
+    qsl = cm.query_start_loc_cpu[: n + 1].tolist()
+    seq = compat.host_seq_lens(cm).tolist()
+    slots = TABLE.slots(n, compat.req_slots(cm))
+    prefill, dense_rows = [], []
+    sc_rows, sc_slots, sc_methods, sc_tags = [], [], [], []
+    sp = {k: [] for k in ("rows", "tok", "budget", "sink", "window", "mode", "prior", "tags", "labels")}
+    methods = set()
+    need_query = False
+    max_sel = 0
+    for i in range(n):
+        qlen, ctx = qsl[i + 1] - qsl[i], int(seq[i])
+        slot = slots[i]
+        p = TABLE.params[slot] if slot >= 0 else None
+        if qlen <= 0 or p is None:
+            dense_rows.append(i)
+            continue
+        start = ctx - qlen
+        tag = TABLE.tag[slot]
+        if start < TABLE.prefill_len[slot]:  # (part of) a prefill
+            dense_rows.append(i)
+            if p.budget > 0:
+                final = ctx >= TABLE.prefill_len[slot]
+                prefill.append((i, start, ctx, final, slot, p.method, tag))
+                metrics.add(p.method, p.mode, prefill_rows=1, prefill_tokens=qlen)
+            continue
+        if p.budget == 0 or qlen != 1:  # dense by request (or a multi-token decode: not sparse-capable)
+            dense_rows.append(i)
+            metrics.add(p.method, p.mode, decode_rows_dense=1)
+            continue
+        sc_rows.append(i), sc_slots.append(slot), sc_methods.append(METHODS[p.method].method_id), sc_tags.append(tag)
+        methods.add(p.method)
+        budget, sink, window, prior = p.blocks(block_size)
+        nblk = -(-ctx // block_size)
+        if nblk <= sink + window + budget:
+            dense_rows.append(i)
+            metrics.add(p.method, p.mode, decode_rows_dense=1)
+            continue
+        metrics.add(p.method, p.mode, decode_rows_sparse=1)
+        for k, v in (("rows", i), ("tok", qsl[i]), ("budget", budget), ("sink", sink), ("window", window),
+                     ("mode", MODES[p.mode]), ("prior", prior), ("tags", tag), ("labels", _label(p))):
+            sp[k].append(v)
+        need_query |= p.mode != "prior"
+        max_sel = max(max_sel, sink + window + budget)
+    methods.update(pf[5] for pf in prefill)
+    L = torch.long
+    plan = StepPlan(
+        prefill=prefill,
+        score_rows=_i(sc_rows, device, L), score_slots=_i(sc_slots, device, L),
+        score_methods=_i(sc_methods, device), score_tags=_i(sc_tags, device, torch.int64),
+        sparse_rows=_i(sp["rows"], device, L), sparse_tokens=_i(sp["tok"], device, L),
+        budget=_i(sp["budget"], device), sink=_i(sp["sink"], device), window=_i(sp["window"], device),
+        mode=_i(sp["mode"], device), prior=_i(sp["prior"], device), tags=_i(sp["tags"], device, torch.int64),
+        labels=_i(sp["labels"], device, L),
+        # capacity: every block of the longest row, so must-attend (foreign-tag) blocks are never dropped
+        max_selected=int(cm.block_table_tensor.shape[1]) if sp["rows"] else 0,
+        need_query=need_query, methods=tuple(sorted(methods)),
+    )
+    return plan, dense_rows
+
+
+def subset_common_metadata(cm, rows: list[int]):
+    """CommonAttentionMetadata of a subset of rows (tokens re-packed), plus the token index into the batch."""
+    qsl = cm.query_start_loc_cpu
+    toks = [torch.arange(int(qsl[r]), int(qsl[r + 1])) for r in rows]
+    tok = torch.cat(toks) if toks else torch.zeros(0, dtype=torch.long)
+    lens = torch.tensor([int(qsl[r + 1] - qsl[r]) for r in rows], dtype=torch.int32)
+    new_qsl = torch.zeros(len(rows) + 1, dtype=torch.int32)
+    new_qsl[1:] = torch.cumsum(lens, 0)
+    dev = cm.query_start_loc.device
+    ridx = torch.tensor(rows, dtype=torch.long, device=dev)
+    seq_lens = cm.seq_lens[ridx]
+    tok_dev = tok.to(dev)
+    rows_cpu = torch.tensor(rows, dtype=torch.long)
+    kw = dict(
+        query_start_loc=new_qsl.to(dev), query_start_loc_cpu=new_qsl, seq_lens=seq_lens,
+        num_reqs=len(rows), num_actual_tokens=int(tok.numel()),
+        max_query_len=int(lens.max()) if len(rows) else 0,
+        max_seq_len=int(seq_lens.max()) if len(rows) else 0,
+        block_table_tensor=cm.block_table_tensor[ridx], slot_mapping=cm.slot_mapping[tok_dev],
+    )
+    # optional per-row / per-token fields (which exist depends on the vLLM version)
+    per_row = ("seq_lens_cpu_upper_bound", "is_prefilling", "req_idx", "encoder_seq_lens", "dcp_local_seq_lens",
+               "dcp_local_seq_lens_cpu_upper_bound", "rswa_prefix_lens")
+    for f in fields(cm):
+        v = getattr(cm, f.name)
+        if f.name in kw or v is None:
+            continue
+        if f.name in per_row:
+            on_dev = isinstance(v, torch.Tensor) and v.device != rows_cpu.device
+            kw[f.name] = v[ridx if on_dev else (rows_cpu if isinstance(v, torch.Tensor) else rows)]
+        elif f.name == "positions":
+            kw[f.name] = v[tok_dev]
+        elif f.name.startswith("_"):
+            kw[f.name] = None
+    sub = replace(cm, **kw)
+    return sub, tok.to(dev)
+
+
+_logged = False
+_once: set = set()
+
+
+def _log_once(msg, *args) -> None:
+    if msg not in _once:
+        _once.add(msg)
+        logger.info(msg, *args)
+
+
+def log_start(vllm_config, backend_name: str) -> None:
+    global _logged
+    if _logged:
+        return
+    _logged = True
+    defaults = P.load_defaults(compat.additional_config(vllm_config))
+    logger.info("prescore: attention backend %s (%s) active on vLLM %s; request defaults: %s",
+                compat.BACKEND_NAME, backend_name, compat.vllm_version(), P.describe(defaults))
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Per-layer storage
+# ----------------------------------------------------------------------------------------------------------
+
+def _view(kv_cache: torch.Tensor, dtype, byte_off: int, tail: tuple, block_stride_bytes: int):
+    """A [NB, *tail] view of dtype ``dtype`` at ``byte_off`` inside every page of ``kv_cache``'s storage."""
+    es = torch.empty((), dtype=dtype).element_size()
+    base = kv_cache.storage_offset() * kv_cache.element_size() + byte_off
+    if base % es or block_stride_bytes % es:
+        return None
+    strides, acc = [], 1
+    for s in reversed(tail):
+        strides.insert(0, acc)
+        acc *= s
+    t = torch.empty(0, dtype=dtype, device=kv_cache.device)
+    t.set_(kv_cache.untyped_storage(), base // es, (kv_cache.shape[0], *tail), (block_stride_bytes // es, *strides))
+    return t
+
+
+class LayerStore:
+    """Block summaries (+ CPU K|V mirror) in the page padding when present, else separately allocated."""
+
+    def __init__(self, kv_cache: torch.Tensor, mirror: bool, num_slots: int):
+        NB, H, BS, D2 = kv_cache.shape
+        D, el, dtype = D2 // 2, kv_cache.element_size(), kv_cache.dtype
+        self.key = kv_cache.data_ptr()
+        page = H * BS * D2 * el
+        stride_b = kv_cache.stride(0) * el
+        dense_page = (sum((n - 1) * s for n, s in zip(kv_cache.shape[1:], kv_cache.stride()[1:])) + 1) * el == page
+        room = stride_b - page if dense_page else 0
+        self.in_page = room >= extra_page_bytes(H, D, BS, dtype, mirror) - _ALIGN
+        self.mirror = None
+        if self.in_page:
+            off = page
+            if mirror:
+                self.mirror = _view(kv_cache, dtype, off, (H, BS, D2), stride_b)
+                off += H * BS * D2 * el
+            tags = _view(kv_cache, torch.int64, -(-off // 8) * 8, (), stride_b)
+            off = -(-off // 8) * 8 + 8
+            scores = _view(kv_cache, torch.float32, off, (H,), stride_b)
+            off = -(-(off + 4 * H) // el) * el
+            kmin = _view(kv_cache, dtype, off, (H, D), stride_b)
+            kmax = _view(kv_cache, dtype, off + H * D * el, (H, D), stride_b)
+            views = (tags, scores, kmin, kmax) + ((self.mirror,) if mirror else ())
+            self.in_page = all(v is not None for v in views)
+        if self.in_page:
+            self.summ = BlockSummaries(scores=scores, kmin=kmin, kmax=kmax, tags=tags)
+            self.summ.tags.fill_(-1)
+            _log_once("prescore: block summaries%s live in the KV page padding (%d extra bytes per block and "
+                      "layer, counted in the KV-cache budget)", " + K|V mirror" if mirror else "",
+                      stride_b - page)
+        else:
+            logger.warning("prescore: KV pages carry no room for block summaries; allocating %.1f MiB outside "
+                           "the KV-cache budget", NB * extra_page_bytes(H, D, BS, dtype, mirror) / 2**20)
+            self.summ = BlockSummaries.allocate(NB, H, D, dtype, kv_cache.device)
+            if mirror:
+                self.mirror = torch.zeros(NB, H, BS, D2, dtype=dtype, device=kv_cache.device)
+        S = max(get_method(m).state_size(D) for m in P.METHOD_NAMES)
+        self.states = torch.zeros(num_slots, H, S, dtype=torch.float32, device=kv_cache.device)
+        self.acc = metrics.device_accumulator(_LABELS, kv_cache.device)
+
+
+_METHOD_OBJS = {name: get_method(name) for name in P.METHOD_NAMES}
+
+
+def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_table, seq_lens, output, scale,
+                        block_size: int, decode_fn, layer_name: str = "") -> None:
+    """Score, select and attend. ``kv`` is the cache in the kernels' layout."""
+    for row, start, end, final, slot, method, tag in plan.prefill:
+        state = score_prefill(kv, store.summ, block_table[row], start, end, _METHOD_OBJS[method], tag, final)
+        if state is not None:
+            store.states[slot, :, : state.shape[1]] = state
+    if plan.score_rows.numel():
+        rows = plan.score_rows
+        methods = {METHODS[m].method_id: _METHOD_OBJS[m] for m in plan.methods}
+        score_decode_tail(kv, store.summ, block_table[rows], seq_lens[rows], plan.score_methods,
+                          store.states[plan.score_slots], plan.score_tags, methods)
+    if not plan.num_sparse:
+        return
+    rows = plan.sparse_rows
+    bt, sl = block_table[rows], seq_lens[rows]
+    q = query[plan.sparse_tokens]
+    sel = select_blocks(store.summ, bt, sl, plan.budget, plan.sink, plan.window, plan.mode, plan.prior, plan.tags,
+                        plan.max_selected, q=q, block_size=block_size, need_query=plan.need_query)
+    counts = sel.kernel_counts()
+    out = decode_fn(q, kv, bt, sl, sel.ids, counts, scale)
+    output[plan.sparse_tokens] = out.to(output.dtype)
+    # counters (device-side, no sync)
+    BS = block_size
+    nblk = (sl.long() + BS - 1) // BS
+    cnt = sel.counts.long()
+    last_sel = (sel.ids.long() == (nblk - 1)[:, None, None]).any(-1)
+    sel_tok = cnt * BS - last_sel.long() * (nblk * BS - sl.long())[:, None]
+    vals = torch.stack([sel_tok.double().mean(1), sl.double(), cnt.double().mean(1), nblk.double()], 1)
+    store.acc.index_add_(0, plan.labels, vals)
+    if CAPTURE is not None:
+        _capture(store, plan, q, kv, bt, sl, sel, out, scale, block_size, layer_name)
+
+
+def _capture(store, plan, q, kv, bt, sl, sel, out, scale, BS, layer_name):
+    """Copy what one layer's sparse rows attended: compact caches so a test can rerun the references."""
+    for b in range(plan.num_sparse):
+        nblk = -(-int(sl[b]) // BS)
+        phys = bt[b, :nblk].long()
+        CAPTURE.append({
+            "layer": layer_name, "q": q[b].clone(), "kv": kv[phys].clone(), "seq_len": int(sl[b]),
+            "ids": sel.ids[b].clone(), "counts": sel.counts[b].clone(), "dense": bool(sel.dense[b]),
+            "out": out[b].clone(), "scale": scale, "block_size": BS,
+            "scores": store.summ.scores[phys].clone(), "kmin": store.summ.kmin[phys].clone(),
+            "kmax": store.summ.kmax[phys].clone(), "tag_ok": (store.summ.tags[phys] == plan.tags[b]).clone(),
+            "budget": int(plan.budget[b]), "sink": int(plan.sink[b]), "window": int(plan.window[b]),
+            "mode": int(plan.mode[b]), "prior": int(plan.prior[b]),
+        })
+
+
+# ----------------------------------------------------------------------------------------------------------
+# CPU backend (subclasses vLLM's CPU attention: its KV write and dense kernel)
+# ----------------------------------------------------------------------------------------------------------
+
+class PrescoreCPUBuilder(CPUBuilder):
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        # sliding-window groups run dense (pre-scoring assumes every block stays attendable)
+        self.enabled = self.window_size == -1 and not getattr(kv_cache_spec, "sliding_window", None)
+        if not self.enabled:
+            logger.info("prescore: sliding-window layers %s run dense (vLLM's CPU kernel)", layer_names[:2])
+        log_start(vllm_config, "CPU: vLLM CPU attention for prefill/dense rows, torch reference for sparse decode")
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        metrics.maybe_dump()
+        if not self.enabled or self.is_cross_attention or self.is_encoder_only_attention:
+            return md
+        cm = common_attn_metadata
+        plan, dense_rows = plan_step(cm, self.block_size, self.device)
+        if plan.num_sparse:
+            sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
+            plan.dense_md = super().build(0, sub) if dense_rows else None
+        md.prescore = plan
+        return md
+
+
+class PrescoreCPUImpl(CPUImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.store: LayerStore | None = None
+
+    def _store(self, kv_cache) -> LayerStore:
+        if self.store is None or self.store.key != kv_cache.data_ptr():
+            self.store = LayerStore(kv_cache, mirror=True, num_slots=max(TABLE.capacity, 1))
+        return self.store
+
+    def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
+        super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
+        if self.attn_type != _DECODER or self.sliding_window != -1:
+            return
+        mirror = self._store(kv_cache).mirror
+        n = slot_mapping.shape[0]
+        slots = slot_mapping.long()
+        ok = slots >= 0
+        if not bool(ok.all()):
+            slots, key, value = slots[ok], key[:n][ok], value[:n][ok]
+        BS = kv_cache.shape[2]
+        mirror[slots // BS, :, slots % BS] = torch.cat([key[: slots.numel()], value[: slots.numel()]], -1).to(
+            mirror.dtype)
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        plan = getattr(attn_metadata, "prescore", None)
+        if plan is None or self.attn_type != _DECODER or self.sliding_window != -1:
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if plan.dense_md is None and plan.dense_tokens is None:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        elif plan.dense_md is not None:
+            tok = plan.dense_tokens
+            o = output.new_empty((tok.numel(), *output.shape[1:]))
+            super().forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
+            output[tok] = o
+        store = self._store(kv_cache)
+        n = attn_metadata.num_actual_tokens
+        sparse_rows_forward(store, plan, query[:n], store.mirror, attn_metadata.block_table,
+                            attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cpu_decode,
+                            getattr(layer, "layer_name", ""))
+        return output
+
+
+def _cpu_decode(q, kv, bt, sl, ids, counts, scale):
+    return sparse_decode_ref(q, kv, bt, sl, ids, counts, scale, dtype=torch.float32)
+
+
+class PrescoreCPUBackend(CPUBackend):
+    @staticmethod
+    def get_name() -> str:
+        return compat.BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls():
+        return PrescoreCPUImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return PrescoreCPUBuilder
+
+    supported_kv_cache_dtypes = ["auto", "float16", "bfloat16"]
+
+    @classmethod
+    def customize_spec(cls, spec):
+        spec = super().customize_spec(spec)
+        if getattr(spec, "page_size_padded", None) is not None or getattr(spec, "state_content_bytes", None):
+            return spec  # already packed/padded by someone else: summaries go outside the KV budget
+        extra = extra_page_bytes(spec.num_kv_heads, spec.head_size, spec.block_size, spec.dtype, mirror=True)
+        return replace(spec, page_size_padded=spec.real_page_size_bytes + extra)
+
+
+if current_platform.is_cpu():
+    PrescoreBackend = PrescoreCPUBackend
+else:  # CUDA: Triton attention for prefill/dense rows, Triton sparse decode (see cuda.py)
+    from .cuda import PrescoreCudaBackend as PrescoreBackend  # noqa: E402,F401

