@@ -7,6 +7,7 @@ Scoring methods are small registered classes (``@register_method``) with one sha
   at the end of its prefill.
 - ``score(keys, state)``: ``keys`` ``[..., H, N, D]`` float32, ``state`` ``[..., H, S]`` -> ``[..., H, N]``
   float32, higher = more important. Pure function of the key and the fitted state (never of the query).
+- ``fit_and_score(keys)``: both at once for the prompt's own keys.
 
 A block's score is the maximum of its valid keys' scores (an outlier key makes its block worth keeping).
 Alongside, each block gets per-channel key min/max summaries (Quest) for query-aware selection.
@@ -19,10 +20,13 @@ request's as must-attend, so a freed-and-reused or prefix-shared block never con
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+
+from .summarize import summarize
 
 METHODS: dict[str, type["ScoringMethod"]] = {}
 
@@ -55,6 +59,11 @@ class ScoringMethod:
     def score(self, keys: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         raise NotImplementedError
 
+    def fit_and_score(self, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``fit`` then ``score`` of the same keys (methods override it to share work): ([H, S], [H, T])."""
+        state = self.fit(keys)
+        return state, self.score(keys, state)
+
 
 @register_method
 class KeyNorm(ScoringMethod):
@@ -70,60 +79,46 @@ class KeyNorm(ScoringMethod):
 class Leverage(ScoringMethod):
     """Ridge leverage of the centred key: l_i = (k_i - mu)^T (K_c^T K_c + lam I)^-1 (k_i - mu).
 
-    ``lam = ridge * trace(K_c^T K_c) / D``. The fit computes the exact D x D Gram matrix per KV head; the
-    prompt's keys are scored exactly with its inverse. The stored state (for blocks that fill during decode)
-    is compact: mean, the top ``rank`` eigenpairs of the inverse and the mean of the remaining eigenvalues,
-    i.e. ``S = D + rank * D + rank + 1`` floats per KV head.
+    ``lam = ridge * trace(K_c^T K_c) / D``; K_c are the prompt's keys minus their mean ``mu`` (per KV head).
+    With ``K_c^T K_c + lam I = L L^T`` (Cholesky), l_i = ||L^-1 (k_i - mu)||^2. State: ``mu`` and ``W = L^-1``,
+    ``S = D + D * D`` floats per KV head; the prompt's own keys are scored with the same exact formula.
     """
 
     name = "leverage"
 
-    def __init__(self, ridge: float = 1e-2, rank: int = 16):
+    def __init__(self, ridge: float = 1e-2):
         self.ridge = ridge
-        self.rank = rank
 
     def state_size(self, head_size):
-        r = min(self.rank, head_size)
-        return head_size + r * head_size + r + 1
+        return head_size + head_size * head_size
 
-    def _gram(self, keys):
-        mu = keys.mean(dim=1, keepdim=True)  # [H, 1, D]
-        kc = keys - mu
-        gram = kc.transpose(1, 2) @ kc  # [H, D, D]
-        D = keys.shape[-1]
-        lam = self.ridge * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D  # [H]
-        eye = torch.eye(D, device=keys.device, dtype=keys.dtype)
-        return mu, kc, gram + lam[:, None, None] * eye
-
-    def exact_scores(self, keys):
-        """Exact ridge leverage of every key of the fit (prompt): [H, T, D] -> [H, T]."""
-        _, kc, reg = self._gram(keys)
-        chol = torch.linalg.cholesky(reg)
-        z = torch.linalg.solve_triangular(chol, kc.transpose(1, 2), upper=False)  # [H, D, T]
-        return (z * z).sum(1)
+    def fit_and_score(self, keys):
+        H, T, D = keys.shape
+        mu = keys.mean(1, dtype=torch.float32)  # [H, D]
+        kc = keys - mu[:, None, :]  # float32 by type promotion, one pass
+        with _tf32():
+            gram = kc.transpose(1, 2) @ kc
+        lam = self.ridge * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D
+        eye = torch.eye(D, device=keys.device, dtype=torch.float32)
+        chol = torch.linalg.cholesky(gram + lam[:, None, None] * eye)
+        w = torch.linalg.solve_triangular(chol, eye.expand(H, D, D), upper=False)  # L^-1
+        state = torch.cat([mu, w.reshape(H, D * D)], -1)
+        return state, self._quad(kc, w)
 
     def fit(self, keys):
-        H, T, D = keys.shape
-        mu, _, reg = self._gram(keys)
-        evals, evecs = torch.linalg.eigh(reg)  # ascending
-        r = min(self.rank, D)
-        top = evecs[:, :, :r]  # smallest eigenvalues of reg = largest of reg^-1
-        inv_top = 1.0 / evals[:, :r]
-        rest = (1.0 / evals[:, r:]).mean(-1, keepdim=True) if r < D else evals.new_zeros(H, 1)
-        return torch.cat([mu[:, 0], top.transpose(1, 2).reshape(H, r * D), inv_top, rest], dim=-1)
+        return self.fit_and_score(keys)[0]
+
+    @staticmethod
+    def _quad(kc, w):
+        with _tf32():
+            z = kc @ w.transpose(-1, -2)
+        return (z * z).sum(-1)
 
     def score(self, keys, state):
         D = keys.shape[-1]
-        r = min(self.rank, D)
         mu = state[..., :D]
-        u = state[..., D:D + r * D].unflatten(-1, (r, D))  # [..., H, r, D]
-        inv_top = state[..., D + r * D:D + r * D + r]
-        rest = state[..., -1:]
-        kc = keys - mu.unsqueeze(-2)  # [..., H, N, D]
-        proj = kc @ u.transpose(-1, -2)  # [..., H, N, r]
-        total = (kc * kc).sum(-1)
-        inside = (proj * proj).sum(-1)
-        return (proj * proj * inv_top.unsqueeze(-2)).sum(-1) + (total - inside).clamp_min(0) * rest
+        w = state[..., D:].unflatten(-1, (D, D))
+        return self._quad(keys.float() - mu.unsqueeze(-2), w)
 
 
 @register_method
@@ -131,12 +126,14 @@ class KMeans(ScoringMethod):
     """The paper's outlier score: per-sequence, per-KV-head k-means (k-means++ init + Lloyd iterations).
 
     Key score = distance to its centroid / sum of those distances in its cluster (keys of small or spread
-    clusters score high). State: centroids and per-cluster distance sums, ``S = k * D + k`` per KV head.
+    clusters score high; a key alone in its cluster scores 1). The k-means++ init draws D^2-weighted samples
+    with the Gumbel-max trick on a random subsample of ``init_sample`` keys (one Triton program per KV head on
+    GPU). State: centroids and per-cluster distance sums, ``S = k * D + k`` per KV head.
     """
 
     name = "kmeans"
 
-    def __init__(self, k: int = 32, iters: int = 5, init_sample: int = 4096, seed: int = 0):
+    def __init__(self, k: int = 32, iters: int = 5, init_sample: int = 2048, seed: int = 0):
         self.k = k
         self.iters = iters
         self.init_sample = init_sample
@@ -145,57 +142,71 @@ class KMeans(ScoringMethod):
     def state_size(self, head_size):
         return self.k * head_size + self.k
 
-    @staticmethod
-    def _sqdist(x, c):  # x [H, N, D], c [H, k, D] -> [H, N, k]
-        return ((x * x).sum(-1, keepdim=True) - 2 * x @ c.transpose(1, 2) + (c * c).sum(-1)[:, None, :]).clamp_min(0)
+    def init_centroids(self, sample: torch.Tensor, k: int, gen: torch.Generator, use_triton: bool | None = None):
+        """k-means++ on ``sample [H, N, D]`` -> ``[H, k, D]`` float32."""
+        H, N, D = sample.shape
+        idx0 = torch.randint(0, N, (H,), device=sample.device, generator=gen)
+        u = torch.rand(k, H, N, device=sample.device, generator=gen).clamp_(1e-20, 1 - 1e-7)
+        gumbel = -torch.log(-torch.log(u))
+        if use_triton is None:
+            use_triton = sample.is_cuda
+        if use_triton:
+            from .kmeans_triton import kmeanspp_triton
 
-    def _init_pp(self, x, k, gen):
-        """k-means++ (D^2 sampling through the Gumbel-max trick: no host sync, batched over heads)."""
-        H, N, D = x.shape
-        idx0 = torch.randint(0, N, (H,), device=x.device, generator=gen)
-        cents = [x[torch.arange(H, device=x.device), idx0]]
-        d2 = ((x - cents[0][:, None]) ** 2).sum(-1)
-        gumbel = -torch.log(-torch.log(torch.rand(k, H, N, device=x.device, generator=gen).clamp(1e-20, 1 - 1e-7)))
+            return kmeanspp_triton(sample, idx0, gumbel, k)
+        x = sample.float()
+        ar = torch.arange(H, device=x.device)
+        cents = [x[ar, idx0]]
+        d2 = torch.full((H, N), float("inf"), device=x.device)
         for j in range(1, k):
-            logits = torch.log(d2.clamp_min(1e-30)) + gumbel[j]
-            nxt = x[torch.arange(H, device=x.device), logits.argmax(-1)]
-            cents.append(nxt)
-            d2 = torch.minimum(d2, ((x - nxt[:, None]) ** 2).sum(-1))
+            d2 = torch.minimum(d2, ((x - cents[-1][:, None]) ** 2).sum(-1))
+            cents.append(x[ar, (torch.log(d2.clamp_min(1e-30)) + gumbel[j]).argmax(-1)])
         return torch.stack(cents, 1)
 
-    def fit(self, keys):
+    def fit_and_score(self, keys):
         H, T, D = keys.shape
         k = min(self.k, T)
         gen = torch.Generator(device=keys.device)
         gen.manual_seed(self.seed)
         sample = keys
         if T > self.init_sample:
-            sel = torch.randperm(T, device=keys.device, generator=gen)[: self.init_sample]
-            sample = keys[:, sel]
-        cents = self._init_pp(sample, k, gen)
-        ones = keys.new_ones(H, T)
+            sample = keys[:, torch.randperm(T, device=keys.device, generator=gen)[: self.init_sample]]
+        cents = self.init_centroids(sample.contiguous(), k, gen)
+        x = keys.float()
+        xx = (x * x).sum(-1, keepdim=True)
+        ks = torch.arange(k, device=x.device)
         for _ in range(self.iters):
-            assign = self._sqdist(keys, cents).argmin(-1)  # [H, T]
-            sums = keys.new_zeros(H, k, D).scatter_add_(1, assign[..., None].expand(H, T, D), keys)
-            cnt = keys.new_zeros(H, k).scatter_add_(1, assign, ones)
+            onehot = (_assign(x, xx, cents)[..., None] == ks).float()  # [H, T, k]
+            with _tf32():
+                sums = onehot.transpose(1, 2) @ x
+            cnt = onehot.sum(1)
             cents = torch.where(cnt[..., None] > 0, sums / cnt.clamp_min(1)[..., None], cents)
-        assign = self._sqdist(keys, cents).argmin(-1)
-        dist = _dist_to(keys, cents, assign)
-        denom = keys.new_zeros(H, k).scatter_add_(1, assign, dist)
+        assign = _assign(x, xx, cents)
+        dist = _dist_to(x, cents, assign)
+        denom = x.new_zeros(H, k).scatter_add_(1, assign, dist)
+        scores = _outlier_ratio(dist, torch.gather(denom, 1, assign))
         if k < self.k:  # pad unused clusters far away so they never win an assignment
             pad = self.k - k
             cents = torch.cat([cents, cents.new_full((H, pad, D), 1e18)], 1)
             denom = torch.cat([denom, denom.new_ones(H, pad)], 1)
-        return torch.cat([cents.reshape(H, self.k * D), denom], -1)
+        return torch.cat([cents.reshape(H, self.k * D), denom], -1), scores
+
+    def fit(self, keys):
+        return self.fit_and_score(keys)[0]
 
     def score(self, keys, state):
         D = keys.shape[-1]
         cents = state[..., : self.k * D].unflatten(-1, (self.k, D))  # [..., H, k, D]
         denom = state[..., self.k * D:]  # [..., H, k]
-        d2 = ((keys * keys).sum(-1, keepdim=True) - 2 * keys @ cents.transpose(-1, -2)
-              + (cents * cents).sum(-1).unsqueeze(-2))
-        assign = d2.argmin(-1)
-        return _outlier_ratio(_dist_to(keys, cents, assign), torch.gather(denom, -1, assign))
+        x = keys.float()
+        assign = _assign(x, (x * x).sum(-1, keepdim=True), cents)
+        return _outlier_ratio(_dist_to(x, cents, assign), torch.gather(denom, -1, assign))
+
+
+def _assign(x, xx, cents):
+    with _tf32():
+        xc = x @ cents.transpose(-1, -2)
+    return (xx - 2 * xc + (cents * cents).sum(-1).unsqueeze(-2)).argmin(-1)
 
 
 def _dist_to(keys, cents, assign):
@@ -210,11 +221,15 @@ def _outlier_ratio(dist, denom):
     return torch.where(denom <= 1e-30, torch.ones_like(dist), dist / denom.clamp_min(1e-30))
 
 
-def score_keys_at_fit(method: ScoringMethod, keys: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
-    """Scores of the keys a state was fitted on (exact leverage for the prompt)."""
-    if isinstance(method, Leverage):
-        return method.exact_scores(keys)
-    return method.score(keys, state)
+@contextlib.contextmanager
+def _tf32():
+    """TF32 for the fp32 matmuls of scoring on CUDA (a ranking prior: 1e-3 relative error is harmless)."""
+    prev = torch.backends.cuda.matmul.allow_tf32
+    torch.backends.cuda.matmul.allow_tf32 = True
+    try:
+        yield
+    finally:
+        torch.backends.cuda.matmul.allow_tf32 = prev
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -258,27 +273,14 @@ def gather_keys(kv_cache: torch.Tensor, block_ids: torch.Tensor) -> torch.Tensor
     return k.permute(1, 0, 2, 3).reshape(H, n * BS, D)
 
 
-def _write_blocks(summ: BlockSummaries, phys: torch.Tensor, kblk: torch.Tensor, valid: torch.Tensor,
-                  key_scores: torch.Tensor, tag) -> None:
-    """phys [n]; kblk [H, n, BS, D] float32; valid [n, BS] bool; key_scores [H, n, BS]."""
-    neg = torch.finfo(torch.float32).min
-    vmask = valid[None, :, :, None]
-    kmin = torch.where(vmask, kblk, torch.inf).amin(2)  # [H, n, D]
-    kmax = torch.where(vmask, kblk, -torch.inf).amax(2)
-    sc = torch.where(valid[None], key_scores, neg).amax(-1)  # [H, n]
-    summ.kmin[phys] = kmin.transpose(0, 1).to(summ.kmin.dtype)
-    summ.kmax[phys] = kmax.transpose(0, 1).to(summ.kmax.dtype)
-    summ.scores[phys] = sc.transpose(0, 1)
-    summ.tags[phys] = tag
-
-
 def score_prefill(kv_cache: torch.Tensor, summ: BlockSummaries, block_table_row: torch.Tensor, start: int,
-                  end: int, method: ScoringMethod, tag: int, final: bool) -> torch.Tensor | None:
+                  end: int, method: ScoringMethod, tag: int, final: bool,
+                  use_triton: bool | None = None) -> torch.Tensor | None:
     """Score the blocks that the prefill chunk [start, end) of one sequence wrote (keys already in the cache).
 
-    A non-final chunk scores its own blocks with the method's stateless proxy (key norm for stateful
-    methods: no fitted state exists yet). The final chunk fits the method's state on every key of the prompt
-    [0, end) and rescores every prompt block with it (prefix-cached blocks included). Returns the fitted state
+    A non-final chunk summarises its own blocks, scored by the method if it is stateless, else by the key norm
+    (no fitted state exists yet). The final chunk fits the method's state on every key of the prompt [0, end)
+    and rescores every prompt block with it (prefix-cached blocks included). Returns the fitted state
     ``[H, S]`` on the final chunk, else None.
     """
     BS = kv_cache.shape[2]
@@ -286,56 +288,50 @@ def score_prefill(kv_cache: torch.Tensor, summ: BlockSummaries, block_table_row:
     last_blk = -(-end // BS)
     if last_blk <= first_blk:
         return None
-    phys = block_table_row[first_blk:last_blk].long()
+    phys = block_table_row[first_blk:last_blk]
     n = phys.numel()
-    keys = gather_keys(kv_cache, phys).float()  # [H, n*BS, D]
-    H, _, D = keys.shape
-    pos = first_blk * BS + torch.arange(n * BS, device=keys.device)
-    valid = (pos < end).view(n, BS)
-    state = None
-    if final:
-        nvalid = end - first_blk * BS
-        state = method.fit(keys[:, :nvalid])
-        ks = score_keys_at_fit(method, keys[:, :nvalid], state)
-        ks = torch.cat([ks, ks.new_zeros(H, n * BS - nvalid)], 1)
-    elif method.state_size(D) == 0:
-        ks = method.score(keys, keys.new_zeros(H, 0))
-    else:
-        ks = KeyNorm().score(keys, None)
-    _write_blocks(summ, phys, keys.view(H, n, BS, D), valid, ks.view(H, n, BS), tag)
+    H, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
+    dev = kv_cache.device
+    nvalid = (end - (first_blk + torch.arange(n, device=dev)) * BS).clamp(max=BS).to(torch.int32)
+    tags = torch.full((n,), tag, dtype=torch.int64, device=dev)
+    state = ks = None
+    if final and method.state_size(D) > 0:
+        nv = end - first_blk * BS
+        keys = gather_keys(kv_cache, phys)[:, :nv]  # [H, nv, D], cache dtype
+        state, ks = method.fit_and_score(keys)
+        ks = torch.nn.functional.pad(ks, (0, n * BS - nv)).view(H, n, BS).transpose(0, 1)  # [n, H, BS]
+    elif final:
+        state = kv_cache.new_zeros(H, 0, dtype=torch.float32)
+    summarize(kv_cache, summ, phys, nvalid, tags, ks, use_triton)
     return state
 
 
 def score_decode_tail(kv_cache: torch.Tensor, summ: BlockSummaries, block_table: torch.Tensor,
                       seq_lens: torch.Tensor, method_ids: torch.Tensor, states: torch.Tensor,
-                      tags: torch.Tensor, methods: dict[int, ScoringMethod]) -> None:
+                      tags: torch.Tensor, methods: dict[int, ScoringMethod], use_triton: bool | None = None) -> None:
     """After a decode step wrote its token: rescore the block holding each row's newest token.
 
     Fixed shapes, no host sync (CUDA-graph friendly). ``block_table [B, MB]``, ``seq_lens [B]`` (the new token
-    included), ``method_ids [B]`` int, ``states [B, H, S]`` (each row's fitted state; every method reads its own
-    prefix of it), ``tags [B]`` int64. Rows with ``seq_lens == 0`` (padding) are skipped by writing to a block
-    they own (their table's first entry) with unchanged content semantics.
+    included; rows with 0 are padding and are skipped), ``method_ids [B]`` int, ``states [B, H, S]`` (each row's
+    fitted state; every method reads its own prefix of it), ``tags [B]`` int64.
     """
-    B = seq_lens.shape[0]
     BS = kv_cache.shape[2]
     D = kv_cache.shape[-1] // 2
-    last = (seq_lens.long() - 1).clamp_min(0)
+    seq = seq_lens.long()
+    last = (seq - 1).clamp_min(0)
     lblk = last // BS
     phys = torch.gather(block_table.long(), 1, lblk[:, None])[:, 0]  # [B]
-    kblk = key_view(kv_cache)[phys].float()  # [B, H, BS, D]
-    tok = torch.arange(BS, device=seq_lens.device)
-    valid = (lblk[:, None] * BS + tok[None, :]) <= last[:, None]  # [B, BS]
-    neg = torch.finfo(torch.float32).min
-    scores = None
-    for mid, m in methods.items():
-        S = m.state_size(D)
-        s = m.score(kblk, states[..., :S])  # [B, H, BS]
-        scores = s if scores is None else torch.where((method_ids == mid)[:, None, None], s, scores)
-    vm = valid[:, None, :, None]
-    summ.kmin[phys] = torch.where(vm, kblk, torch.inf).amin(2).to(summ.kmin.dtype)
-    summ.kmax[phys] = torch.where(vm, kblk, -torch.inf).amax(2).to(summ.kmax.dtype)
-    summ.scores[phys] = torch.where(valid[:, None, :], scores, neg).amax(-1)
-    summ.tags[phys] = tags
+    nvalid = (last - lblk * BS + 1).to(torch.int32)
+    ks = None
+    stateful = {mid: m for mid, m in methods.items() if m.state_size(D) > 0}
+    if stateful:
+        kblk = key_view(kv_cache)[phys].float()  # [B, H, BS, D]
+        ks = torch.linalg.vector_norm(kblk, dim=-1)
+        for mid, m in stateful.items():
+            s = m.score(kblk, states[..., : m.state_size(D)])
+            ks = torch.where((method_ids == mid)[:, None, None], s, ks)
+    nvalid = torch.where(seq > 0, nvalid, torch.zeros_like(nvalid))  # 0 valid tokens: the item writes nothing
+    summarize(kv_cache, summ, phys, nvalid, tags, ks, use_triton)
 
 
 # ----------------------------------------------------------------------------------------------------------
@@ -378,5 +374,5 @@ def block_scores_ref(key_scores: torch.Tensor, length: int, block_size: int) -> 
 __all__ = [
     "METHODS", "register_method", "get_method", "ScoringMethod", "KeyNorm", "Leverage", "KMeans",
     "BlockSummaries", "key_view", "gather_keys", "score_prefill", "score_decode_tail", "leverage_ref",
-    "kmeans_score_ref", "block_scores_ref", "score_keys_at_fit",
+    "kmeans_score_ref", "block_scores_ref",
 ]

@@ -5,8 +5,9 @@ import torch
 
 from kernel_utils import make_paged, rel_err
 from prescore.kernels import METHODS, BlockSummaries, get_method, score_decode_tail, score_prefill
-from prescore.kernels.scoring import (Leverage, block_scores_ref, gather_keys, kmeans_score_ref, leverage_ref,
-                                      score_keys_at_fit)
+from prescore.kernels.scoring import KMeans, Leverage, block_scores_ref, gather_keys, kmeans_score_ref, leverage_ref
+
+IMPLS = pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
 
 
 def seq_keys(kv, bt_row, L):
@@ -24,20 +25,20 @@ def test_leverage_exact_matches_float64():
     gen = torch.Generator().manual_seed(0)
     keys = torch.randn(3, 300, 64, generator=gen) * torch.linspace(0.1, 3, 64)  # anisotropic
     keys[:, 7] *= 20  # an outlier key
-    got = Leverage().exact_scores(keys)
+    st, got = Leverage().fit_and_score(keys)
+    assert rel_err(Leverage().score(keys, st), got) < 1e-6
     ref = leverage_ref(keys)
     assert rel_err(got, ref) < 1e-4
     assert (got.argmax(-1) == 7).all()
 
 
-def test_leverage_state_full_rank_is_exact_and_low_rank_close():
+def test_leverage_state_scores_new_keys_exactly():
     gen = torch.Generator().manual_seed(1)
     keys = torch.randn(2, 257, 32, generator=gen) * torch.linspace(0.2, 2, 32)
     new = torch.randn(2, 9, 32, generator=gen)
-    full = Leverage(rank=32)
-    st = full.fit(keys)
-    assert st.shape == (2, full.state_size(32))
-    # scores of unseen keys with the fitted inverse: explicit float64 formula
+    m = Leverage()
+    st = m.fit(keys)
+    assert st.shape == (2, m.state_size(32))
     k = keys.double()
     kc = k - k.mean(1, keepdim=True)
     g = kc.transpose(1, 2) @ kc
@@ -45,9 +46,17 @@ def test_leverage_state_full_rank_is_exact_and_low_rank_close():
     inv = torch.linalg.inv(g + lam[:, None, None] * torch.eye(32, dtype=torch.float64))
     nc = new.double() - k.mean(1, keepdim=True)
     ref = torch.einsum("hnd,hde,hne->hn", nc, inv, nc)
-    assert rel_err(full.score(new, st), ref) < 1e-4
-    low = Leverage(rank=16)
-    assert rel_err(low.score(new, low.fit(keys)), ref) < 0.35
+    assert rel_err(m.score(new, st), ref) < 1e-4
+
+
+def test_kmeanspp_triton_equals_torch_loop():
+    gen = torch.Generator().manual_seed(9)
+    x = torch.randn(3, 300, 64, generator=gen)
+    m = KMeans(k=8)
+    a = m.init_centroids(x, 8, torch.Generator().manual_seed(1), use_triton=False)
+    b = m.init_centroids(x, 8, torch.Generator().manual_seed(1), use_triton=True)
+    assert torch.equal(a, b)
+    assert torch.unique(a[0], dim=0).shape[0] == 8  # D^2 sampling never re-picks a chosen key
 
 
 def test_kmeans_scores_match_reference_and_find_outliers():
@@ -74,18 +83,19 @@ def test_kmeans_fewer_keys_than_clusters():
     assert torch.isfinite(s).all()
 
 
+@IMPLS
 @pytest.mark.parametrize("method", ["keynorm", "leverage", "kmeans"])
 @pytest.mark.parametrize("BS,layout", [(16, "NHD"), (32, "HND")])
-def test_prefill_scores_every_block(method, BS, layout):
+def test_prefill_scores_every_block(method, BS, layout, triton):
     gen = torch.Generator().manual_seed(3)
     L, H, D = 203, 2, 64  # partial last block
     kv, bt, _ = make_paged([L], H, D, BS, torch.bfloat16, layout, gen=gen)
     summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.bfloat16, "cpu")
     m = get_method(method)
-    state = score_prefill(kv, summ, bt[0], 0, L, m, tag=11, final=True)
+    state = score_prefill(kv, summ, bt[0], 0, L, m, tag=11, final=True, use_triton=triton)
     assert state.shape == (H, m.state_size(D))
     keys = seq_keys(kv, bt[0], L)
-    ks = score_keys_at_fit(m, keys.float(), state)
+    ks = m.score(keys.float(), state) if method != "kmeans" else m.fit_and_score(keys.to(kv.dtype))[1]
     ref = block_scores_ref(ks.double(), L, BS)
     nblk = ref.shape[1]
     phys = bt[0, :nblk].long()
@@ -95,6 +105,9 @@ def test_prefill_scores_every_block(method, BS, layout):
         blk = keys[:, j * BS:min(L, (j + 1) * BS)]
         assert torch.equal(summ.kmin[phys[j]].double(), blk.amin(1))
         assert torch.equal(summ.kmax[phys[j]].double(), blk.amax(1))
+    untouched = torch.ones(kv.shape[0], dtype=torch.bool)
+    untouched[phys] = False
+    assert (summ.tags[untouched] == -1).all()
     if method == "keynorm":
         assert rel_err(ks, keys.norm(dim=-1)) < 1e-5
 
@@ -119,23 +132,30 @@ def test_chunked_prefill_equals_one_shot(method):
     assert torch.equal(a.kmin[phys], b.kmin[phys]) and torch.equal(a.kmax[phys], b.kmax[phys])
 
 
-def test_decode_tail_rescores_newest_block():
+@IMPLS
+def test_decode_tail_rescores_newest_block(triton):
     gen = torch.Generator().manual_seed(5)
     H, D, BS = 2, 64, 16
-    lens = [40, 64, 17, 100]  # tail blocks: partial, exactly full, 1 token, partial
+    lens = [40, 64, 17, 100, 0]  # tail blocks: partial, exactly full, 1 token, partial; a padding row
     kv, bt, seq = make_paged(lens, H, D, BS, torch.bfloat16, gen=gen)
     summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.bfloat16, "cpu")
     names = ["keynorm", "leverage", "kmeans", "leverage"]
     methods = {get_method(n).method_id: get_method(n) for n in set(names)}
     S = max(mm.state_size(D) for mm in methods.values())
     states = torch.zeros(len(lens), H, S)
-    for b, (L, n) in enumerate(zip(lens, names)):
+    names = names + ["keynorm"]
+    for b, (L, n) in enumerate(zip(lens[:4], names)):
         m = get_method(n)
         st = score_prefill(kv, summ, bt[b], 0, L - 1, m, tag=b, final=True)
         states[b, :, : st.shape[1]] = st
     mids = torch.tensor([get_method(n).method_id for n in names])
-    score_decode_tail(kv, summ, bt, seq, mids, states, torch.arange(4), methods)
-    for b, (L, n) in enumerate(zip(lens, names)):
+    bt[4] = bt[0]  # the padding row's table points at a live block: it must not touch it
+    before = (summ.scores.clone(), summ.tags.clone())
+    score_decode_tail(kv, summ, bt, seq, mids, states, torch.arange(5), methods, use_triton=triton)
+    others = torch.ones(kv.shape[0], dtype=torch.bool)
+    others[[int(bt[b, (L - 1) // BS]) for b, L in enumerate(lens[:4])]] = False
+    assert torch.equal(summ.scores[others], before[0][others]) and torch.equal(summ.tags[others], before[1][others])
+    for b, (L, n) in enumerate(zip(lens[:4], names)):
         m = get_method(n)
         j = (L - 1) // BS
         keys = gather_keys(kv, bt[b, j:j + 1])[:, : L - j * BS].float()

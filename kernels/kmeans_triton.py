@@ -1,0 +1,61 @@
+"""k-means++ initialisation in one Triton launch: one program per KV head runs all k D^2-sampling steps.
+
+Sampling uses the Gumbel-max trick with noise drawn by the caller (``gumbel [k, H, N]``), so the torch loop in
+:meth:`prescore.kernels.scoring.KMeans.init_centroids` (the reference) picks exactly the same centroids.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _kmeanspp_kernel(X, IDX0, GUMBEL, D2, CENT, N, K,
+                     s_xh, s_xn, s_xd, s_gk, s_gh, s_gn, s_ch, s_ck, s_cd,
+                     HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, CHN: tl.constexpr):
+    h = tl.program_id(0)
+    d = tl.arange(0, D_PAD)
+    dm = d < HEAD_SIZE
+    xb = X + h * s_xh
+    d2b = D2 + h * N
+    idx = tl.load(IDX0 + h).to(tl.int64)
+    c = tl.load(xb + idx * s_xn + d * s_xd, mask=dm, other=0.0).to(tl.float32)
+    tl.store(CENT + h * s_ch + d * s_cd, c, mask=dm)
+    for j in range(1, K):
+        best_v = float("-inf")
+        best_i = tl.zeros([], dtype=tl.int64)
+        for n0 in range(0, N, CHN):
+            n = n0 + tl.arange(0, CHN)
+            nm = n < N
+            x = tl.load(xb + n[:, None] * s_xn + d[None, :] * s_xd, mask=nm[:, None] & dm[None, :],
+                        other=0.0).to(tl.float32)
+            diff = x - c[None, :]
+            dd = tl.sum(diff * diff, 1)
+            d2 = tl.minimum(tl.load(d2b + n, mask=nm, other=0.0), dd)
+            tl.store(d2b + n, d2, mask=nm)
+            g = tl.load(GUMBEL + j * s_gk + h * s_gh + n * s_gn, mask=nm, other=0.0)
+            logit = tl.where(nm, tl.log(tl.maximum(d2, 1e-30)) + g, float("-inf"))
+            m = tl.max(logit, 0)
+            a = tl.argmax(logit, 0).to(tl.int64) + n0
+            better = m > best_v
+            best_i = tl.where(better, a, best_i)
+            best_v = tl.where(better, m, best_v)
+        c = tl.load(xb + best_i * s_xn + d * s_xd, mask=dm, other=0.0).to(tl.float32)
+        tl.store(CENT + h * s_ch + j * s_ck + d * s_cd, c, mask=dm)
+
+
+def kmeanspp_triton(sample: torch.Tensor, idx0: torch.Tensor, gumbel: torch.Tensor, k: int) -> torch.Tensor:
+    """sample [H, N, D] (any float dtype) -> centroids [H, k, D] float32."""
+    H, N, D = sample.shape
+    cents = torch.empty(H, k, D, dtype=torch.float32, device=sample.device)
+    d2 = torch.full((H, N), float("inf"), dtype=torch.float32, device=sample.device)
+    D_PAD = triton.next_power_of_2(D)
+    _kmeanspp_kernel[(H,)](
+        sample, idx0, gumbel, d2, cents, N, k,
+        sample.stride(0), sample.stride(1), sample.stride(2), gumbel.stride(0), gumbel.stride(1), gumbel.stride(2),
+        cents.stride(0), cents.stride(1), cents.stride(2),
+        HEAD_SIZE=D, D_PAD=D_PAD, CHN=max(16, 4096 // D_PAD), num_warps=4,
+    )
+    return cents

@@ -1,0 +1,82 @@
+"""Per-block summaries written straight from the paged cache (Triton, one program per (block, KV head)).
+
+For item i (a physical block ``phys[i]`` whose first ``nvalid[i]`` tokens are valid) and KV head h:
+``scores[phys, h]`` = max over valid tokens of the key score (``key_scores[i, h, t]`` when given, else the key's
+L2 norm computed here), ``kmin/kmax[phys, h, :]`` = per-channel min/max of the valid keys, ``tags[phys]`` =
+``item_tags[i]``. An item with ``nvalid == 0`` writes nothing (padding rows). ``summarize_torch`` is the
+reference (and the CPU path).
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+
+@triton.jit
+def _summarize_kernel(KV, PHYS, NVALID, KS, ITAGS, SCORES, KMIN, KMAX, TAGS,
+                      s_kv_b, s_kv_h, s_kv_t, s_kv_d, s_ks_i, s_ks_h, s_ks_t,
+                      s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d,
+                      HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, HAS_KS: tl.constexpr):
+    i = tl.program_id(0)
+    h = tl.program_id(1)
+    phys = tl.load(PHYS + i).to(tl.int64)
+    nvalid = tl.load(NVALID + i)
+    t = tl.arange(0, BS)
+    d = tl.arange(0, D_PAD)
+    tv = t < nvalid
+    dm = d < HEAD_SIZE
+    k = tl.load(KV + phys * s_kv_b + h * s_kv_h + t[:, None] * s_kv_t + d[None, :] * s_kv_d,
+                mask=tv[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    if HAS_KS:
+        ks = tl.load(KS + i * s_ks_i + h * s_ks_h + t * s_ks_t, mask=tv, other=0.0)
+    else:
+        ks = tl.sqrt(tl.sum(k * k, 1))
+    score = tl.max(tl.where(tv, ks, float("-inf")), 0)
+    kmin = tl.min(tl.where(tv[:, None], k, float("inf")), 0)
+    kmax = tl.max(tl.where(tv[:, None], k, float("-inf")), 0)
+    live = nvalid > 0
+    tl.store(SCORES + phys * s_sc_b + h * s_sc_h, score, mask=live)
+    base = phys * s_mn_b + h * s_mn_h + d * s_mn_d
+    tl.store(KMIN + base, kmin.to(KMIN.dtype.element_ty), mask=dm & live)
+    tl.store(KMAX + base, kmax.to(KMAX.dtype.element_ty), mask=dm & live)
+    tl.store(TAGS + phys, tl.load(ITAGS + i), mask=(h == 0) & live)
+
+
+def summarize_triton(kv_cache, summ, phys, nvalid, item_tags, key_scores=None):
+    """phys [n] int, nvalid [n] int32, item_tags [n] int64, key_scores [n, H, BS] float32 (any strides) or None."""
+    n = phys.shape[0]
+    NB, H, BS, D2 = kv_cache.shape
+    D = D2 // 2
+    ks = key_scores if key_scores is not None else summ.scores.new_empty(1, 1, 1)
+    _summarize_kernel[(n, H)](
+        kv_cache, phys, nvalid, ks, item_tags, summ.scores, summ.kmin, summ.kmax, summ.tags,
+        kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
+        ks.stride(0), ks.stride(1), ks.stride(2),
+        summ.scores.stride(0), summ.scores.stride(1), summ.kmin.stride(0), summ.kmin.stride(1), summ.kmin.stride(2),
+        HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), BS=BS, HAS_KS=key_scores is not None, num_warps=2,
+    )
+
+
+def summarize_torch(kv_cache, summ, phys, nvalid, item_tags, key_scores=None):
+    BS = kv_cache.shape[2]
+    D = kv_cache.shape[-1] // 2
+    live = nvalid > 0  # items with no valid token write nothing
+    phys, nvalid, item_tags = phys[live].long(), nvalid[live], item_tags[live]
+    if key_scores is not None:
+        key_scores = key_scores[live]
+    k = kv_cache[phys, :, :, :D].float()  # [n, H, BS, D]
+    valid = torch.arange(BS, device=k.device)[None, :] < nvalid.long()[:, None]  # [n, BS]
+    ks = key_scores if key_scores is not None else torch.linalg.vector_norm(k, dim=-1)  # [n, H, BS]
+    vm = valid[:, None, :, None]
+    summ.kmin[phys] = torch.where(vm, k, torch.inf).amin(2).to(summ.kmin.dtype)
+    summ.kmax[phys] = torch.where(vm, k, -torch.inf).amax(2).to(summ.kmax.dtype)
+    summ.scores[phys] = torch.where(valid[:, None, :], ks, -torch.inf).amax(-1)
+    summ.tags[phys] = item_tags
+
+
+def summarize(kv_cache, summ, phys, nvalid, item_tags, key_scores=None, use_triton=None):
+    if use_triton is None:
+        use_triton = kv_cache.is_cuda
+    (summarize_triton if use_triton else summarize_torch)(kv_cache, summ, phys, nvalid, item_tags, key_scores)
