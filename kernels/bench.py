@@ -138,6 +138,44 @@ def check(gen: torch.Generator) -> list[str]:
             lines.append(f"check {str(dt)[6:]:8s} D={d:3d} G={g} BS={bs} dense  rel_err={err:.2e}")
             if err > 1.5e-2:
                 raise SystemExit("\n".join(lines))
+    # selection, summaries and k-means++ init: Triton vs the torch versions, on the GPU
+    from .kmeans_triton import kmeanspp_triton  # noqa: F401
+    from .scoring import KMeans
+    from .summarize import summarize_torch, summarize_triton
+
+    for L in (4099, 20000):
+        kv, bt = paged_cache(2, L - L % BS + BS, gen)
+        seq = torch.tensor([L, L // 3], dtype=torch.int32, device="cuda")
+        NB = kv.shape[0]
+        a = BlockSummaries.allocate(NB, HKV, D, torch.bfloat16, "cuda")
+        b = BlockSummaries.allocate(NB, HKV, D, torch.bfloat16, "cuda")
+        phys = bt.reshape(-1)
+        nvalid = torch.randint(0, BS + 1, (phys.numel(),), device="cuda", generator=gen).int()
+        itags = torch.arange(phys.numel(), device="cuda")
+        summarize_torch(kv, a, phys, nvalid, itags)
+        summarize_triton(kv, b, phys, nvalid, itags)
+        ok = torch.equal(a.kmin, b.kmin) and torch.equal(a.kmax, b.kmax) and torch.equal(a.tags, b.tags) \
+            and torch.allclose(a.scores, b.scores, rtol=1e-5, atol=1e-5)
+        lines.append(f"check summarize L={L} {'ok' if ok else 'FAIL'}")
+        a.scores.uniform_(generator=gen)
+        a.tags.zero_()
+        t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+        q = torch.randn(2, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
+        for mode in ("prior", "quest", "hybrid"):
+            args = (a, bt, seq, t([64, 16]), t([2, 2]), t([16, 16]), t([MODES[mode]] * 2), t([32, 8]), t([0, 0]), 100)
+            x = select_blocks(*args, q=q, block_size=BS, use_triton=False)
+            y = select_blocks(*args, q=q, block_size=BS, use_triton=True)
+            same = torch.equal(x.ids, y.ids) and torch.equal(x.counts, y.counts)
+            ok = ok and same
+            lines.append(f"check select {mode} L={L} triton==torch {'ok' if same else 'FAIL'}")
+        keys = torch.randn(HKV, 2048, D, device="cuda", generator=gen)
+        m = KMeans()
+        c1 = m.init_centroids(keys, 32, torch.Generator(device="cuda").manual_seed(3), use_triton=False)
+        c2 = m.init_centroids(keys, 32, torch.Generator(device="cuda").manual_seed(3), use_triton=True)
+        same = torch.allclose(c1, c2)
+        lines.append(f"check kmeans++ init triton==torch {'ok' if same else 'FAIL'}")
+        if not (ok and same):
+            raise SystemExit("\n".join(lines))
     return lines
 
 
@@ -175,9 +213,10 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
     rows = []
     NB = kv.shape[0]
     summs = []
+    kmin = kv[..., :D].amin(2)  # real Quest summaries of this cache: [NB, Hkv, D]
+    kmax = kv[..., :D].amax(2)
     for _ in range(rot):  # rotating priors -> different selected blocks each call
-        s = BlockSummaries(scores=torch.rand(NB, HKV, device="cuda", generator=gen),
-                           kmin=torch.empty(0, device="cuda"), kmax=torch.empty(0, device="cuda"),
+        s = BlockSummaries(scores=torch.rand(NB, HKV, device="cuda", generator=gen), kmin=kmin, kmax=kmax,
                            tags=torch.zeros(NB, dtype=torch.int64, device="cuda"))
         summs.append(s)
     zeros = torch.zeros(B, dtype=torch.long, device="cuda")
@@ -196,7 +235,7 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
             i = it[0] = (it[0] + 1) % rot
             sel = select_blocks(summs[i], bt, seq, bb, sink, win, mode, zeros, zeros, cap, block_size=BS,
                                 need_query=False)
-            sparse_decode(qs[i], kv, bt, seq, sel.ids, sel.counts, out=out, **cfg)
+            sparse_decode(qs[i], kv, bt, seq, sel.ids, sel.kernel_counts(), out=out, **cfg)
 
         def sparse_kernel_only():
             i = it[0] = (it[0] + 1) % rot
@@ -206,12 +245,23 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
                 for s in summs]
         sp = graph_time_ms(sparse, reps=rot * 2)
         spk = graph_time_ms(sparse_kernel_only, reps=rot * 2)
+        hyb = torch.full((B,), MODES["hybrid"], device="cuda")
+        share = torch.full((B,), budget // BS // 2, device="cuda")
+
+        def sparse_hybrid():
+            i = it[0] = (it[0] + 1) % rot
+            sel = select_blocks(summs[i], bt, seq, bb, sink, win, hyb, share, zeros, cap, q=qs[i], block_size=BS,
+                                need_query=True)
+            sparse_decode(qs[i], kv, bt, seq, sel.ids, sel.kcounts, out=out, **cfg)
+
+        sph = graph_time_ms(sparse_hybrid, reps=rot)
         rows.append(dict(B=B, L=L, budget=budget, selected_tokens_per_head=sel_tokens // (B * HKV),
                          dense_sdpa_ms=round(dense_sdpa, 5), dense_paged_ms=round(dense_paged, 5),
-                         sparse_ms=round(sp, 5), sparse_kernel_ms=round(spk, 5), ideal_ms=round(ideal, 5),
+                         sparse_ms=round(sp, 5), sparse_kernel_ms=round(spk, 5), sparse_hybrid_ms=round(sph, 5),
+                         ideal_ms=round(ideal, 5),
                          bw_fraction=round(ideal / sp, 4), speedup_vs_sdpa=round(dense_sdpa / sp, 2),
                          dense_paged_vs_sdpa=round(dense_paged / dense_sdpa, 4), dense_paged_rel_err=dense_err))
-    del kv, bt, summs
+    del kv, bt, summs, kmin, kmax
     torch.cuda.empty_cache()
     return rows
 
