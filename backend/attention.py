@@ -321,7 +321,7 @@ def _capture(store, plan, q, kv, bt, sl, sel, out, scale, BS, layer_name):
             "scores": store.summ.scores[phys].clone(), "kmin": store.summ.kmin[phys].clone(),
             "kmax": store.summ.kmax[phys].clone(), "tag_ok": (store.summ.tags[phys] == plan.tags[b]).clone(),
             "budget": int(plan.budget[b]), "sink": int(plan.sink[b]), "window": int(plan.window[b]),
-            "mode": int(plan.mode[b]), "prior": int(plan.prior[b]),
+            "mode": int(plan.mode[b]), "prior": int(plan.prior[b]), "tag": int(plan.tags[b]),
         })
 
 

@@ -13,8 +13,8 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
-FORCED = 3.0e38
-MUST = 1.0e38
+FORCED = tl.constexpr(3.0e38)
+MUST = tl.constexpr(1.0e38)
 
 
 @triton.jit
