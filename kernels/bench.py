@@ -283,6 +283,23 @@ def scoring_rows(L: int, gen: torch.Generator) -> list[dict]:
     return rows
 
 
+def profile_scoring(L: int, gen: torch.Generator):
+    from torch.profiler import ProfilerActivity, profile
+
+    kv, bt = paged_cache(1, L, gen)
+    summ = BlockSummaries.allocate(kv.shape[0], HKV, D, torch.bfloat16, "cuda")
+    for name in ("leverage", "kmeans"):
+        m = get_method(name)
+        for _ in range(2):
+            score_prefill(kv, summ, bt[0], 0, L, m, tag=1, final=True)
+        torch.cuda.synchronize()
+        with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
+            score_prefill(kv, summ, bt[0], 0, L, m, tag=1, final=True)
+            torch.cuda.synchronize()
+        print(f"--- profile {name} L={L}")
+        print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+
+
 def sweep(gen: torch.Generator):
     print("sweep: dense paged kernel, (blocks_per_iter, num_warps, num_stages) -> ms", flush=True)
     for B, L in ((1, 32768), (8, 32768), (32, 32768), (8, 131072)):
@@ -321,6 +338,7 @@ def main(argv=None):
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="profile the scoring methods and exit")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -333,6 +351,9 @@ def main(argv=None):
             print(line)
     if args.sweep:
         sweep(gen)
+        return
+    if args.profile:
+        profile_scoring(32768, gen)
         return
     gbps = copy_gbps()
     print(f"device-to-device copy: {gbps:.0f} GB/s (read + write)", flush=True)

@@ -179,7 +179,7 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   sel_ids: torch.Tensor | None = None, sel_counts: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None, num_splits: int | None = None,
                   blocks_per_iter: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  num_warps: int = 4, num_stages: int = 2) -> torch.Tensor:
+                  num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
     """Attention of one query token per row over the selected blocks of the paged cache. See module doc."""
     B, Hq, D = q.shape
     NB, Hkv, BS, D2 = kv_cache.shape

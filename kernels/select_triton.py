@@ -31,18 +31,29 @@ def _load_key(ptr, offs, n):
 
 
 @triton.jit
-def _kth_largest(WS, n_items, total, CH: tl.constexpr):
-    """Largest t with count(key >= t) >= total over WS[0:n_items] (keys as _load_key gives them)."""
+def _kth_largest(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
+    """Largest t with count(key >= t) >= total over WS[0:n_items] (keys as _load_key gives them).
+
+    ONE (n_items <= CH): the keys stay in registers for all 32 steps; else each step streams the workspace."""
     prefix = tl.zeros([], dtype=tl.int64)
     one = tl.full([], 1, dtype=tl.int64)
-    for bit in range(31, -1, -1):
-        cand = prefix | (one << bit)
-        cnt = tl.zeros([], dtype=tl.int32)
-        for c in range(0, n_items, CH):
-            offs = c + tl.arange(0, CH)
-            u = _load_key(WS, offs, n_items)
-            cnt += tl.sum(((u >= cand) & (offs < n_items)).to(tl.int32), 0)
-        prefix = tl.where(cnt >= total, cand, prefix)
+    if ONE:
+        offs = tl.arange(0, CH)
+        valid = offs < n_items
+        u = _load_key(WS, offs, n_items)
+        for bit in range(31, -1, -1):
+            cand = prefix | (one << bit)
+            cnt = tl.sum(((u >= cand) & valid).to(tl.int32), 0)
+            prefix = tl.where(cnt >= total, cand, prefix)
+    else:
+        for bit in range(31, -1, -1):
+            cand = prefix | (one << bit)
+            cnt = tl.zeros([], dtype=tl.int32)
+            for c in range(0, n_items, CH):
+                offs = c + tl.arange(0, CH)
+                u = _load_key(WS, offs, n_items)
+                cnt += tl.sum(((u >= cand) & (offs < n_items)).to(tl.int32), 0)
+            prefix = tl.where(cnt >= total, cand, prefix)
     return prefix
 
 
@@ -54,7 +65,7 @@ def _select_kernel(
     stride_qk_b, stride_qk_h, stride_qk_n,
     stride_ws_b, stride_ws_h,
     stride_id_b, stride_id_h, stride_id_s, stride_cn_b,
-    MB, S, BS: tl.constexpr, CH: tl.constexpr, HAS_QKEY: tl.constexpr,
+    MB, S, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -92,7 +103,7 @@ def _select_kernel(
             if mode == 2:
                 n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
             n_first = tl.minimum(n_first, total)
-            thr = _kth_largest(ws, MB, n_first, CH)
+            thr = _kth_largest(ws, MB, n_first, CH, ONE)
             n_gt = tl.zeros([], dtype=tl.int32)
             for c in range(0, MB, CH):
                 j = c + tl.arange(0, CH)
@@ -114,7 +125,7 @@ def _select_kernel(
                 tl.store(ws + j, _sortable(key), mask=inb)
                 seen_eq += tl.sum(eq.to(tl.int32), 0)
 
-    thr = _kth_largest(ws, MB, total, CH)
+    thr = _kth_largest(ws, MB, total, CH, ONE)
     n_gt = tl.zeros([], dtype=tl.int32)
     for c in range(0, MB, CH):
         j = c + tl.arange(0, CH)
@@ -165,13 +176,13 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     ws = torch.empty(B, H, MB, dtype=torch.int32, device=dev)
     has_q = qkey is not None
     qk = qkey if has_q else scores.new_empty(1, 1, 1)
-    CH = min(4096, max(64, triton.next_power_of_2(MB)))
+    CH = min(8192, max(64, triton.next_power_of_2(MB)))
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
         req_tags, qk, ws, ids, counts, kcounts, dense,
         scores.stride(0), scores.stride(1), block_table.stride(0), block_table.stride(1),
         qk.stride(0), qk.stride(1), qk.stride(2), ws.stride(0), ws.stride(1),
         ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0),
-        MB, S, BS=block_size, CH=CH, HAS_QKEY=has_q, num_warps=4,
+        MB, S, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, num_warps=8 if CH >= 4096 else 4,
     )
     return ids, counts, kcounts, dense.bool()
