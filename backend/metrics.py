@@ -138,8 +138,9 @@ def reset() -> None:
     """Zero every counter of this process (tests)."""
     with _lock:
         _host.clear()
-        for acc, _ in _device:
-            acc.zero_()
+        with torch.inference_mode():  # the accumulators are created inside vLLM's inference mode
+            for acc, _ in _device:
+                acc.zero_()
 
 
 atexit.register(lambda: os.environ.get(ENV_DIR) and dump())

@@ -56,6 +56,6 @@ def kmeanspp_triton(sample: torch.Tensor, idx0: torch.Tensor, gumbel: torch.Tens
         sample, idx0, gumbel, d2, cents, N, k,
         sample.stride(0), sample.stride(1), sample.stride(2), gumbel.stride(0), gumbel.stride(1), gumbel.stride(2),
         cents.stride(0), cents.stride(1), cents.stride(2),
-        HEAD_SIZE=D, D_PAD=D_PAD, CHN=max(16, 4096 // D_PAD), num_warps=4,
+        HEAD_SIZE=D, D_PAD=D_PAD, CHN=max(16, 8192 // D_PAD), num_warps=8,
     )
     return cents
