@@ -1,0 +1,101 @@
+"""Per-request params, server defaults and the request table (no engine)."""
+
+from types import SimpleNamespace
+
+import pytest
+
+from prescore.backend import params as P
+from prescore.backend.requests import RequestTable
+
+
+@pytest.mark.parametrize("extra,field", [
+    ({"prescore_budget": -1}, "prescore_budget"),
+    ({"prescore_budget": "64"}, "prescore_budget"),
+    ({"prescore_budget": 1.5}, "prescore_budget"),
+    ({"prescore_budget": True}, "prescore_budget"),
+    ({"prescore_method": "pca"}, "prescore_method"),
+    ({"prescore_mode": "top"}, "prescore_mode"),
+    ({"prescore_sink": -3}, "prescore_sink"),
+    ({"prescore_window": [1]}, "prescore_window"),
+    ({"prescore_budgt": 64}, "prescore_budgt"),
+])
+def test_invalid_request_fields_name_the_field(extra, field):
+    with pytest.raises(Exception) as ei:
+        P.validate_request(extra)
+    assert field in str(ei.value)
+    assert getattr(ei.value, "parameter", field) == field
+
+
+def test_valid_request_resolves_over_defaults():
+    d = P.PrescoreParams(budget=512, method="keynorm", mode="prior", sink=32, window=64)
+    p = P.resolve(d, {"prescore_budget": 100, "prescore_mode": "quest", "other_key": "kept out"})
+    assert (p.budget, p.method, p.mode, p.sink, p.window) == (100, "keynorm", "quest", 32, 64)
+    assert P.resolve(d, None) == d
+    assert P.validate_request({"prescore_budget": 0}) == {"budget": 0}
+
+
+def test_blocks_round_up_and_hybrid_share():
+    p = P.PrescoreParams(budget=100, sink=1, window=33, mode="hybrid", hybrid_prior_fraction=0.5)
+    assert p.blocks(32) == (4, 1, 2, 2)
+    assert P.PrescoreParams(budget=64, mode="quest").blocks(32)[0] == 2
+
+
+def test_server_defaults_env_then_additional_config():
+    env = {P.ENV_CONFIG: '{"budget": 256, "method": "leverage", "prescore_window": 32}'}
+    d = P.load_defaults({"prescore": {"budget": 1024, "mode": "prior"}}, env=env)
+    assert (d.budget, d.method, d.mode, d.window) == (1024, "leverage", "prior", 32)
+    with pytest.raises(ValueError, match="additional_config.prescore.budget"):
+        P.load_defaults({"prescore": {"budget": -1}}, env={})
+    with pytest.raises(ValueError, match="PRESCORE_CONFIG"):
+        P.load_defaults({}, env={P.ENV_CONFIG: "{not json"})
+    with pytest.raises(ValueError, match="bogus"):
+        P.load_defaults({"prescore": {"bogus": 1}}, env={})
+
+
+def _bu(removed=(), added=(), moved=()):
+    return SimpleNamespace(removed=list(removed), added=list(added), moved=list(moved))
+
+
+def _sp(**extra):
+    return SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in extra.items()})
+
+
+def _swap():
+    return SimpleNamespace(name="SWAP")
+
+
+def _uni():
+    return SimpleNamespace(name="UNIDIRECTIONAL")
+
+
+def test_request_table_follows_v1_batch_updates():
+    t = RequestTable()
+    t.configure(8, P.PrescoreParams(budget=7))
+    t.apply_batch_update(_bu(added=[(0, _sp(budget=10), [1] * 5, []), (1, _sp(), [1] * 3, [2, 2])]))
+    s0, s1 = t.slots(2)
+    assert t.params[s0].budget == 10 and t.params[s1].budget == 7
+    assert t.prefill_len[s0] == 5 and t.prefill_len[s1] == 5
+    tag0, tag1 = t.tag[s0], t.tag[s1]
+    assert tag0 != tag1 and min(tag0, tag1) > 0
+    # swap rows, then a request replaces row 0 and row 1 is compacted into row 0 of a 1-row batch
+    t.apply_batch_update(_bu(moved=[(0, 1, _swap())]))
+    assert t.slots(2) == [s1, s0]
+    t.apply_batch_update(_bu(removed=[0], moved=[(1, 0, _uni())]))
+    assert t.slots(2) == [s0, -1]
+    # re-admission of the same params gets a new tag (a fresh admission never trusts old scores)
+    t.apply_batch_update(_bu(added=[(1, _sp(budget=10), [1] * 5, [])]))
+    s_new = t.slots(2)[1]
+    assert t.tag[s_new] not in (tag0, tag1)
+    # slots are recycled, never leaked
+    for _ in range(50):
+        t.apply_batch_update(_bu(added=[(1, _sp(), [1], [])]))
+    assert len(t._free) == 8 - 2
+
+
+def test_request_table_v2_slots():
+    t = RequestTable()
+    t.configure(4, P.PrescoreParams())
+    t.set(2, _sp(budget=3), 9)
+    import numpy as np
+
+    assert t.slots(3, np.array([2, 0, 7])) == [2, -1, -1]
