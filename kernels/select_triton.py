@@ -13,6 +13,7 @@ from __future__ import annotations
 import triton
 import triton.language as tl
 
+CH_MAX = 8192  # keys held in registers up to this many blocks per row (131k tokens at block 16)
 FORCED = tl.constexpr(3.0e38)
 MUST = tl.constexpr(1.0e38)
 
@@ -26,34 +27,41 @@ def _sortable(x):
 
 @triton.jit
 def _load_key(ptr, offs, n):
-    """Workspace int32 -> int64 in [0, 2^32), order preserved."""
-    return tl.load(ptr + offs, mask=offs < n, other=-2147483648).to(tl.int64) + 2147483648
+    """Workspace int32 (signed order) -> uint32 with the same order (flip the sign bit)."""
+    v = tl.load(ptr + offs, mask=offs < n, other=-2147483648)
+    return (v ^ -2147483648).to(tl.uint32, bitcast=True)
+
+
+@triton.jit
+def _count_ge4(u, valid, cand4):
+    """counts of (u >= cand4[i]) over valid entries, for 4 candidates at once -> [4] int32."""
+    return tl.sum(((u[:, None] >= cand4[None, :]) & valid[:, None]).to(tl.int32), 0)
 
 
 @triton.jit
 def _kth_largest(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
-    """Largest t with count(key >= t) >= total over WS[0:n_items] (keys as _load_key gives them).
+    """Largest t with count(key >= t) >= total over WS[0:n_items] (uint32 keys as _load_key gives them).
 
-    ONE (n_items <= CH): the keys stay in registers for all 32 steps; else each step streams the workspace."""
-    prefix = tl.zeros([], dtype=tl.int64)
-    one = tl.full([], 1, dtype=tl.int64)
+    Radix-4 search: 16 steps, each counting 4 candidate digits in one reduction. ONE (n_items <= CH): the keys
+    stay in registers for every step; else each step streams the workspace."""
+    prefix = tl.zeros([], dtype=tl.uint32)
+    digits = tl.arange(0, 4).to(tl.uint32)
     if ONE:
         offs = tl.arange(0, CH)
         valid = offs < n_items
         u = _load_key(WS, offs, n_items)
-        for bit in range(31, -1, -1):
-            cand = prefix | (one << bit)
-            cnt = tl.sum(((u >= cand) & valid).to(tl.int32), 0)
-            prefix = tl.where(cnt >= total, cand, prefix)
-    else:
-        for bit in range(31, -1, -1):
-            cand = prefix | (one << bit)
-            cnt = tl.zeros([], dtype=tl.int32)
+    for step in range(16):
+        shift = (tl.full([], 30, tl.int32) - 2 * step).to(tl.uint32)
+        cand = prefix | (digits << shift)
+        if ONE:
+            cnt = _count_ge4(u, valid, cand)
+        else:
+            cnt = tl.zeros([4], dtype=tl.int32)
             for c in range(0, n_items, CH):
                 offs = c + tl.arange(0, CH)
-                u = _load_key(WS, offs, n_items)
-                cnt += tl.sum(((u >= cand) & (offs < n_items)).to(tl.int32), 0)
-            prefix = tl.where(cnt >= total, cand, prefix)
+                cnt += _count_ge4(_load_key(WS, offs, n_items), offs < n_items, cand)
+        best = tl.max(tl.where(cnt >= total, digits, 0), 0)
+        prefix = prefix | (best << shift)
     return prefix
 
 
@@ -176,7 +184,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     ws = torch.empty(B, H, MB, dtype=torch.int32, device=dev)
     has_q = qkey is not None
     qk = qkey if has_q else scores.new_empty(1, 1, 1)
-    CH = min(8192, max(64, triton.next_power_of_2(MB)))
+    CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
         req_tags, qk, ws, ids, counts, kcounts, dense,

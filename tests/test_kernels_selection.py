@@ -126,3 +126,17 @@ def test_triton_equals_torch_on_random_batches(seed):
     a = select_blocks(*args, q=q, block_size=16, use_triton=False)
     b = select_blocks(*args, q=q, block_size=16, use_triton=True)
     assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts) and torch.equal(a.dense, b.dense)
+
+
+def test_triton_streaming_path_for_long_rows(monkeypatch):
+    """Rows longer than the in-register capacity stream the workspace: same result."""
+    import prescore.kernels.select_triton as st
+
+    monkeypatch.setattr(st, "CH_MAX", 64)
+    kv, bt, seq, summ, tags, q = build([3000, 1500, 200], seed=7, stale=[(1, 3)])
+    t = torch.tensor
+    for mode in ("prior", "hybrid"):
+        args = (summ, bt, seq, t([20, 9, 3]), t([1, 2, 1]), t([2, 2, 1]), t([MODES[mode]] * 3), t([5, 4, 1]), tags, 40)
+        a = select_blocks(*args, q=q, block_size=16, use_triton=False)
+        b = select_blocks(*args, q=q, block_size=16, use_triton=True)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts)
