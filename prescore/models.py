@@ -342,15 +342,20 @@ def build_tiny_llama(
     max_pos: int = 4096,
     intermediate: int | None = None,
     rope_theta: float = 10000.0,
-    tie_embeddings: bool = True,
+    tie_embeddings: bool = False,
     dtype: str = "bfloat16",
+    std: float = 0.02,
+    qk_std: float = 0.08,
 ) -> Path:
     """Write a tiny random-weight Llama HF folder to ``path`` and return it.
 
     Files: config.json, generation_config.json, model.safetensors, tokenizer.json, tokenizer_config.json,
     special_tokens_map.json. The tokenizer is byte-level BPE trained (deterministically) on a paragraph of
-    built-in text; any string tokenises. Weights are N(0, 0.02) from ``torch.Generator().manual_seed(seed)``,
-    norms are ones. Same arguments -> byte-identical files. Existing files in ``path`` are overwritten.
+    built-in text; any string tokenises. Weights are N(0, std) from ``torch.Generator().manual_seed(seed)``,
+    except q_proj/k_proj at N(0, qk_std) so attention is far from uniform (pre-softmax score std ~1.6 with
+    the defaults, against ~0.1 at 0.02); norms are ones. Embeddings are untied by default (tied random
+    embeddings make greedy decoding repeat the last token). Same arguments -> byte-identical files.
+    Existing files in ``path`` are overwritten.
     """
     import torch
     from safetensors.torch import save_file
@@ -413,8 +418,8 @@ def build_tiny_llama(
 
     g = torch.Generator().manual_seed(seed)
 
-    def rand(*shape: int) -> torch.Tensor:
-        return (torch.randn(*shape, generator=g) * 0.02).to(tdtype)
+    def rand(*shape: int, scale: float = std) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * scale).to(tdtype)
 
     def ones(n: int) -> torch.Tensor:
         return torch.ones(n, dtype=tdtype)
@@ -422,8 +427,8 @@ def build_tiny_llama(
     w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(vocab, hidden)}
     for i in range(num_layers):
         p = f"model.layers.{i}."
-        w[p + "self_attn.q_proj.weight"] = rand(heads * head_dim, hidden)
-        w[p + "self_attn.k_proj.weight"] = rand(kv_heads * head_dim, hidden)
+        w[p + "self_attn.q_proj.weight"] = rand(heads * head_dim, hidden, scale=qk_std)
+        w[p + "self_attn.k_proj.weight"] = rand(kv_heads * head_dim, hidden, scale=qk_std)
         w[p + "self_attn.v_proj.weight"] = rand(kv_heads * head_dim, hidden)
         w[p + "self_attn.o_proj.weight"] = rand(hidden, heads * head_dim)
         w[p + "mlp.gate_proj.weight"] = rand(intermediate, hidden)
