@@ -95,15 +95,20 @@ class Leverage(ScoringMethod):
     def fit_and_score(self, keys):
         H, T, D = keys.shape
         mu = keys.mean(1, dtype=torch.float32)  # [H, D]
-        kc = keys - mu[:, None, :]  # float32 by type promotion, one pass
-        with _tf32():
-            gram = kc.transpose(1, 2) @ kc
+        low = keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16)
+        if low:  # GPU: the two large products in the cache dtype (fp32 accumulation), the D x D algebra in fp32
+            kc = keys - mu[:, None, :].to(keys.dtype)
+            gram = _bmm_f32(kc.transpose(1, 2), kc)
+        else:
+            kc = keys - mu[:, None, :]  # float32 by type promotion, one pass
+            with _tf32():
+                gram = kc.transpose(1, 2) @ kc
         lam = self.ridge * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D
         eye = torch.eye(D, device=keys.device, dtype=torch.float32)
         chol = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)[0]  # no host sync; SPD by the ridge
-        w = torch.linalg.solve_triangular(chol, eye.expand(H, D, D), upper=False)  # L^-1
+        w = torch.linalg.inv_ex(chol)[0]  # L^-1 (lower triangular)
         state = torch.cat([mu, w.reshape(H, D * D)], -1)
-        return state, self._quad(kc, w)
+        return state, self._quad(kc, w.to(kc.dtype))
 
     def fit(self, keys):
         return self.fit_and_score(keys)[0]
@@ -112,7 +117,7 @@ class Leverage(ScoringMethod):
     def _quad(kc, w):
         with _tf32():
             z = kc @ w.transpose(-1, -2)
-        return (z * z).sum(-1)
+        return torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32).square()
 
     def score(self, keys, state):
         D = keys.shape[-1]
@@ -133,11 +138,13 @@ class KMeans(ScoringMethod):
 
     name = "kmeans"
 
-    def __init__(self, k: int = 32, iters: int = 5, init_sample: int = 1024, seed: int = 0):
+    def __init__(self, k: int = 32, iters: int = 5, init_sample: int = 512, seed: int = 0,
+                 use_triton: bool | None = None):
         self.k = k
         self.iters = iters
         self.init_sample = init_sample
         self.seed = seed
+        self.use_triton = use_triton  # None: Triton on CUDA tensors, torch otherwise
 
     def state_size(self, head_size):
         return self.k * head_size + self.k
@@ -171,7 +178,16 @@ class KMeans(ScoringMethod):
         sample = keys
         if T > self.init_sample:
             sample = keys[:, torch.randperm(T, device=keys.device, generator=gen)[: self.init_sample]]
-        cents = self.init_centroids(sample.contiguous(), k, gen)
+        tri = keys.is_cuda if self.use_triton is None else self.use_triton
+        cents = self.init_centroids(sample.contiguous(), k, gen, use_triton=tri)
+        if tri:
+            from .kmeans_triton import assign_triton
+
+            for _ in range(self.iters):
+                _, _, sums, cnt = assign_triton(keys, cents)
+                cents = torch.where(cnt[..., None] > 0, sums / cnt.clamp_min(1)[..., None], cents)
+            assign, dist, _, _ = assign_triton(keys, cents)
+            return self._finish(cents, assign, dist)
         x = keys.float()
         xx = (x * x).sum(-1, keepdim=True)
         ks = torch.arange(k, device=x.device)
@@ -182,8 +198,11 @@ class KMeans(ScoringMethod):
             cnt = onehot.sum(1)
             cents = torch.where(cnt[..., None] > 0, sums / cnt.clamp_min(1)[..., None], cents)
         assign = _assign(x, xx, cents)
-        dist = _dist_to(x, cents, assign)
-        denom = x.new_zeros(H, k).scatter_add_(1, assign, dist)
+        return self._finish(cents, assign, _dist_to(x, cents, assign))
+
+    def _finish(self, cents, assign, dist):
+        H, k, D = cents.shape
+        denom = dist.new_zeros(H, k).scatter_add_(1, assign, dist)
         scores = _outlier_ratio(dist, torch.gather(denom, 1, assign))
         if k < self.k:  # pad unused clusters far away so they never win an assignment
             pad = self.k - k
@@ -219,6 +238,15 @@ def _outlier_ratio(dist, denom):
     """dist / (sum of distances in the cluster); a key alone at its centroid (0/0) scores 1, the limit of a
     cluster of one."""
     return torch.where(denom <= 1e-30, torch.ones_like(dist), dist / denom.clamp_min(1e-30))
+
+
+def _bmm_f32(a, b):
+    """bf16/fp16 batched product with a float32 result (fp32 accumulation)."""
+    try:
+        return torch.bmm(a, b, out_dtype=torch.float32)
+    except (TypeError, RuntimeError):
+        with _tf32():
+            return torch.bmm(a.float(), b.float())
 
 
 @contextlib.contextmanager
@@ -291,18 +319,22 @@ def score_prefill(kv_cache: torch.Tensor, summ: BlockSummaries, block_table_row:
     phys = block_table_row[first_blk:last_blk]
     n = phys.numel()
     H, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
-    dev = kv_cache.device
-    nvalid = (end - (first_blk + torch.arange(n, device=dev)) * BS).clamp(max=BS).to(torch.int32)
-    tags = torch.full((n,), tag, dtype=torch.int64, device=dev)
+    if use_triton is None:
+        use_triton = kv_cache.is_cuda
+    nv = end - first_blk * BS  # valid tokens from the first block's start
     state = ks = None
     if final and method.state_size(D) > 0:
-        nv = end - first_blk * BS
-        keys = gather_keys(kv_cache, phys)[:, :nv]  # [H, nv, D], cache dtype
+        if use_triton:
+            from .summarize import gather_keys_triton
+
+            keys = gather_keys_triton(kv_cache, phys, nv)
+        else:
+            keys = gather_keys(kv_cache, phys)[:, :nv]  # [H, nv, D], cache dtype
         state, ks = method.fit_and_score(keys)
         ks = torch.nn.functional.pad(ks, (0, n * BS - nv)).view(H, n, BS).transpose(0, 1)  # [n, H, BS]
     elif final:
         state = kv_cache.new_zeros(H, 0, dtype=torch.float32)
-    summarize(kv_cache, summ, phys, nvalid, tags, ks, use_triton)
+    summarize(kv_cache, summ, phys, nv, int(tag), ks, use_triton)
     return state
 
 

@@ -165,3 +165,14 @@ def test_decode_tail_rescores_newest_block(triton):
         assert torch.equal(summ.kmax[phys].float(), keys.amax(1))
         assert torch.equal(summ.kmin[phys].float(), keys.amin(1))
         assert summ.tags[phys] == b
+
+
+@pytest.mark.parametrize("D", [64, 128])
+def test_kmeans_triton_lloyd_equals_torch(D):
+    gen = torch.Generator().manual_seed(D)
+    keys = torch.randn(2, 700, D, generator=gen) * torch.linspace(0.5, 2, D)
+    keys[:, 5] *= 8
+    sa, ka = KMeans(k=12, use_triton=False).fit_and_score(keys)
+    sb, kb = KMeans(k=12, use_triton=True).fit_and_score(keys)
+    assert torch.allclose(sa, sb, rtol=1e-4, atol=1e-4)
+    assert rel_err(kb, ka) < 1e-4
