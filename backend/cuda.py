@@ -1,0 +1,111 @@
+"""PRESCORE on CUDA: vLLM's Triton attention for prefill and dense rows, the prescore Triton kernels for
+scoring, selection and sparse decode. vLLM's GPU cache layout already keeps K in ``[..., :D]`` and V in
+``[..., D:]``, so the kernels read the paged cache directly (no mirror).
+
+Eager per-step planning on the host; CUDA graphs: the builder reports ``AttentionCGSupport.NEVER``, so vLLM
+runs PIECEWISE graphs (attention is a splitting op and runs eagerly between captured pieces). Full decode
+graphs need persistent, fixed-shape plan buffers (see backend/NOTES.md).
+"""
+
+from __future__ import annotations
+
+from typing import ClassVar
+
+from vllm.v1.attention.backend import AttentionCGSupport
+
+from prescore.kernels.decode import sparse_decode
+
+from . import compat, metrics
+from .attention import (LayerStore, _DECODER, extra_page_bytes, log_start, logger, plan_step, sparse_rows_forward,
+                        subset_common_metadata)
+from .requests import TABLE
+
+TritonBackend, TritonBuilder, TritonImpl, _ = compat.triton_attention()
+
+
+class PrescoreCudaBuilder(TritonBuilder):
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+
+    def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
+        super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        self.enabled = not getattr(kv_cache_spec, "sliding_window", None)
+        if not self.enabled:
+            logger.info("prescore: sliding-window layers %s run dense (vLLM's Triton kernel)", layer_names[:2])
+        log_start(vllm_config, "CUDA: vLLM Triton attention for prefill/dense rows, prescore Triton sparse decode")
+
+    def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
+        md = super().build(common_prefix_len, common_attn_metadata, fast_build)
+        metrics.maybe_dump()
+        if not self.enabled:
+            return md
+        cm = common_attn_metadata
+        plan, dense_rows = plan_step(cm, self.block_size, self.device)
+        if plan.num_sparse:
+            sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
+            plan.dense_md = super().build(0, sub) if dense_rows else None
+        md.prescore = plan
+        return md
+
+
+class PrescoreCudaImpl(TritonImpl):
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        self.store: LayerStore | None = None
+
+    def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
+                output_block_scale=None):
+        plan = getattr(attn_metadata, "prescore", None)
+        if plan is None or self.attn_type != _DECODER or self.sliding_window != (-1, -1):
+            return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
+                                   output_block_scale)
+        if plan.dense_md is None and plan.dense_tokens is None:
+            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+        elif plan.dense_md is not None:
+            tok = plan.dense_tokens
+            o = output.new_empty((tok.numel(), *output.shape[1:]))
+            super().forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
+            output[tok] = o
+        if self.store is None or self.store.key != kv_cache.data_ptr():
+            self.store = LayerStore(kv_cache, mirror=False, num_slots=max(TABLE.capacity, 1))
+        n = attn_metadata.num_actual_tokens
+        sparse_rows_forward(self.store, plan, query[:n], kv_cache, attn_metadata.block_table,
+                            attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cuda_decode,
+                            getattr(layer, "layer_name", ""))
+        return output
+
+
+def _cuda_decode(q, kv, bt, sl, ids, counts, scale):
+    return sparse_decode(q, kv, bt, sl, ids, counts, scale)
+
+
+class PrescoreCudaBackend(TritonBackend):
+    supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
+
+    @staticmethod
+    def get_name() -> str:
+        return compat.BACKEND_NAME
+
+    @staticmethod
+    def get_impl_cls():
+        return PrescoreCudaImpl
+
+    @staticmethod
+    def get_builder_cls():
+        return PrescoreCudaBuilder
+
+    @classmethod
+    def supports_attn_type(cls, attn_type: str) -> bool:
+        return attn_type == _DECODER
+
+    @classmethod
+    def customize_spec(cls, spec):
+        spec = super().customize_spec(spec)
+        if getattr(spec, "page_size_padded", None) is not None or getattr(spec, "state_content_bytes", None):
+            return spec
+        from dataclasses import replace
+
+        extra = extra_page_bytes(spec.num_kv_heads, spec.head_size, spec.block_size, spec.dtype, mirror=False)
+        return replace(spec, page_size_padded=spec.real_page_size_bytes + extra)
+
+
+__all__ = ["PrescoreCudaBackend", "PrescoreCudaBuilder", "PrescoreCudaImpl"]
