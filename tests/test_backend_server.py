@@ -81,7 +81,8 @@ def _complete(srv, xargs=None, seed=0, max_tokens=8, **extra):
 def test_bad_xargs_get_400_naming_the_field(server, xargs, field):
     r = _complete(server, xargs)
     assert r.status_code == 400, r.text
-    assert field in r.json()["error"]["message"]
+    err = r.json()["error"]
+    assert field in err["message"] and err.get("param") == field
     ok = _complete(server, {"prescore_budget": 32}, max_tokens=2)  # the server keeps serving
     assert ok.status_code == 200, ok.text
 
