@@ -8,10 +8,10 @@
 from .decode import sparse_decode, sparse_decode_ref
 from .scoring import (METHODS, BlockSummaries, ScoringMethod, get_method, register_method, score_decode_tail,
                       score_prefill)
-from .selection import MODES, Selection, select_blocks, select_blocks_ref
+from .selection import MODES, Selection, SelectionCache, select_blocks, select_blocks_ref
 
 __all__ = [
     "sparse_decode", "sparse_decode_ref", "METHODS", "BlockSummaries", "ScoringMethod", "get_method",
     "register_method", "score_decode_tail", "score_prefill", "MODES", "Selection", "select_blocks",
-    "select_blocks_ref",
+    "select_blocks_ref", "SelectionCache",
 ]

@@ -68,12 +68,13 @@ def _kth_largest(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 @triton.jit
 def _select_kernel(
     SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, QKEY, WS,
-    IDS, COUNTS, KCOUNTS, DENSE,
+    IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY,
     stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
     stride_qk_b, stride_qk_h, stride_qk_n,
     stride_ws_b, stride_ws_h,
-    stride_id_b, stride_id_h, stride_id_s, stride_cn_b,
+    stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h,
     MB, S, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
+    USE_CACHE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -84,6 +85,34 @@ def _select_kernel(
     window = tl.load(WINDOW + b).to(tl.int32)
     mode = tl.load(MODE + b).to(tl.int32)
     rtag = tl.load(RTAG + b).to(tl.int64)
+    if USE_CACHE:
+        # prior-mode selection only changes when the row's block count (or request / controls) changes:
+        # every block_size tokens. The cache holds the last result per (row, head) and its key.
+        r = tl.load(ROW + b)
+        packed = (nblk.to(tl.int64) | (budget.to(tl.int64) << 24) | (sink.to(tl.int64) << 40)
+                  | (window.to(tl.int64) << 52))
+        ck = CKEY + r * stride_ck_r + h * stride_ck_h
+        hit = (tl.load(ck) == rtag) & (tl.load(ck + 1) == packed) & (mode == 0)
+        if hit == 0:
+            _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                        sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
+                        stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
+                        stride_cn_b, MB, S, CH, ONE, HAS_QKEY)
+            tl.store(ck, rtag)
+            tl.store(ck + 1, packed)
+    else:
+        _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, b, nblk, budget,
+                    sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
+                    stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
+                    stride_cn_b, MB, S, CH, ONE, HAS_QKEY)
+
+
+@triton.jit
+def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
+                stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
+                stride_cn_b, MB, S, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr):
+    """Select for batch row b, KV head h; write the result at output row r."""
     dense = (budget == 0) | (nblk <= sink + window + budget)
     ws = WS + b * stride_ws_b + h * stride_ws_h
 
@@ -142,7 +171,7 @@ def _select_kernel(
     ties = total - n_gt
     seen_eq = tl.zeros([], dtype=tl.int32)
     written = tl.zeros([], dtype=tl.int32)
-    ids = IDS + b * stride_id_b + h * stride_id_h
+    ids = IDS + r * stride_id_b + h * stride_id_h
     for c in range(0, MB, CH):
         j = c + tl.arange(0, CH)
         inb = j < MB
@@ -162,35 +191,46 @@ def _select_kernel(
         p = c + tl.arange(0, CH)
         tl.store(ids + p * stride_id_s, tl.full([CH], 0, tl.int32) + MB, mask=(p >= written) & (p < S))
     cnt = tl.where(dense, nblk, total)
-    tl.store(COUNTS + b * stride_cn_b + h, cnt)
-    tl.store(KCOUNTS + b * stride_cn_b + h, tl.where(dense, -1, total))
-    if h == 0:
-        tl.store(DENSE + b, dense.to(tl.int8))
+    tl.store(COUNTS + r * stride_cn_b + h, cnt)
+    tl.store(KCOUNTS + r * stride_cn_b + h, tl.where(dense, -1, total))
+    tl.store(DENSE + r, dense.to(tl.int8), mask=h == 0)
 
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-                         prior_blocks, req_tags, max_selected, block_size, qkey=None):
-    """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] bool)."""
+                         prior_blocks, req_tags, max_selected, block_size, qkey=None, cache=None, rows=None):
+    """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
+
+    With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
+    row's persistent cache row, e.g. its request slot), results live in the cache's buffers at ``rows`` and a
+    prior-mode row whose block count, tag and controls are unchanged since its last call is not recomputed;
+    the returned tensors are then the cache buffers (index them with ``rows``)."""
     import torch
 
     B, MB = block_table.shape
     H = scores.shape[1]
     S = max_selected
     dev = block_table.device
-    ids = torch.empty(B, H, S, dtype=torch.int32, device=dev)
-    counts = torch.empty(B, H, dtype=torch.int32, device=dev)
-    kcounts = torch.empty(B, H, dtype=torch.int32, device=dev)
-    dense = torch.empty(B, dtype=torch.int8, device=dev)
+    if cache is not None:
+        ids, counts, kcounts, dense, ckey = cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key
+        if ids.shape[2] != S:
+            raise ValueError(f"cache capacity {ids.shape[2]} != max_selected {S}")
+    else:
+        ids = torch.empty(B, H, S, dtype=torch.int32, device=dev)
+        counts = torch.empty(B, H, dtype=torch.int32, device=dev)
+        kcounts = torch.empty(B, H, dtype=torch.int32, device=dev)
+        dense = torch.empty(B, dtype=torch.int8, device=dev)
+        ckey = torch.empty(1, 1, 2, dtype=torch.int64, device=dev)
+        rows = seq_lens
     ws = torch.empty(B, H, MB, dtype=torch.int32, device=dev)
     has_q = qkey is not None
     qk = qkey if has_q else scores.new_empty(1, 1, 1)
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
-        req_tags, qk, ws, ids, counts, kcounts, dense,
+        req_tags, qk, ws, ids, counts, kcounts, dense, rows, ckey,
         scores.stride(0), scores.stride(1), block_table.stride(0), block_table.stride(1),
         qk.stride(0), qk.stride(1), qk.stride(2), ws.stride(0), ws.stride(1),
-        ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0),
-        MB, S, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, num_warps=8 if CH >= 4096 else 4,
+        ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0), ckey.stride(0), ckey.stride(1),
+        MB, S, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None, num_warps=8 if CH >= 4096 else 4,
     )
-    return ids, counts, kcounts, dense.bool()
+    return ids, counts, kcounts, dense

@@ -51,6 +51,28 @@ class Selection:
         return torch.where(self.dense[:, None], torch.full_like(self.counts, -1), self.counts)
 
 
+@dataclass
+class SelectionCache:
+    """Persistent per-row selection buffers (rows = request slots): see ``select_blocks(cache=..., rows=...)``."""
+
+    ids: torch.Tensor  # [R, H, S] int32
+    counts: torch.Tensor  # [R, H] int32
+    kcounts: torch.Tensor  # [R, H] int32
+    dense: torch.Tensor  # [R] int8
+    key: torch.Tensor  # [R, H, 2] int64: (request tag, packed block count and controls) of the stored result
+
+    @classmethod
+    def allocate(cls, rows: int, num_kv_heads: int, max_selected: int, device) -> "SelectionCache":
+        z = dict(dtype=torch.int32, device=device)
+        return cls(ids=torch.zeros(rows, num_kv_heads, max_selected, **z), counts=torch.zeros(rows, num_kv_heads, **z),
+                   kcounts=torch.zeros(rows, num_kv_heads, **z),
+                   dense=torch.zeros(rows, dtype=torch.int8, device=device),
+                   key=torch.full((rows, num_kv_heads, 2), -1, dtype=torch.int64, device=device))
+
+    def invalidate(self) -> None:
+        self.key.fill_(-1)
+
+
 def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_ctx: torch.Tensor) -> torch.Tensor:
     """q [B, Hkv, G, D]; kmin/kmax [B, Hkv, MB, D]; in_ctx [B, MB] -> [B, Hkv, MB].
 
@@ -68,17 +90,22 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                   budget_blocks: torch.Tensor, sink_blocks: torch.Tensor, window_blocks: torch.Tensor,
                   mode: torch.Tensor, prior_blocks: torch.Tensor, req_tags: torch.Tensor, max_selected: int,
                   q: torch.Tensor | None = None, block_size: int | None = None,
-                  need_query: bool | None = None, use_triton: bool | None = None) -> Selection:
+                  need_query: bool | None = None, use_triton: bool | None = None,
+                  cache: SelectionCache | None = None, rows: torch.Tensor | None = None) -> Selection:
     """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode
     (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
-    (:mod:`.select_triton`); otherwise this torch implementation runs."""
+    (:mod:`.select_triton`); otherwise this torch implementation runs. ``cache`` + ``rows`` (Triton only): keep
+    results per persistent row and skip recomputing prior-mode rows whose block count is unchanged (exact: the
+    prior selection only changes at block boundaries); the returned tensors are gathered from the cache."""
     if need_query is None:
         need_query = bool((mode.long() != MODES["prior"]).any())
     if use_triton is None:
         use_triton = block_table.is_cuda
     if use_triton:
         return _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-                              prior_blocks, req_tags, max_selected, q, block_size, need_query)
+                              prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows)
+    if cache is not None:
+        raise ValueError("the selection cache needs the Triton implementation")
     B, MB = block_table.shape
     H = summ.scores.shape[1]
     BS = block_size
@@ -171,7 +198,7 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
 
 
 def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
-                   req_tags, max_selected, q, block_size, need_query) -> Selection:
+                   req_tags, max_selected, q, block_size, need_query, cache=None, rows=None) -> Selection:
     from .select_triton import select_blocks_triton
 
     qkey = None
@@ -187,5 +214,8 @@ def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, wind
                            summ.kmax[phys].transpose(1, 2), in_ctx).contiguous()
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-        prior_blocks, req_tags, max_selected, block_size, qkey)
-    return Selection(ids=ids, counts=counts, dense=dense, kcounts=kcounts)
+        prior_blocks, req_tags, max_selected, block_size, qkey, cache, rows)
+    if cache is not None:
+        r = rows.long()
+        ids, counts, kcounts, dense = ids[r], counts[r], kcounts[r], dense[r]
+    return Selection(ids=ids, counts=counts, dense=dense.bool(), kcounts=kcounts)

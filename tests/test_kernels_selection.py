@@ -140,3 +140,27 @@ def test_triton_streaming_path_for_long_rows(monkeypatch):
         a = select_blocks(*args, q=q, block_size=16, use_triton=False)
         b = select_blocks(*args, q=q, block_size=16, use_triton=True)
         assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts)
+
+
+def test_selection_cache_is_exact_across_decode_steps():
+    """Cached prior rows are reused only while their block count is unchanged; results always equal a fresh
+    selection, step after step (a block fills, a row is re-slotted to a new request, modes mix)."""
+    from prescore.kernels import SelectionCache
+
+    kv, bt, seq, summ, tags, q = build([300, 500, 170], seed=11)
+    t = torch.tensor
+    cache = SelectionCache.allocate(8, 2, 30, "cpu")
+    rows = t([5, 0, 3], dtype=torch.int32)
+    modes = t([0, 2, 0])
+    for step in range(20):
+        s = seq + step
+        if step == 12:  # slot 3 gets a new request: new tag, different scores
+            tags = tags.clone()
+            tags[2] = 555
+            summ.tags[bt[2].long()] = 555
+            summ.scores[bt[2].long()] = torch.rand(bt.shape[1], 2)
+        args = (summ, bt, s, t([6, 5, 3]), t([1, 1, 1]), t([2, 2, 2]), modes, t([2, 2, 0]), tags, 30)
+        fresh = select_blocks(*args, q=q, block_size=16, use_triton=True)
+        cached = select_blocks(*args, q=q, block_size=16, use_triton=True, cache=cache, rows=rows)
+        assert torch.equal(fresh.ids, cached.ids) and torch.equal(fresh.counts, cached.counts)
+        assert torch.equal(fresh.kernel_counts(), cached.kernel_counts())
