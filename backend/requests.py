@@ -12,8 +12,9 @@ in the same worker process and keyed by the same batch rows the attention metada
 :class:`PrescoreRequestTracker` implements both interfaces (one ``vllm.logits_processors`` entry point;
 it never changes logits). It validates ``extra_args`` at admission in the frontend (HTTP 400) and fills
 :data:`TABLE`: per request slot the resolved :class:`~.params.PrescoreParams`, the prefill length and a
-fresh request tag (unique per admission in this process; block summaries scored for another tag are
-must-attend).
+request tag: block summaries scored under another tag are must-attend. V1: the tag is derived from
+(method, prefill token ids), so identical requests share prefix-cached blocks' scores; V2 (no token ids at
+admission): a fresh counter value per admission.
 """
 
 from __future__ import annotations
@@ -25,7 +26,17 @@ from . import compat, params as P
 
 logger = logging.getLogger("vllm.prescore")
 
-_TAGS = itertools.count(1)  # 0 is never a tag (zeroed summary memory), -1 marks "never scored"
+_TAGS = itertools.count(2, 2)  # 0 is never a tag (zeroed summary memory), -1 marks "never scored"
+
+
+def content_tag(method: str, tokens) -> int:
+    """Tag shared by admissions with the same method and the same prefill tokens.
+
+    Such requests fit the same state and score every prompt block identically, so prefix-cached blocks they
+    share stay trusted by all of them (a per-admission tag would make the last scorer the only owner and
+    every other sharer attend the shared blocks densely). Odd tags; counter tags are even.
+    """
+    return (hash((method, tuple(tokens))) & ((1 << 61) - 1)) * 2 + 1
 
 
 class RequestTable:
@@ -51,7 +62,8 @@ class RequestTable:
         self.row_slot = {}
         self._free = list(range(capacity - 1, -1, -1))
 
-    def set(self, slot: int, sampling_params, prefill_len: int) -> None:
+    def set(self, slot: int, sampling_params, prefill_len: int, tokens=None) -> None:
+        """Admit a request. ``tokens`` (the prefill token ids, when known) make the tag content-derived."""
         extra = getattr(sampling_params, "extra_args", None) if sampling_params is not None else None
         try:
             self.params[slot] = P.resolve(self.defaults, extra)
@@ -59,7 +71,7 @@ class RequestTable:
             logger.warning("prescore: invalid params reached the worker; request runs dense")
             self.params[slot] = P.PrescoreParams(budget=0)
         self.prefill_len[slot] = int(prefill_len)
-        self.tag[slot] = next(_TAGS)
+        self.tag[slot] = content_tag(self.params[slot].method, tokens) if tokens else next(_TAGS)
 
     # ---- V1: persistent-batch rows -> own slots --------------------------------------------------------
     def _release_row(self, row: int) -> None:
@@ -80,7 +92,8 @@ class RequestTable:
                 logger.error("prescore: request table full; request runs dense")
                 continue
             slot = self._free.pop()
-            self.set(slot, sp, len(prompt or ()) + len(output or ()))
+            tokens = list(prompt or ()) + list(output or ())
+            self.set(slot, sp, len(tokens), tokens if prompt is not None else None)
             self.row_slot[row] = slot
         for a, b, direction in bu.moved:
             sa, sb = self.row_slot.pop(a, None), self.row_slot.pop(b, None)

@@ -73,7 +73,9 @@ def runs(tiny_model):
     res["mixed_metrics"] = metrics.snapshot()
     res["capture"], A.CAPTURE = A.CAPTURE, None
     # 3) the same sparse requests again (same prompts: prefix-cache hits, blocks rescored at admission)
-    res["again"] = [_result(o) for o in llm.generate(prompts[2:], params[2:])]
+    metrics.reset()
+    res["again"] = [_result(o) for o in llm.generate(prompts[2:] * 2, params[2:] * 2)]
+    res["again_metrics"] = metrics.snapshot()
     # 4) a block scored by another request is must-attend: X decodes while Y (same prompt, a prefix-cache
     #    hit) rescoring the shared blocks under its own tag
     eng = llm.llm_engine
@@ -161,7 +163,16 @@ def test_sparse_outputs_differ_from_dense_but_requests_complete(runs):
     for tok, lp in runs["mixed"][2:]:
         assert len(tok) == NEW
     # deterministic: the same sparse requests again give the same tokens (prefix-cached, rescored)
-    assert [t for t, _ in runs["again"]] == [t for t, _ in runs["mixed"][2:]]
+    assert [t for t, _ in runs["again"]] == [t for t, _ in runs["mixed"][2:]] * 2
+
+
+def test_identical_requests_sharing_cached_blocks_stay_sparse(runs):
+    from prescore.backend.metrics import totals
+
+    for name, x in SPARSE.items():  # two identical requests each, all prompt blocks prefix-cached
+        t = totals(runs["again_metrics"], method=x["prescore_method"], mode=x["prescore_mode"])
+        assert t["decode_rows_sparse"] == 2 * (NEW - 1), name
+        assert t["selected_tokens"] < 0.5 * t["context_tokens"], name
 
 
 def test_blocks_scored_by_another_request_are_must_attend(runs):

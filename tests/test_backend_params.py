@@ -82,10 +82,17 @@ def test_request_table_follows_v1_batch_updates():
     assert t.slots(2) == [s1, s0]
     t.apply_batch_update(_bu(removed=[0], moved=[(1, 0, _uni())]))
     assert t.slots(2) == [s0, -1]
-    # re-admission of the same params gets a new tag (a fresh admission never trusts old scores)
-    t.apply_batch_update(_bu(added=[(1, _sp(budget=10), [1] * 5, [])]))
-    s_new = t.slots(2)[1]
-    assert t.tag[s_new] not in (tag0, tag1)
+    # tags: same method + same prefill tokens -> same tag (identical scores); anything else -> different
+    t.apply_batch_update(_bu(added=[(1, _sp(budget=99), [1] * 5, [])]))
+    assert t.tag[t.slots(2)[1]] == tag0
+    t.apply_batch_update(_bu(added=[(1, _sp(method="keynorm"), [1] * 5, [])]))
+    assert t.tag[t.slots(2)[1]] not in (tag0, tag1)
+    t.apply_batch_update(_bu(added=[(1, _sp(), [1] * 4, [1])]))  # resumed: prompt + output tokens
+    assert t.tag[t.slots(2)[1]] == tag0
+    t.apply_batch_update(_bu(added=[(1, _sp(), None, [])]))  # no token ids (embeddings): a fresh tag
+    tag_a = t.tag[t.slots(2)[1]]
+    t.apply_batch_update(_bu(added=[(1, _sp(), None, [])]))
+    assert tag_a != t.tag[t.slots(2)[1]] and tag_a > 0
     # slots are recycled, never leaked
     for _ in range(50):
         t.apply_batch_update(_bu(added=[(1, _sp(), [1], [])]))
