@@ -258,7 +258,8 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
                 for i in range(nsets):
                     sel = select_blocks(set_summ[i], bt, step_seqs[j], bb, sink, win, mode, zeros, set_tags[i], cap,
                                         block_size=BS, need_query=False, cache=cache, rows=set_rows[i])
-                    sparse_decode(qs[i % rot], kv, bt, step_seqs[j], sel.ids, sel.kernel_counts(), out=out, **cfg)
+                    sparse_decode(qs[i % rot], kv, bt, step_seqs[j], sel.ids, sel.kcounts, out=out,
+                                  sel_rows=sel.rows, **cfg)
 
         def sparse_kernel_only():
             i = it[0] = (it[0] + 1) % rot

@@ -33,7 +33,7 @@ _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 @triton.jit
 def _decode_split_kernel(
-    Q, KV, BT, SEL, CNT, SEQ, O_PART, LSE_PART,
+    Q, KV, BT, SEL, CNT, SEQ, O_PART, LSE_PART, ROWS,
     stride_qb, stride_qh, stride_qd,
     stride_kvb, stride_kvh, stride_kvt, stride_kvd,
     stride_btb, stride_btn,
@@ -44,16 +44,20 @@ def _decode_split_kernel(
     sm_scale_log2,
     HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
     BS: tl.constexpr, BPI: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SEL: tl.constexpr,
-    UPCAST: tl.constexpr,
+    UPCAST: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0)
     kvh = tl.program_id(1)
     split = tl.program_id(2)
+    if HAS_ROWS:  # the selection lives in persistent per-slot buffers: row b reads slot ROWS[b]
+        srow = tl.load(ROWS + b)
+    else:
+        srow = b
 
     seq_len = tl.load(SEQ + b)
     nblk = (seq_len + BS - 1) // BS
     if HAS_SEL:
-        cnt = tl.load(CNT + b * stride_cb + kvh * stride_ch)
+        cnt = tl.load(CNT + srow * stride_cb + kvh * stride_ch)
         dense_row = cnt < 0
         count = tl.where(dense_row, nblk, cnt)
     else:
@@ -87,7 +91,7 @@ def _decode_split_kernel(
         idx = i + blk_in
         valid_blk = idx < end
         if HAS_SEL:
-            lsel = tl.load(SEL + b * stride_sb + kvh * stride_sh + idx * stride_ss,
+            lsel = tl.load(SEL + srow * stride_sb + kvh * stride_sh + idx * stride_ss,
                            mask=valid_blk & (cnt >= 0), other=0)
             lblk = tl.where(dense_row, idx, lsel)
         else:
@@ -183,8 +187,10 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
                   sel_ids: torch.Tensor | None = None, sel_counts: torch.Tensor | None = None,
                   scale: float | None = None, out: torch.Tensor | None = None, num_splits: int | None = None,
                   blocks_per_iter: int | None = None, workspace: tuple[torch.Tensor, torch.Tensor] | None = None,
-                  num_warps: int = 4, num_stages: int = 4) -> torch.Tensor:
-    """Attention of one query token per row over the selected blocks of the paged cache. See module doc."""
+                  num_warps: int = 4, num_stages: int = 4, sel_rows: torch.Tensor | None = None) -> torch.Tensor:
+    """Attention of one query token per row over the selected blocks of the paged cache. See module doc.
+    ``sel_rows [B]``: row b's selection is ``sel_ids[sel_rows[b]]`` / ``sel_counts[sel_rows[b]]`` (persistent
+    per-slot selection buffers, no gather)."""
     B, Hq, D = q.shape
     NB, Hkv, BS, D2 = kv_cache.shape
     if D2 != 2 * D:
@@ -216,6 +222,7 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     G_PAD = max(16, triton.next_power_of_2(G))
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, kv_cache, block_table, sel_ids, sel_counts, seq_lens, o_part, lse_part,
+        sel_rows if sel_rows is not None else seq_lens,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0), block_table.stride(1),
@@ -225,7 +232,7 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
         scale * 1.4426950408889634,
         HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=G_PAD, BS=BS, BPI=bpi, NUM_SPLITS=num_splits, HAS_SEL=has_sel,
-        UPCAST=_INTERPRET and q.dtype == torch.bfloat16,
+        UPCAST=_INTERPRET and q.dtype == torch.bfloat16, HAS_ROWS=sel_rows is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
     _merge_kernel[(B, Hq)](

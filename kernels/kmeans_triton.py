@@ -10,6 +10,8 @@ import torch
 import triton
 import triton.language as tl
 
+PROGRAMS_PER_HEAD = 128
+
 
 @triton.jit
 def _kmeanspp_kernel(X, IDX0, GUMBEL, D2, CENT, N, K,
@@ -64,33 +66,38 @@ def kmeanspp_triton(sample: torch.Tensor, idx0: torch.Tensor, gumbel: torch.Tens
 @triton.jit
 def _assign_kernel(X, CENT, ASSIGN, DIST, PSUM, PCNT, T, K,
                    s_xh, s_xt, s_xd, s_ch, s_ck, s_cd, s_ph, s_pp, s_pk, s_pd,
-                   HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
-    """Nearest centroid of BLOCK_T keys; exact distance to it; this tile's per-cluster sums and counts."""
+                   HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
+                   TILES: tl.constexpr):
+    """Nearest centroid of TILES x BLOCK_T keys; exact distance to it; per-cluster sums and counts of them."""
     h = tl.program_id(0)
     p = tl.program_id(1)
-    t = p * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D_PAD)
     kk = tl.arange(0, K_PAD)
-    tm = t < T
     dm = d < HEAD_SIZE
     km = kk < K
-    x = tl.load(X + h * s_xh + t[:, None].to(tl.int64) * s_xt + d[None, :] * s_xd, mask=tm[:, None] & dm[None, :],
-                other=0.0).to(tl.float32)
     c = tl.load(CENT + h * s_ch + kk[:, None] * s_ck + d[None, :] * s_cd, mask=km[:, None] & dm[None, :], other=0.0)
-    xc = tl.dot(x, tl.trans(c))  # [BLOCK_T, K_PAD]
-    d2 = tl.sum(c * c, 1)[None, :] - 2 * xc
-    d2 = tl.where(km[None, :], d2, float("inf"))
-    a = tl.argmin(d2, 1)  # [BLOCK_T]
-    ca = tl.load(CENT + h * s_ch + a[:, None] * s_ck + d[None, :] * s_cd, mask=dm[None, :], other=0.0)
-    diff = x - ca
-    dist = tl.sqrt(tl.sum(diff * diff, 1))
-    tl.store(ASSIGN + h * T + t, a.to(tl.int32), mask=tm)
-    tl.store(DIST + h * T + t, dist, mask=tm)
-    onehot = ((a[:, None] == kk[None, :]) & tm[:, None]).to(tl.float32)  # [BLOCK_T, K_PAD]
-    psum = tl.dot(tl.trans(onehot), x)  # [K_PAD, D_PAD]
+    cc = tl.sum(c * c, 1)
+    psum = tl.zeros([K_PAD, D_PAD], dtype=tl.float32)
+    pcnt = tl.zeros([K_PAD], dtype=tl.float32)
+    for tile in range(TILES):
+        t = (p * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
+        tm = t < T
+        x = tl.load(X + h * s_xh + t[:, None].to(tl.int64) * s_xt + d[None, :] * s_xd,
+                    mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        xc = tl.dot(x, tl.trans(c))  # [BLOCK_T, K_PAD]
+        d2 = tl.where(km[None, :], cc[None, :] - 2 * xc, float("inf"))
+        a = tl.argmin(d2, 1)  # [BLOCK_T]
+        ca = tl.load(CENT + h * s_ch + a[:, None] * s_ck + d[None, :] * s_cd, mask=dm[None, :], other=0.0)
+        diff = x - ca
+        dist = tl.sqrt(tl.sum(diff * diff, 1))
+        tl.store(ASSIGN + h * T + t, a.to(tl.int32), mask=tm)
+        tl.store(DIST + h * T + t, dist, mask=tm)
+        onehot = ((a[:, None] == kk[None, :]) & tm[:, None]).to(tl.float32)  # [BLOCK_T, K_PAD]
+        psum += tl.dot(tl.trans(onehot), x)  # [K_PAD, D_PAD]
+        pcnt += tl.sum(onehot, 0)
     pb = PSUM + h * s_ph + p * s_pp
     tl.store(pb + kk[:, None] * s_pk + d[None, :] * s_pd, psum, mask=km[:, None] & dm[None, :])
-    tl.store(PCNT + (h * tl.num_programs(1) + p) * K + kk, tl.sum(onehot, 0), mask=km)
+    tl.store(PCNT + (h * tl.num_programs(1) + p) * K + kk, pcnt, mask=km)
 
 
 def assign_triton(x: torch.Tensor, cents: torch.Tensor):
@@ -100,7 +107,8 @@ def assign_triton(x: torch.Tensor, cents: torch.Tensor):
     K = cents.shape[1]
     D_PAD = triton.next_power_of_2(D)
     BLOCK_T = 64 if D_PAD <= 128 else 32
-    P = triton.cdiv(T, BLOCK_T)
+    TILES = max(1, min(8, T // (BLOCK_T * PROGRAMS_PER_HEAD)))  # enough programs per head, then longer tiles
+    P = triton.cdiv(T, BLOCK_T * TILES)
     assign = torch.empty(H, T, dtype=torch.int32, device=x.device)
     dist = torch.empty(H, T, dtype=torch.float32, device=x.device)
     psum = torch.empty(H, P, K, D, dtype=torch.float32, device=x.device)
@@ -110,6 +118,7 @@ def assign_triton(x: torch.Tensor, cents: torch.Tensor):
         x, cents, assign, dist, psum, pcnt, T, K,
         x.stride(0), x.stride(1), x.stride(2), cents.stride(0), cents.stride(1), cents.stride(2),
         psum.stride(0), psum.stride(1), psum.stride(2), psum.stride(3),
-        HEAD_SIZE=D, D_PAD=D_PAD, K_PAD=max(16, triton.next_power_of_2(K)), BLOCK_T=BLOCK_T, num_warps=4,
+        HEAD_SIZE=D, D_PAD=D_PAD, K_PAD=max(16, triton.next_power_of_2(K)), BLOCK_T=BLOCK_T, TILES=TILES,
+        num_warps=4,
     )
     return assign.long(), dist, psum.sum(1), pcnt.sum(1)

@@ -80,8 +80,9 @@ class Leverage(ScoringMethod):
     """Ridge leverage of the centred key: l_i = (k_i - mu)^T (K_c^T K_c + lam I)^-1 (k_i - mu).
 
     ``lam = ridge * trace(K_c^T K_c) / D``; K_c are the prompt's keys minus their mean ``mu`` (per KV head).
-    With ``K_c^T K_c + lam I = L L^T`` (Cholesky), l_i = ||L^-1 (k_i - mu)||^2. State: ``mu`` and ``W = L^-1``,
-    ``S = D + D * D`` floats per KV head; the prompt's own keys are scored with the same exact formula.
+    With ``K_c^T K_c + lam I = L L^T`` (Cholesky), l_i = ||L^-1 (k_i - mu)||^2 (one triangular solve). State:
+    ``mu`` and ``L``, ``S = D + D * D`` floats per KV head; the prompt's own keys are scored with the same
+    exact formula.
     """
 
     name = "leverage"
@@ -96,7 +97,7 @@ class Leverage(ScoringMethod):
         H, T, D = keys.shape
         mu = keys.mean(1, dtype=torch.float32)  # [H, D]
         low = keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16)
-        if low:  # GPU: the two large products in the cache dtype (fp32 accumulation), the D x D algebra in fp32
+        if low:  # GPU: the Gram product in the cache dtype with fp32 accumulation, the D x D algebra in fp32
             kc = keys - mu[:, None, :].to(keys.dtype)
             gram = _bmm_f32(kc.transpose(1, 2), kc)
         else:
@@ -106,24 +107,23 @@ class Leverage(ScoringMethod):
         lam = self.ridge * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D
         eye = torch.eye(D, device=keys.device, dtype=torch.float32)
         chol = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)[0]  # no host sync; SPD by the ridge
-        w = torch.linalg.inv_ex(chol)[0]  # L^-1 (lower triangular)
-        state = torch.cat([mu, w.reshape(H, D * D)], -1)
-        return state, self._quad(kc, w.to(kc.dtype))
+        state = torch.cat([mu, chol.reshape(H, D * D)], -1)
+        return state, self._quad(kc.transpose(-1, -2).float(), chol)
 
     def fit(self, keys):
         return self.fit_and_score(keys)[0]
 
     @staticmethod
-    def _quad(kc, w):
-        with _tf32():
-            z = kc @ w.transpose(-1, -2)
-        return torch.linalg.vector_norm(z, dim=-1, dtype=torch.float32).square()
+    def _quad(kct, chol):
+        """kct [..., D, N] centred keys (transposed), chol [..., D, D] -> ||L^-1 k||^2 [..., N]."""
+        z = torch.linalg.solve_triangular(chol, kct, upper=False)
+        return torch.linalg.vector_norm(z, dim=-2, dtype=torch.float32).square()
 
     def score(self, keys, state):
         D = keys.shape[-1]
         mu = state[..., :D]
-        w = state[..., D:].unflatten(-1, (D, D))
-        return self._quad(keys.float() - mu.unsqueeze(-2), w)
+        chol = state[..., D:].unflatten(-1, (D, D))
+        return self._quad((keys.float() - mu.unsqueeze(-2)).transpose(-1, -2), chol)
 
 
 @register_method
@@ -138,7 +138,7 @@ class KMeans(ScoringMethod):
 
     name = "kmeans"
 
-    def __init__(self, k: int = 32, iters: int = 5, init_sample: int = 512, seed: int = 0,
+    def __init__(self, k: int = 32, iters: int = 5, init_sample: int = 256, seed: int = 0,
                  use_triton: bool | None = None):
         self.k = k
         self.iters = iters
@@ -176,8 +176,8 @@ class KMeans(ScoringMethod):
         gen = torch.Generator(device=keys.device)
         gen.manual_seed(self.seed)
         sample = keys
-        if T > self.init_sample:
-            sample = keys[:, torch.randperm(T, device=keys.device, generator=gen)[: self.init_sample]]
+        if T > self.init_sample:  # a uniform sample (with replacement: duplicates are harmless to D^2 seeding)
+            sample = keys[:, torch.randint(0, T, (self.init_sample,), device=keys.device, generator=gen)]
         tri = keys.is_cuda if self.use_triton is None else self.use_triton
         cents = self.init_centroids(sample.contiguous(), k, gen, use_triton=tri)
         if tri:

@@ -43,6 +43,14 @@ class Selection:
     counts: torch.Tensor  # [B, Hkv] int32
     dense: torch.Tensor  # [B] bool
     kcounts: torch.Tensor | None = None  # counts as the decode kernel reads them (negative = dense row)
+    rows: torch.Tensor | None = None  # set when the tensors are persistent per-slot buffers: batch row b -> rows[b]
+
+    def per_row(self) -> "Selection":
+        """The same selection indexed by batch row (gathers from per-slot buffers when ``rows`` is set)."""
+        if self.rows is None:
+            return self
+        r = self.rows.long()
+        return Selection(self.ids[r], self.counts[r], self.dense[r].bool(), self.kernel_counts()[r])
 
     def kernel_counts(self) -> torch.Tensor:
         """Counts as the decode kernel reads them: negative marks a dense row."""
@@ -96,7 +104,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
     (:mod:`.select_triton`); otherwise this torch implementation runs. ``cache`` + ``rows`` (Triton only): keep
     results per persistent row and skip recomputing prior-mode rows whose block count is unchanged (exact: the
-    prior selection only changes at block boundaries); the returned tensors are gathered from the cache."""
+    prior selection only changes at block boundaries); the result then holds the cache buffers and ``rows``
+    (``Selection.per_row()`` gathers; ``sparse_decode(..., sel_rows=sel.rows)`` reads them in place)."""
     if need_query is None:
         need_query = bool((mode.long() != MODES["prior"]).any())
     if use_triton is None:
@@ -215,7 +224,6 @@ def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, wind
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
         prior_blocks, req_tags, max_selected, block_size, qkey, cache, rows)
-    if cache is not None:
-        r = rows.long()
-        ids, counts, kcounts, dense = ids[r], counts[r], kcounts[r], dense[r]
+    if cache is not None:  # per-slot buffers, not gathered: pass sel_rows=selection.rows to sparse_decode
+        return Selection(ids=ids, counts=counts, dense=dense, kcounts=kcounts, rows=rows)
     return Selection(ids=ids, counts=counts, dense=dense.bool(), kcounts=kcounts)

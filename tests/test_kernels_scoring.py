@@ -168,7 +168,10 @@ def test_decode_tail_rescores_newest_block(triton):
 
 
 @pytest.mark.parametrize("D", [64, 128])
-def test_kmeans_triton_lloyd_equals_torch(D):
+def test_kmeans_triton_lloyd_equals_torch(D, monkeypatch):
+    import prescore.kernels.kmeans_triton as kt
+
+    monkeypatch.setattr(kt, "PROGRAMS_PER_HEAD", 3)  # several tiles per program
     gen = torch.Generator().manual_seed(D)
     keys = torch.randn(2, 700, D, generator=gen) * torch.linspace(0.5, 2, D)
     keys[:, 5] *= 8

@@ -161,6 +161,12 @@ def test_selection_cache_is_exact_across_decode_steps():
             summ.scores[bt[2].long()] = torch.rand(bt.shape[1], 2)
         args = (summ, bt, s, t([6, 5, 3]), t([1, 1, 1]), t([2, 2, 2]), modes, t([2, 2, 0]), tags, 30)
         fresh = select_blocks(*args, q=q, block_size=16, use_triton=True)
-        cached = select_blocks(*args, q=q, block_size=16, use_triton=True, cache=cache, rows=rows)
+        sel = select_blocks(*args, q=q, block_size=16, use_triton=True, cache=cache, rows=rows)
+        cached = sel.per_row()
         assert torch.equal(fresh.ids, cached.ids) and torch.equal(fresh.counts, cached.counts)
         assert torch.equal(fresh.kernel_counts(), cached.kernel_counts())
+        if step in (3, 15):  # the decode kernel reads the per-slot buffers in place
+            kvb, qb = kv.to(torch.bfloat16), torch.randn(3, 6, 32).to(torch.bfloat16)
+            a = sparse_decode(qb, kvb, bt, s, sel.ids, sel.kernel_counts(), sel_rows=sel.rows)
+            b = sparse_decode(qb, kvb, bt, s, fresh.ids, fresh.kernel_counts())
+            assert torch.equal(a, b)
