@@ -49,7 +49,8 @@ def _label(p: P.PrescoreParams) -> int:
 
 def extra_page_bytes(num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype, mirror: bool) -> int:
     el = torch.empty((), dtype=dtype).element_size()
-    summ = 8 + 4 * num_kv_heads + 2 * num_kv_heads * head_size * el + el
+    M = len(P.METHOD_NAMES)  # scores per method, key min/max shared (tags: a separate contiguous tensor)
+    summ = 4 * M * num_kv_heads + 2 * num_kv_heads * head_size * el + el
     kv = num_kv_heads * block_size * 2 * head_size * el if mirror else 0
     return -(-(kv + summ + _ALIGN) // _ALIGN) * _ALIGN
 
@@ -59,12 +60,14 @@ def extra_page_bytes(num_kv_heads: int, head_size: int, block_size: int, dtype: 
 # ----------------------------------------------------------------------------------------------------------
 
 @dataclass
-class StepPlan:
-    prefill: list  # (row, start, end, final, slot, method, tag)
-    score_rows: torch.Tensor  # [Bd] decode rows that get their tail block scored
+class MethodGroup:
+    """One scoring method's decode rows of the step (each method has its own scores and tags per block)."""
+
+    method: str
+    score_rows: torch.Tensor  # [Bd] decode rows whose newest block gets (re)scored
     score_slots: torch.Tensor
-    score_methods: torch.Tensor  # kernel method ids
     score_tags: torch.Tensor
+    score_ids: torch.Tensor  # kernel method id per score row
     sparse_rows: torch.Tensor  # [Bs]
     sparse_tokens: torch.Tensor  # [Bs] query token of each sparse row
     budget: torch.Tensor  # [Bs] blocks
@@ -74,19 +77,34 @@ class StepPlan:
     prior: torch.Tensor
     tags: torch.Tensor
     labels: torch.Tensor  # [Bs] counter row
-    max_selected: int
     need_query: bool
-    methods: tuple  # method names used this step (scoring)
-    dense_tokens: torch.Tensor | None = None  # tokens vLLM's kernel attends when some rows are sparse
-    dense_md: object | None = None
 
     @property
     def num_sparse(self) -> int:
         return int(self.sparse_rows.numel())
 
 
+@dataclass
+class StepPlan:
+    prefill: list  # (row, start, end, final, slot, method, tag)
+    groups: list  # MethodGroup per method with decode rows
+    max_selected: int
+    dense_tokens: torch.Tensor | None = None  # tokens vLLM's kernel attends when some rows are sparse
+    dense_md: object | None = None
+
+    @property
+    def num_sparse(self) -> int:
+        return sum(g.num_sparse for g in self.groups)
+
+
 def _i(vals, device, dtype=torch.int32):
     return torch.tensor(vals, dtype=dtype, device=device)
+
+
+_KEYS = ("score_rows", "score_slots", "score_tags", "sparse_rows", "sparse_tokens", "budget", "sink", "window",
+         "mode", "prior", "tags", "labels")
+_DTYPES = {"score_rows": torch.long, "score_slots": torch.long, "score_tags": torch.int64, "sparse_rows": torch.long,
+           "sparse_tokens": torch.long, "tags": torch.int64, "labels": torch.long}
 
 
 def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
@@ -96,11 +114,7 @@ def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
     seq = compat.host_seq_lens(cm).tolist()
     slots = TABLE.slots(n, compat.req_slots(cm))
     prefill, dense_rows = [], []
-    sc_rows, sc_slots, sc_methods, sc_tags = [], [], [], []
-    sp = {k: [] for k in ("rows", "tok", "budget", "sink", "window", "mode", "prior", "tags", "labels")}
-    methods = set()
-    need_query = False
-    max_sel = 0
+    groups: dict[str, dict] = {}
     for i in range(n):
         qlen, ctx = qsl[i + 1] - qsl[i], int(seq[i])
         slot = slots[i]
@@ -121,34 +135,27 @@ def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
             dense_rows.append(i)
             metrics.add(p.method, p.mode, decode_rows_dense=1)
             continue
-        sc_rows.append(i), sc_slots.append(slot), sc_methods.append(METHODS[p.method].method_id), sc_tags.append(tag)
-        methods.add(p.method)
+        g = groups.setdefault(p.method, {k: [] for k in _KEYS} | {"need_query": False})
+        g["score_rows"].append(i), g["score_slots"].append(slot), g["score_tags"].append(tag)
         budget, sink, window, prior = p.blocks(block_size)
-        nblk = -(-ctx // block_size)
-        if nblk <= sink + window + budget:
+        if -(-ctx // block_size) <= sink + window + budget:
             dense_rows.append(i)
             metrics.add(p.method, p.mode, decode_rows_dense=1)
             continue
         metrics.add(p.method, p.mode, decode_rows_sparse=1)
-        for k, v in (("rows", i), ("tok", qsl[i]), ("budget", budget), ("sink", sink), ("window", window),
-                     ("mode", MODES[p.mode]), ("prior", prior), ("tags", tag), ("labels", _label(p))):
-            sp[k].append(v)
-        need_query |= p.mode != "prior"
-        max_sel = max(max_sel, sink + window + budget)
-    methods.update(pf[5] for pf in prefill)
-    L = torch.long
-    plan = StepPlan(
-        prefill=prefill,
-        score_rows=_i(sc_rows, device, L), score_slots=_i(sc_slots, device, L),
-        score_methods=_i(sc_methods, device), score_tags=_i(sc_tags, device, torch.int64),
-        sparse_rows=_i(sp["rows"], device, L), sparse_tokens=_i(sp["tok"], device, L),
-        budget=_i(sp["budget"], device), sink=_i(sp["sink"], device), window=_i(sp["window"], device),
-        mode=_i(sp["mode"], device), prior=_i(sp["prior"], device), tags=_i(sp["tags"], device, torch.int64),
-        labels=_i(sp["labels"], device, L),
-        # capacity: every block of the longest row, so must-attend (foreign-tag) blocks are never dropped
-        max_selected=int(cm.block_table_tensor.shape[1]) if sp["rows"] else 0,
-        need_query=need_query, methods=tuple(sorted(methods)),
-    )
+        for k, v in (("sparse_rows", i), ("sparse_tokens", qsl[i]), ("budget", budget), ("sink", sink),
+                     ("window", window), ("mode", MODES[p.mode]), ("prior", prior), ("tags", tag),
+                     ("labels", _label(p))):
+            g[k].append(v)
+        g["need_query"] |= p.mode != "prior"
+    out = []
+    for method, g in sorted(groups.items()):
+        t = {k: _i(g[k], device, _DTYPES.get(k, torch.int32)) for k in _KEYS}
+        mid = METHODS[method].method_id
+        out.append(MethodGroup(method=method, score_ids=torch.full_like(t["score_rows"], mid, dtype=torch.int32),
+                               need_query=g["need_query"], **t))
+    # selection capacity: every block of the longest row, so must-attend (foreign-tag) blocks are never dropped
+    plan = StepPlan(prefill=prefill, groups=out, max_selected=int(cm.block_table_tensor.shape[1]))
     return plan, dense_rows
 
 
@@ -230,11 +237,13 @@ def _view(kv_cache: torch.Tensor, dtype, byte_off: int, tail: tuple, block_strid
 
 
 class LayerStore:
-    """Block summaries (+ CPU K|V mirror) in the page padding when present, else separately allocated."""
+    """Per-method block summaries (own scores + tags, shared key min/max) and, on CPU, the K|V mirror: in
+    the page padding when present, else separately allocated. Tags are always a separate [M, NB] tensor."""
 
     def __init__(self, kv_cache: torch.Tensor, mirror: bool, num_slots: int):
         NB, H, BS, D2 = kv_cache.shape
         D, el, dtype = D2 // 2, kv_cache.element_size(), kv_cache.dtype
+        M = len(P.METHOD_NAMES)
         self.key = kv_cache.data_ptr()
         page = H * BS * D2 * el
         stride_b = kv_cache.stride(0) * el
@@ -247,26 +256,30 @@ class LayerStore:
             if mirror:
                 self.mirror = _view(kv_cache, dtype, off, (H, BS, D2), stride_b)
                 off += H * BS * D2 * el
-            tags = _view(kv_cache, torch.int64, -(-off // 8) * 8, (), stride_b)
-            off = -(-off // 8) * 8 + 8
-            scores = _view(kv_cache, torch.float32, off, (H,), stride_b)
-            off = -(-(off + 4 * H) // el) * el
+            off = -(-off // 4) * 4
+            scores = _view(kv_cache, torch.float32, off, (M, H), stride_b)
+            off = -(-(off + 4 * M * H) // el) * el
             kmin = _view(kv_cache, dtype, off, (H, D), stride_b)
             kmax = _view(kv_cache, dtype, off + H * D * el, (H, D), stride_b)
-            views = (tags, scores, kmin, kmax) + ((self.mirror,) if mirror else ())
+            views = (scores, kmin, kmax) + ((self.mirror,) if mirror else ())
             self.in_page = all(v is not None for v in views)
         if self.in_page:
-            self.summ = BlockSummaries(scores=scores, kmin=kmin, kmax=kmax, tags=tags)
-            self.summ.tags.fill_(-1)
             _log_once("prescore: block summaries%s live in the KV page padding (%d extra bytes per block and "
                       "layer, counted in the KV-cache budget)", " + K|V mirror" if mirror else "",
                       stride_b - page)
         else:
             logger.warning("prescore: KV pages carry no room for block summaries; allocating %.1f MiB outside "
                            "the KV-cache budget", NB * extra_page_bytes(H, D, BS, dtype, mirror) / 2**20)
-            self.summ = BlockSummaries.allocate(NB, H, D, dtype, kv_cache.device)
+            dev = kv_cache.device
+            scores = torch.zeros(NB, M, H, dtype=torch.float32, device=dev)
+            kmin = torch.zeros(NB, H, D, dtype=dtype, device=dev)
+            kmax = torch.zeros(NB, H, D, dtype=dtype, device=dev)
             if mirror:
-                self.mirror = torch.zeros(NB, H, BS, D2, dtype=dtype, device=kv_cache.device)
+                self.mirror = torch.zeros(NB, H, BS, D2, dtype=dtype, device=dev)
+        # tags [M, NB] contiguous per method (the Triton kernels index tags by block id); 8 B/block/method
+        tags = torch.full((M, NB), -1, dtype=torch.int64, device=kv_cache.device)
+        self.summ = {m: BlockSummaries(scores=scores[:, j], kmin=kmin, kmax=kmax, tags=tags[j])
+                     for j, m in enumerate(P.METHOD_NAMES)}
         S = max(get_method(m).state_size(D) for m in P.METHOD_NAMES)
         self.states = torch.zeros(num_slots, H, S, dtype=torch.float32, device=kv_cache.device)
         self.acc = metrics.device_accumulator(_LABELS, kv_cache.device)
@@ -279,49 +292,48 @@ def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_tabl
                         block_size: int, decode_fn, layer_name: str = "") -> None:
     """Score, select and attend. ``kv`` is the cache in the kernels' layout."""
     for row, start, end, final, slot, method, tag in plan.prefill:
-        state = score_prefill(kv, store.summ, block_table[row], start, end, _METHOD_OBJS[method], tag, final)
+        state = score_prefill(kv, store.summ[method], block_table[row], start, end, _METHOD_OBJS[method], tag, final)
         if state is not None:
             store.states[slot, :, : state.shape[1]] = state
-    if plan.score_rows.numel():
-        rows = plan.score_rows
-        methods = {METHODS[m].method_id: _METHOD_OBJS[m] for m in plan.methods}
-        score_decode_tail(kv, store.summ, block_table[rows], seq_lens[rows], plan.score_methods,
-                          store.states[plan.score_slots], plan.score_tags, methods)
-    if not plan.num_sparse:
-        return
-    rows = plan.sparse_rows
-    bt, sl = block_table[rows], seq_lens[rows]
-    q = query[plan.sparse_tokens]
-    sel = select_blocks(store.summ, bt, sl, plan.budget, plan.sink, plan.window, plan.mode, plan.prior, plan.tags,
-                        plan.max_selected, q=q, block_size=block_size, need_query=plan.need_query)
-    counts = sel.kernel_counts()
-    out = decode_fn(q, kv, bt, sl, sel.ids, counts, scale)
-    output[plan.sparse_tokens] = out.to(output.dtype)
-    # counters (device-side, no sync)
-    BS = block_size
-    nblk = (sl.long() + BS - 1) // BS
-    cnt = sel.counts.long()
-    last_sel = (sel.ids.long() == (nblk - 1)[:, None, None]).any(-1)
-    sel_tok = cnt * BS - last_sel.long() * (nblk * BS - sl.long())[:, None]
-    vals = torch.stack([sel_tok.double().mean(1), sl.double(), cnt.double().mean(1), nblk.double()], 1)
-    store.acc.index_add_(0, plan.labels, vals)
-    if CAPTURE is not None:
-        _capture(store, plan, q, kv, bt, sl, sel, out, scale, block_size, layer_name)
+    for g in plan.groups:
+        summ = store.summ[g.method]
+        if g.score_rows.numel():
+            score_decode_tail(kv, summ, block_table[g.score_rows], seq_lens[g.score_rows], g.score_ids,
+                              store.states[g.score_slots], g.score_tags,
+                              {METHODS[g.method].method_id: _METHOD_OBJS[g.method]})
+        if not g.num_sparse:
+            continue
+        bt, sl = block_table[g.sparse_rows], seq_lens[g.sparse_rows]
+        q = query[g.sparse_tokens]
+        sel = select_blocks(summ, bt, sl, g.budget, g.sink, g.window, g.mode, g.prior, g.tags, plan.max_selected,
+                            q=q, block_size=block_size, need_query=g.need_query)
+        out = decode_fn(q, kv, bt, sl, sel.ids, sel.kernel_counts(), scale)
+        output[g.sparse_tokens] = out.to(output.dtype)
+        # counters (device-side, no sync)
+        BS = block_size
+        nblk = (sl.long() + BS - 1) // BS
+        cnt = sel.counts.long()
+        last_sel = (sel.ids.long() == (nblk - 1)[:, None, None]).any(-1)
+        sel_tok = cnt * BS - last_sel.long() * (nblk * BS - sl.long())[:, None]
+        vals = torch.stack([sel_tok.double().mean(1), sl.double(), cnt.double().mean(1), nblk.double()], 1)
+        store.acc.index_add_(0, g.labels, vals)
+        if CAPTURE is not None:
+            _capture(summ, g, q, kv, bt, sl, sel, out, scale, block_size, layer_name)
 
 
-def _capture(store, plan, q, kv, bt, sl, sel, out, scale, BS, layer_name):
+def _capture(summ, g, q, kv, bt, sl, sel, out, scale, BS, layer_name):
     """Copy what one layer's sparse rows attended: compact caches so a test can rerun the references."""
-    for b in range(plan.num_sparse):
+    for b in range(g.num_sparse):
         nblk = -(-int(sl[b]) // BS)
         phys = bt[b, :nblk].long()
         CAPTURE.append({
-            "layer": layer_name, "q": q[b].clone(), "kv": kv[phys].clone(), "seq_len": int(sl[b]),
-            "ids": sel.ids[b].clone(), "counts": sel.counts[b].clone(), "dense": bool(sel.dense[b]),
-            "out": out[b].clone(), "scale": scale, "block_size": BS,
-            "scores": store.summ.scores[phys].clone(), "kmin": store.summ.kmin[phys].clone(),
-            "kmax": store.summ.kmax[phys].clone(), "tag_ok": (store.summ.tags[phys] == plan.tags[b]).clone(),
-            "budget": int(plan.budget[b]), "sink": int(plan.sink[b]), "window": int(plan.window[b]),
-            "mode": int(plan.mode[b]), "prior": int(plan.prior[b]), "tag": int(plan.tags[b]),
+            "layer": layer_name, "method": g.method, "q": q[b].clone(), "kv": kv[phys].clone(),
+            "seq_len": int(sl[b]), "ids": sel.ids[b].clone(), "counts": sel.counts[b].clone(),
+            "dense": bool(sel.dense[b]), "out": out[b].clone(), "scale": scale, "block_size": BS,
+            "scores": summ.scores[phys].clone(), "kmin": summ.kmin[phys].clone(), "kmax": summ.kmax[phys].clone(),
+            "tag_ok": (summ.tags[phys] == g.tags[b]).clone(), "tag": int(g.tags[b]),
+            "budget": int(g.budget[b]), "sink": int(g.sink[b]), "window": int(g.window[b]),
+            "mode": int(g.mode[b]), "prior": int(g.prior[b]),
         })
 
 
