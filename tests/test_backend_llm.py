@@ -9,7 +9,7 @@ import random
 import pytest
 import torch
 
-from conftest import ENGINE, requires_vllm, shutdown_llm
+from conftest import ENGINE, inprocess_engine_env, requires_vllm, shutdown_llm
 
 pytestmark = requires_vllm
 
@@ -45,6 +45,11 @@ def _result(out):
 
 @pytest.fixture(scope="module")
 def runs(tiny_model):
+    with inprocess_engine_env():
+        return _runs(tiny_model)
+
+
+def _runs(tiny_model):
     from vllm import LLM
 
     from prescore.backend import attention as A

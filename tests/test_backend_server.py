@@ -23,6 +23,7 @@ def server(tiny_model, tmp_path_factory):
     port = free_port()
     env = dict(os.environ, PRESCORE_METRICS_DIR=str(work / "metrics"), PRESCORE_METRICS_INTERVAL="0.2")
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real thing: engine core + worker processes
+    env.pop("VLLM_CPU_CI_ENV", None)
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", tiny_model,
            "--attention-backend", "prescore", "--host", "127.0.0.1", "--port", str(port),
            "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"]),
