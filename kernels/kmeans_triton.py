@@ -100,25 +100,48 @@ def _assign_kernel(X, CENT, ASSIGN, DIST, PSUM, PCNT, T, K,
     tl.store(PCNT + (h * tl.num_programs(1) + p) * K + kk, pcnt, mask=km)
 
 
-def assign_triton(x: torch.Tensor, cents: torch.Tensor):
-    """x [H, T, D] (any float dtype), cents [H, K, D] float32 ->
-    (assign [H, T] int64, dist [H, T] f32, sums [H, K, D] f32, counts [H, K] f32)."""
+@triton.jit
+def _update_kernel(PSUM, PCNT, CENT, P, K, s_ph, s_pp, s_pk, s_ch, s_ck, HEAD_SIZE: tl.constexpr,
+                   D_PAD: tl.constexpr, P_PAD: tl.constexpr):
+    """Centroid k of head h = mean of its keys (sum of the programs' partials); unchanged if it has none."""
+    h = tl.program_id(0)
+    k = tl.program_id(1)
+    pp = tl.arange(0, P_PAD)
+    d = tl.arange(0, D_PAD)
+    pm = pp < P
+    dm = d < HEAD_SIZE
+    ps = tl.load(PSUM + h * s_ph + pp[:, None] * s_pp + k * s_pk + d[None, :], mask=pm[:, None] & dm[None, :],
+                 other=0.0)
+    cnt = tl.sum(tl.load(PCNT + (h * P + pp) * K + k, mask=pm, other=0.0), 0)
+    old = tl.load(CENT + h * s_ch + k * s_ck + d, mask=dm, other=0.0)
+    new = tl.where(cnt > 0, tl.sum(ps, 0) / tl.maximum(cnt, 1.0), old)
+    tl.store(CENT + h * s_ch + k * s_ck + d, new, mask=dm)
+
+
+def lloyd_triton(x: torch.Tensor, cents: torch.Tensor, iters: int):
+    """``iters`` Lloyd iterations (2 launches each, buffers allocated once), then the final assignment.
+    Returns (centroids [H, K, D] f32, assign [H, T] int64, dist [H, T] f32)."""
     H, T, D = x.shape
     K = cents.shape[1]
     D_PAD = triton.next_power_of_2(D)
     BLOCK_T = 64 if D_PAD <= 128 else 32
     TILES = max(1, min(8, T // (BLOCK_T * PROGRAMS_PER_HEAD)))  # enough programs per head, then longer tiles
     P = triton.cdiv(T, BLOCK_T * TILES)
+    cents = cents.contiguous().clone()
     assign = torch.empty(H, T, dtype=torch.int32, device=x.device)
     dist = torch.empty(H, T, dtype=torch.float32, device=x.device)
     psum = torch.empty(H, P, K, D, dtype=torch.float32, device=x.device)
     pcnt = torch.empty(H, P, K, dtype=torch.float32, device=x.device)
-    cents = cents.contiguous()
-    _assign_kernel[(H, P)](
-        x, cents, assign, dist, psum, pcnt, T, K,
-        x.stride(0), x.stride(1), x.stride(2), cents.stride(0), cents.stride(1), cents.stride(2),
-        psum.stride(0), psum.stride(1), psum.stride(2), psum.stride(3),
-        HEAD_SIZE=D, D_PAD=D_PAD, K_PAD=max(16, triton.next_power_of_2(K)), BLOCK_T=BLOCK_T, TILES=TILES,
-        num_warps=4,
-    )
-    return assign.long(), dist, psum.sum(1), pcnt.sum(1)
+    K_PAD = max(16, triton.next_power_of_2(K))
+    for it in range(iters + 1):
+        _assign_kernel[(H, P)](
+            x, cents, assign, dist, psum, pcnt, T, K,
+            x.stride(0), x.stride(1), x.stride(2), cents.stride(0), cents.stride(1), cents.stride(2),
+            psum.stride(0), psum.stride(1), psum.stride(2), psum.stride(3),
+            HEAD_SIZE=D, D_PAD=D_PAD, K_PAD=K_PAD, BLOCK_T=BLOCK_T, TILES=TILES, num_warps=4,
+        )
+        if it < iters:
+            _update_kernel[(H, K)](psum, pcnt, cents, P, K, psum.stride(0), psum.stride(1), psum.stride(2),
+                                   cents.stride(0), cents.stride(1), HEAD_SIZE=D, D_PAD=D_PAD,
+                                   P_PAD=triton.next_power_of_2(P), num_warps=4)
+    return cents, assign.long(), dist

@@ -79,51 +79,57 @@ class KeyNorm(ScoringMethod):
 class Leverage(ScoringMethod):
     """Ridge leverage of the centred key: l_i = (k_i - mu)^T (K_c^T K_c + lam I)^-1 (k_i - mu).
 
-    ``lam = ridge * trace(K_c^T K_c) / D``; K_c are the prompt's keys minus their mean ``mu`` (per KV head).
-    With ``K_c^T K_c + lam I = L L^T`` (Cholesky), l_i = ||L^-1 (k_i - mu)||^2 (one triangular solve). State:
-    ``mu`` and ``L``, ``S = D + D * D`` floats per KV head; the prompt's own keys are scored with the same
-    exact formula.
+    ``lam = ridge * trace(K_c^T K_c) / D``; K_c are the prompt's keys minus their mean ``mu`` (per KV head),
+    ``K_c^T K_c = K^T K - T mu mu^T``. State: ``mu`` and ``A^-1 = (K_c^T K_c + lam I)^-1``, ``S = D + D * D``
+    floats per KV head; the prompt's own keys are scored with the same exact formula. On CUDA (D <= 128) the
+    Gram matrix, the inverse and the scores are three Triton launches (:mod:`.leverage_triton`); elsewhere
+    torch computes the same in float64 for the D x D algebra.
     """
 
     name = "leverage"
 
-    def __init__(self, ridge: float = 1e-2):
+    def __init__(self, ridge: float = 1e-2, use_triton: bool | None = None):
         self.ridge = ridge
+        self.use_triton = use_triton
 
     def state_size(self, head_size):
         return head_size + head_size * head_size
 
     def fit_and_score(self, keys):
         H, T, D = keys.shape
-        mu = keys.mean(1, dtype=torch.float32)  # [H, D]
-        low = keys.is_cuda and keys.dtype in (torch.bfloat16, torch.float16)
-        if low:  # GPU: the Gram product in the cache dtype with fp32 accumulation, the D x D algebra in fp32
-            kc = keys - mu[:, None, :].to(keys.dtype)
-            gram = _bmm_f32(kc.transpose(1, 2), kc)
+        tri = (keys.is_cuda if self.use_triton is None else self.use_triton) and D <= 128
+        if tri:
+            from .leverage_triton import gram_triton, inverse_triton, quad_triton
+
+            g0, ksum = gram_triton(keys)
+            mu = ksum / T
+            gram = g0 - T * mu[:, :, None] * mu[:, None, :]
         else:
-            kc = keys - mu[:, None, :]  # float32 by type promotion, one pass
-            with _tf32():
-                gram = kc.transpose(1, 2) @ kc
+            mu = keys.mean(1, dtype=torch.float32)
+            kc = (keys - mu[:, None, :]).double()
+            gram = kc.transpose(1, 2) @ kc
         lam = self.ridge * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D
-        eye = torch.eye(D, device=keys.device, dtype=torch.float32)
-        chol = torch.linalg.cholesky_ex(gram + lam[:, None, None] * eye)[0]  # no host sync; SPD by the ridge
-        state = torch.cat([mu, chol.reshape(H, D * D)], -1)
-        return state, self._quad(kc.transpose(-1, -2).float(), chol)
+        a = gram + lam[:, None, None] * torch.eye(D, device=keys.device, dtype=gram.dtype)
+        if tri:
+            ainv = inverse_triton(a)
+            scores = quad_triton(keys, mu, ainv)
+        else:
+            ainv = torch.linalg.inv(a)
+            scores = ((kc @ ainv) * kc).sum(-1).float()
+            ainv = ainv.float()
+        return torch.cat([mu, ainv.reshape(H, D * D)], -1), scores
 
     def fit(self, keys):
         return self.fit_and_score(keys)[0]
 
-    @staticmethod
-    def _quad(kct, chol):
-        """kct [..., D, N] centred keys (transposed), chol [..., D, D] -> ||L^-1 k||^2 [..., N]."""
-        z = torch.linalg.solve_triangular(chol, kct, upper=False)
-        return torch.linalg.vector_norm(z, dim=-2, dtype=torch.float32).square()
-
     def score(self, keys, state):
         D = keys.shape[-1]
         mu = state[..., :D]
-        chol = state[..., D:].unflatten(-1, (D, D))
-        return self._quad((keys.float() - mu.unsqueeze(-2)).transpose(-1, -2), chol)
+        ainv = state[..., D:].unflatten(-1, (D, D))
+        x = keys.float() - mu.unsqueeze(-2)
+        with _tf32():
+            y = x @ ainv
+        return (x * y).sum(-1)
 
 
 @register_method
@@ -153,8 +159,7 @@ class KMeans(ScoringMethod):
         """k-means++ on ``sample [H, N, D]`` -> ``[H, k, D]`` float32."""
         H, N, D = sample.shape
         idx0 = torch.randint(0, N, (H,), device=sample.device, generator=gen)
-        u = torch.rand(k, H, N, device=sample.device, generator=gen).clamp_(1e-20, 1 - 1e-7)
-        gumbel = -torch.log(-torch.log(u))
+        gumbel = torch.empty(k, H, N, device=sample.device).exponential_(generator=gen).log_().neg_()
         if use_triton is None:
             use_triton = sample.is_cuda
         if use_triton:
@@ -181,12 +186,9 @@ class KMeans(ScoringMethod):
         tri = keys.is_cuda if self.use_triton is None else self.use_triton
         cents = self.init_centroids(sample.contiguous(), k, gen, use_triton=tri)
         if tri:
-            from .kmeans_triton import assign_triton
+            from .kmeans_triton import lloyd_triton
 
-            for _ in range(self.iters):
-                _, _, sums, cnt = assign_triton(keys, cents)
-                cents = torch.where(cnt[..., None] > 0, sums / cnt.clamp_min(1)[..., None], cents)
-            assign, dist, _, _ = assign_triton(keys, cents)
+            cents, assign, dist = lloyd_triton(keys, cents, self.iters)
             return self._finish(cents, assign, dist)
         x = keys.float()
         xx = (x * x).sum(-1, keepdim=True)

@@ -179,3 +179,16 @@ def test_kmeans_triton_lloyd_equals_torch(D, monkeypatch):
     sb, kb = KMeans(k=12, use_triton=True).fit_and_score(keys)
     assert torch.allclose(sa, sb, rtol=1e-4, atol=1e-4)
     assert rel_err(kb, ka) < 1e-4
+
+
+@pytest.mark.parametrize("D", [32, 64])
+def test_leverage_triton_equals_torch(D):
+    gen = torch.Generator().manual_seed(D + 1)
+    keys = (torch.randn(2, 333, D, generator=gen) * torch.linspace(0.3, 2, D) + 0.5).to(torch.bfloat16)
+    sa, la = Leverage(use_triton=False).fit_and_score(keys)
+    sb, lb = Leverage(use_triton=True).fit_and_score(keys)
+    assert rel_err(sb, sa) < 1e-3
+    assert rel_err(lb, la) < 1e-3
+    assert rel_err(la, leverage_ref(keys.float())) < 1e-5
+    new = torch.randn(2, 5, D, generator=gen)
+    assert rel_err(Leverage().score(new, sb), Leverage().score(new, sa)) < 1e-3
