@@ -1,0 +1,87 @@
+"""The backend core as the CUDA path runs it, on CPU: vLLM's GPU cache layout (token-major, K|V in the last dim)
+with padded pages, block summaries in the padding, host planning from CommonAttentionMetadata-like inputs,
+and the Triton sparse decode (under TRITON_INTERPRET=1) against the torch reference."""
+
+import os
+from types import SimpleNamespace
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import requires_vllm
+
+pytestmark = [requires_vllm, pytest.mark.skipif(os.environ.get("TRITON_INTERPRET") != "1" and not
+                                                torch.cuda.is_available(), reason="Triton needs a GPU or the interpreter")]
+
+H, D, BS, HQ = 2, 32, 16, 4
+
+
+def _gpu_layout_cache(nb, dtype=torch.bfloat16):
+    """[NB, H, BS, 2D] view, token-major inside a block (LBNHC), pages padded for the summaries."""
+    from prescore.backend.attention import extra_page_bytes
+
+    el = torch.empty((), dtype=dtype).element_size()
+    page = H * BS * 2 * D * el
+    padded = page + extra_page_bytes(H, D, BS, dtype, mirror=False)
+    raw = torch.zeros(nb * padded // el, dtype=dtype)
+    kv = raw.as_strided((nb, H, BS, 2 * D), (padded // el, 2 * D, H * 2 * D, 1))
+    return raw, kv
+
+
+def _cm(qlens, seqs, bt, req_idx):
+    qsl = torch.tensor([0] + list(np.cumsum(qlens)), dtype=torch.int32)
+    return SimpleNamespace(num_reqs=len(qlens), query_start_loc_cpu=qsl, query_start_loc=qsl,
+                           seq_lens=torch.tensor(seqs, dtype=torch.int32), seq_lens_cpu_upper_bound=None,
+                           block_table_tensor=bt, req_idx=np.array(req_idx))
+
+
+def test_cuda_style_path_on_cpu():
+    from prescore.backend import attention as A
+    from prescore.backend import params as P
+    from prescore.backend.requests import TABLE
+    from prescore.kernels.decode import sparse_decode, sparse_decode_ref
+
+    g = torch.Generator().manual_seed(0)
+    NB, L = 40, 300  # 19 blocks per request
+    raw, kv = _gpu_layout_cache(NB)
+    kv.copy_(torch.randn(kv.shape, generator=g).to(kv.dtype))
+    before = kv.clone()
+    perm = torch.randperm(NB, generator=g)
+    bt = torch.stack([perm[:20], perm[20:40]]).int()
+
+    TABLE.configure(4, P.PrescoreParams())
+    sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
+    TABLE.set(1, sp(budget=32, sink=16, window=32, method="leverage", mode="prior"), L)
+    TABLE.set(3, sp(budget=48, sink=16, window=16, method="kmeans", mode="hybrid"), L)
+    store = A.LayerStore(kv, mirror=False, num_slots=4)
+    assert store.in_page
+
+    # step 1: both prompts prefill (dense rows; blocks scored)
+    plan, dense_rows = A.plan_step(_cm([L, L], [L, L], bt, [1, 3]), BS, "cpu")
+    assert dense_rows == [0, 1] and len(plan.prefill) == 2 and plan.num_sparse == 0
+    q = torch.randn(2 * L, HQ, D, generator=g).to(torch.bfloat16)
+    out = torch.zeros_like(q)
+    A.sparse_rows_forward(store, plan, q, kv, bt, torch.tensor([L, L]), out, D ** -0.5, BS, None)
+    assert torch.equal(kv, before)  # summaries live in the padding, never in K/V
+    for m, row in (("leverage", 0), ("kmeans", 1)):
+        assert bool((store.summ[m].tags[bt[row, :19].long()] == TABLE.tag[[1, 3][row]]).all())
+
+    # step 2: one decode token each (KV of the new token written by the attention layer beforehand)
+    A.CAPTURE = []
+    plan, dense_rows = A.plan_step(_cm([1, 1], [L + 1, L + 1], bt, [1, 3]), BS, "cpu")
+    assert dense_rows == [] and plan.num_sparse == 2 and [gr.method for gr in plan.groups] == ["kmeans", "leverage"]
+    q = torch.randn(2, HQ, D, generator=g).to(torch.bfloat16)
+    out = torch.zeros_like(q)
+    decode = lambda *a: sparse_decode(*a)  # noqa: E731 - the CUDA path's kernel
+    A.sparse_rows_forward(store, plan, q, kv, bt, torch.tensor([L + 1, L + 1]), out, D ** -0.5, BS, decode)
+    cap, A.CAPTURE = A.CAPTURE, None
+    assert len(cap) == 2
+    for c in cap:
+        row = 0 if c["method"] == "leverage" else 1
+        sink, window, budget = (1, 2, 2) if row == 0 else (1, 1, 3)
+        assert (c["sink"], c["window"], c["budget"]) == (sink, window, budget)
+        assert c["counts"].tolist() == [sink + window + budget] * H
+        ref = sparse_decode_ref(q[row:row + 1], kv, bt[row:row + 1], torch.tensor([L + 1], dtype=torch.int32),
+                                c["ids"][None], c["counts"][None], D ** -0.5)
+        torch.testing.assert_close(out[row].double(), ref[0], atol=3e-2, rtol=3e-2)  # bf16 output
