@@ -17,8 +17,17 @@ from .decode import _INTERPRET  # the interpreter's bf16 dot is wrong (triton 3.
 
 
 @triton.jit
-def _gram_kernel(X, PG, PS, T, s_xh, s_xt, s_xd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
-                 BLOCK_T: tl.constexpr, TILES: tl.constexpr, UPCAST: tl.constexpr):
+def _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS: tl.constexpr):
+    """Pointers and mask of the keys of token rows t (of one sequence whose blocks are PHYS) for KV head h."""
+    tm = t < T
+    phys = tl.load(PHYS + t // BS, mask=tm, other=0).to(tl.int64)
+    ptr = KV + phys[:, None] * s_kb + h * s_kh + (t % BS)[:, None] * s_kt + d[None, :] * s_kd
+    return ptr, tm
+
+
+@triton.jit
+def _gram_kernel(KV, PHYS, PG, PS, T, s_kb, s_kh, s_kt, s_kd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+                 BS: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr, UPCAST: tl.constexpr):
     h = tl.program_id(0)
     p = tl.program_id(1)
     d = tl.arange(0, D_PAD)
@@ -27,8 +36,8 @@ def _gram_kernel(X, PG, PS, T, s_xh, s_xt, s_xd, HEAD_SIZE: tl.constexpr, D_PAD:
     s = tl.zeros([D_PAD], dtype=tl.float32)
     for tile in range(TILES):
         t = (p * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
-        k = tl.load(X + h * s_xh + t[:, None].to(tl.int64) * s_xt + d[None, :] * s_xd,
-                    mask=(t < T)[:, None] & dm[None, :], other=0.0)
+        ptr, tm = _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS)
+        k = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0)
         if UPCAST:
             k = k.to(tl.float32)
         acc += tl.dot(tl.trans(k), k)
@@ -38,24 +47,31 @@ def _gram_kernel(X, PG, PS, T, s_xh, s_xt, s_xd, HEAD_SIZE: tl.constexpr, D_PAD:
     tl.store(PS + base * D_PAD + d, s)
 
 
-def gram_triton(keys: torch.Tensor):
-    """keys [H, T, D] -> (K^T K [H, D, D] f32, sum of keys [H, D] f32)."""
-    H, T, D = keys.shape
+def _kv_args(kv_cache):
+    return (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
+
+
+def gram_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int):
+    """Keys of tokens [0, T) of the sequence held in physical blocks ``phys``, read in place from the paged
+    cache -> (K^T K [H, D, D] f32, sum of keys [H, D] f32)."""
+    NB, H, BS, D2 = kv_cache.shape
+    D = D2 // 2
     D_PAD = triton.next_power_of_2(D)
     BLOCK_T = 64
     TILES = max(1, min(16, T // (BLOCK_T * 32)))
     P = triton.cdiv(T, BLOCK_T * TILES)
-    pg = torch.empty(H, P, D_PAD, D_PAD, dtype=torch.float32, device=keys.device)
-    ps = torch.empty(H, P, D_PAD, dtype=torch.float32, device=keys.device)
-    _gram_kernel[(H, P)](keys, pg, ps, T, keys.stride(0), keys.stride(1), keys.stride(2), HEAD_SIZE=D,
-                         D_PAD=D_PAD, BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8,
-                         UPCAST=_INTERPRET and keys.dtype == torch.bfloat16)
+    pg = torch.empty(H, P, D_PAD, D_PAD, dtype=torch.float32, device=kv_cache.device)
+    ps = torch.empty(H, P, D_PAD, dtype=torch.float32, device=kv_cache.device)
+    _gram_kernel[(H, P)](kv_cache, phys, pg, ps, T, *_kv_args(kv_cache), HEAD_SIZE=D, D_PAD=D_PAD, BS=BS,
+                         BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8,
+                         UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16)
     return pg.sum(1)[:, :D, :D], ps.sum(1)[:, :D]
 
 
 @triton.jit
-def _gj_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
-    """In-place Gauss-Jordan inversion of one SPD matrix held in registers."""
+def _sweep_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
+    """Inverse of one SPD matrix held in registers by the symmetric sweep operator: sweeping every pivot maps
+    A to -A^-1 and keeps the matrix symmetric, so each step extracts one row (= column) and its pivot."""
     h = tl.program_id(0)
     i = tl.arange(0, D_PAD)
     m2 = (i < HEAD_SIZE)[:, None] & (i < HEAD_SIZE)[None, :]
@@ -63,16 +79,15 @@ def _gj_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
     a = tl.load(A + base + i[:, None] * HEAD_SIZE + i[None, :], mask=m2, other=0.0)
     a = tl.where((i[:, None] == i[None, :]) & (i[:, None] >= HEAD_SIZE), 1.0, a)  # identity padding
     for k in range(HEAD_SIZE):
-        rowk = tl.sum(tl.where(i[:, None] == k, a, 0.0), 0)  # a[k, :]
-        colk = tl.sum(tl.where(i[None, :] == k, a, 0.0), 1)  # a[:, k]
-        piv = tl.sum(tl.where(i == k, rowk, 0.0), 0)
+        row = tl.sum(tl.where(i[:, None] == k, a, 0.0), 0)  # a[k, :] == a[:, k]
+        piv = tl.sum(tl.where(i == k, row, 0.0), 0)
         inv = 1.0 / piv
-        r = tl.where(i == k, 1.0 + inv, rowk * inv)  # so that a[i,k] becomes -a[i,k]/piv below
-        c = tl.where(i == k, 0.0, colk)
-        a = a - c[:, None] * r[None, :]
-        newk = tl.where(i == k, inv, rowk * inv)
-        a = tl.where(i[:, None] == k, newk[None, :], a)
-    tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], a, mask=m2)
+        rs = row * inv
+        a = a - rs[:, None] * row[None, :]  # a_ij - a_ik a_kj / a_kk
+        edge = tl.where(i == k, -inv, rs)  # row/column k: a_kj / a_kk, pivot -1 / a_kk
+        a = tl.where(i[:, None] == k, edge[None, :], a)
+        a = tl.where(i[None, :] == k, edge[:, None], a)
+    tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], -a, mask=m2)
 
 
 def inverse_triton(a: torch.Tensor) -> torch.Tensor:
@@ -80,35 +95,37 @@ def inverse_triton(a: torch.Tensor) -> torch.Tensor:
     H, D, _ = a.shape
     a = a.contiguous()
     out = torch.empty_like(a)
-    _gj_kernel[(H,)](a, out, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), num_warps=8)
+    _sweep_kernel[(H,)](a, out, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), num_warps=8)
     return out
 
 
 @triton.jit
-def _quad_kernel(X, MU, AINV, OUT, T, s_xh, s_xt, s_xd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
-                 BLOCK_T: tl.constexpr):
+def _quad_kernel(KV, PHYS, MU, AINV, OUT, T, s_kb, s_kh, s_kt, s_kd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+                 BS: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
     h = tl.program_id(0)
     p = tl.program_id(1)
-    t = p * BLOCK_T + tl.arange(0, BLOCK_T)
     d = tl.arange(0, D_PAD)
     dm = d < HEAD_SIZE
-    tm = t < T
     mu = tl.load(MU + h * HEAD_SIZE + d, mask=dm, other=0.0)
     ainv = tl.load(AINV + h.to(tl.int64) * HEAD_SIZE * HEAD_SIZE + d[:, None] * HEAD_SIZE + d[None, :],
                    mask=dm[:, None] & dm[None, :], other=0.0)
-    x = tl.load(X + h * s_xh + t[:, None].to(tl.int64) * s_xt + d[None, :] * s_xd, mask=tm[:, None] & dm[None, :],
-                other=0.0).to(tl.float32)
-    x = tl.where(dm[None, :], x - mu[None, :], 0.0)
-    y = tl.dot(x, ainv)
-    tl.store(OUT + h * T + t, tl.sum(x * y, 1), mask=tm)
+    for tile in range(TILES):
+        t = (p * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
+        ptr, tm = _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS)
+        x = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        x = tl.where(dm[None, :], x - mu[None, :], 0.0)
+        y = tl.dot(x, ainv)
+        tl.store(OUT + h * T + t, tl.sum(x * y, 1), mask=tm)
 
 
-def quad_triton(keys: torch.Tensor, mu: torch.Tensor, ainv: torch.Tensor) -> torch.Tensor:
-    """keys [H, T, D], mu [H, D] f32, ainv [H, D, D] f32 -> [H, T] f32."""
-    H, T, D = keys.shape
-    out = torch.empty(H, T, dtype=torch.float32, device=keys.device)
+def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Tensor, ainv: torch.Tensor):
+    """Leverage of tokens [0, T) read in place from the paged cache; mu [H, D], ainv [H, D, D] -> [H, T] f32."""
+    NB, H, BS, D2 = kv_cache.shape
+    D = D2 // 2
+    out = torch.empty(H, T, dtype=torch.float32, device=kv_cache.device)
     BLOCK_T = 64
-    _quad_kernel[(H, triton.cdiv(T, BLOCK_T))](keys, mu.contiguous(), ainv.contiguous(), out, T, keys.stride(0),
-                                                keys.stride(1), keys.stride(2), HEAD_SIZE=D,
-                                                D_PAD=triton.next_power_of_2(D), BLOCK_T=BLOCK_T, num_warps=4)
+    TILES = max(1, min(16, T // (BLOCK_T * 32)))
+    _quad_kernel[(H, triton.cdiv(T, BLOCK_T * TILES))](
+        kv_cache, phys, mu.contiguous(), ainv.contiguous(), out, T, *_kv_args(kv_cache), HEAD_SIZE=D,
+        D_PAD=triton.next_power_of_2(D), BS=BS, BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8)
     return out

@@ -64,6 +64,16 @@ class ScoringMethod:
         state = self.fit(keys)
         return state, self.score(keys, state)
 
+    def fit_and_score_paged(self, kv_cache: torch.Tensor, phys: torch.Tensor, T: int, use_triton: bool):
+        """The same for tokens [0, T) of the sequence held in physical blocks ``phys`` of the paged cache."""
+        if use_triton:
+            from .summarize import gather_keys_triton
+
+            keys = gather_keys_triton(kv_cache, phys, T)
+        else:
+            keys = gather_keys(kv_cache, phys)[:, :T]  # [H, T, D], cache dtype
+        return self.fit_and_score(keys)
+
 
 @register_method
 class KeyNorm(ScoringMethod):
@@ -95,28 +105,30 @@ class Leverage(ScoringMethod):
     def state_size(self, head_size):
         return head_size + head_size * head_size
 
-    def fit_and_score(self, keys):
-        H, T, D = keys.shape
-        tri = (keys.is_cuda if self.use_triton is None else self.use_triton) and D <= 128
-        if tri:
-            from .leverage_triton import gram_triton, inverse_triton, quad_triton
-
-            g0, ksum = gram_triton(keys)
-            mu = ksum / T
-            gram = g0 - T * mu[:, :, None] * mu[:, None, :]
-        else:
-            mu = keys.mean(1, dtype=torch.float32)
-            kc = (keys - mu[:, None, :]).double()
-            gram = kc.transpose(1, 2) @ kc
+    def _ainv(self, gram):
+        D = gram.shape[-1]
         lam = self.ridge * gram.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D
-        a = gram + lam[:, None, None] * torch.eye(D, device=keys.device, dtype=gram.dtype)
-        if tri:
-            ainv = inverse_triton(a)
-            scores = quad_triton(keys, mu, ainv)
-        else:
-            ainv = torch.linalg.inv(a)
-            scores = ((kc @ ainv) * kc).sum(-1).float()
-            ainv = ainv.float()
+        return gram + lam[:, None, None] * torch.eye(D, device=gram.device, dtype=gram.dtype)
+
+    def fit_and_score(self, keys):
+        """Reference path (torch; the D x D algebra in float64)."""
+        H, T, D = keys.shape
+        mu = keys.mean(1, dtype=torch.float32)
+        kc = (keys - mu[:, None, :]).double()
+        ainv = torch.linalg.inv(self._ainv(kc.transpose(1, 2) @ kc))
+        scores = ((kc @ ainv) * kc).sum(-1).float()
+        return torch.cat([mu, ainv.float().reshape(H, D * D)], -1), scores
+
+    def fit_and_score_paged(self, kv_cache, phys, T, use_triton):
+        H, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
+        if not (use_triton if self.use_triton is None else self.use_triton) or D > 128:
+            return super().fit_and_score_paged(kv_cache, phys, T, use_triton)
+        from .leverage_triton import gram_triton, inverse_triton, quad_triton
+
+        g0, ksum = gram_triton(kv_cache, phys, T)  # three launches, keys read in place
+        mu = ksum / T
+        ainv = inverse_triton(self._ainv(g0 - T * mu[:, :, None] * mu[:, None, :]))
+        scores = quad_triton(kv_cache, phys, T, mu, ainv)
         return torch.cat([mu, ainv.reshape(H, D * D)], -1), scores
 
     def fit(self, keys):
@@ -326,13 +338,7 @@ def score_prefill(kv_cache: torch.Tensor, summ: BlockSummaries, block_table_row:
     nv = end - first_blk * BS  # valid tokens from the first block's start
     state = ks = None
     if final and method.state_size(D) > 0:
-        if use_triton:
-            from .summarize import gather_keys_triton
-
-            keys = gather_keys_triton(kv_cache, phys, nv)
-        else:
-            keys = gather_keys(kv_cache, phys)[:, :nv]  # [H, nv, D], cache dtype
-        state, ks = method.fit_and_score(keys)
+        state, ks = method.fit_and_score_paged(kv_cache, phys, nv, use_triton)
         ks = torch.nn.functional.pad(ks, (0, n * BS - nv)).view(H, n, BS).transpose(0, 1)  # [n, H, BS]
     elif final:
         state = kv_cache.new_zeros(H, 0, dtype=torch.float32)

@@ -184,11 +184,24 @@ def test_kmeans_triton_lloyd_equals_torch(D, monkeypatch):
 @pytest.mark.parametrize("D", [32, 64])
 def test_leverage_triton_equals_torch(D):
     gen = torch.Generator().manual_seed(D + 1)
-    keys = (torch.randn(2, 333, D, generator=gen) * torch.linspace(0.3, 2, D) + 0.5).to(torch.bfloat16)
-    sa, la = Leverage(use_triton=False).fit_and_score(keys)
-    sb, lb = Leverage(use_triton=True).fit_and_score(keys)
+    L, BS = 333, 16
+    kv, bt, _ = make_paged([L], 2, D, BS, torch.bfloat16, gen=gen)
+    kv[..., :D] = kv[..., :D] * torch.linspace(0.3, 2, D).to(torch.bfloat16) + 0.5
+    phys = bt[0, : -(-L // BS)]
+    sa, la = Leverage().fit_and_score_paged(kv, phys, L, use_triton=False)
+    sb, lb = Leverage().fit_and_score_paged(kv, phys, L, use_triton=True)
     assert rel_err(sb, sa) < 1e-3
     assert rel_err(lb, la) < 1e-3
-    assert rel_err(la, leverage_ref(keys.float())) < 1e-5
+    assert rel_err(la, leverage_ref(gather_keys(kv, phys)[:, :L].float())) < 1e-5
     new = torch.randn(2, 5, D, generator=gen)
     assert rel_err(Leverage().score(new, sb), Leverage().score(new, sa)) < 1e-3
+
+
+def test_leverage_triton_long_sequence_tiles():
+    gen = torch.Generator().manual_seed(77)
+    L, BS, D = 4500, 16, 32  # several tiles per program
+    kv, bt, _ = make_paged([L], 1, D, BS, torch.float16, gen=gen)
+    phys = bt[0, : -(-L // BS)]
+    sa, la = Leverage().fit_and_score_paged(kv, phys, L, use_triton=False)
+    sb, lb = Leverage().fit_and_score_paged(kv, phys, L, use_triton=True)
+    assert rel_err(sb, sa) < 1e-3 and rel_err(lb, la) < 1e-3
