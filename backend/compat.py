@@ -118,6 +118,22 @@ def validation_error(message: str, parameter: str, value=None) -> Exception:
         return ValueError(f"{message} (parameter={parameter})")
 
 
+def v2_staged_prefill_tokens(req_states, req_idx: int, prefill_len: int):
+    """Model Runner V2: the prefill token ids just staged for ``req_idx`` (read from the runner's staged-write
+    buffer of ``all_token_ids`` before it is flushed), or None when this vLLM keeps them elsewhere."""
+    try:
+        t = req_states.all_token_ids
+        idx, starts, cu = t._staged_write_indices, t._staged_write_starts, t._staged_write_cu_lens
+        for i in range(len(idx) - 1, -1, -1):
+            if idx[i] == req_idx and starts[i] == 0:
+                lo = cu[i - 1] if i else 0
+                toks = t._staged_write_contents[lo:cu[i]]
+                return list(toks) if len(toks) == prefill_len else None
+    except Exception:  # noqa: BLE001 - private runner internals: fall back to per-admission tags
+        return None
+    return None
+
+
 def v1_logits_processor_base():
     from vllm.v1.sample.logits_processor import LogitsProcessor
 

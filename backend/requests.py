@@ -12,9 +12,9 @@ in the same worker process and keyed by the same batch rows the attention metada
 :class:`PrescoreRequestTracker` implements both interfaces (one ``vllm.logits_processors`` entry point;
 it never changes logits). It validates ``extra_args`` at admission in the frontend (HTTP 400) and fills
 :data:`TABLE`: per request slot the resolved :class:`~.params.PrescoreParams`, the prefill length and a
-request tag: block summaries scored under another tag are must-attend. V1: the tag is derived from
-(method, prefill token ids), so identical requests share prefix-cached blocks' scores; V2 (no token ids at
-admission): a fresh counter value per admission.
+request tag: block summaries scored under another tag are must-attend. The tag is derived from (method,
+prefill token ids), so identical requests share prefix-cached blocks' scores (V2: the token ids are read
+from the runner's staged writes, see compat; where unavailable, a fresh counter value per admission).
 """
 
 from __future__ import annotations
@@ -147,8 +147,9 @@ class PrescoreRequestTracker(*(b for b in (_V2, _V1) if b is not None)):
 
     # V2 interface
     def add_request(self, req_idx: int, sampling_params) -> bool:
-        prefill = self._req_states.prefill_len.np[req_idx] if self._req_states is not None else 0
-        TABLE.set(req_idx, sampling_params, int(prefill))
+        prefill = int(self._req_states.prefill_len.np[req_idx]) if self._req_states is not None else 0
+        tokens = compat.v2_staged_prefill_tokens(self._req_states, req_idx, prefill) if prefill else None
+        TABLE.set(req_idx, sampling_params, prefill, tokens)
         return False  # never modifies logits
 
     def apply(self, logits, ctx=None):

@@ -106,3 +106,31 @@ def test_request_table_v2_slots():
     import numpy as np
 
     assert t.slots(3, np.array([2, 0, 7])) == [2, -1, -1]
+
+
+def test_v2_tracker_reads_staged_prefill_tokens():
+    """Model Runner V2 path of the tracker with a stand-in for the runner's request state."""
+    import numpy as np
+
+    from prescore.backend import requests as R
+
+    class Staged:  # the fields vLLM's StagedWriteTensor keeps until apply_write()
+        def __init__(self):
+            self._staged_write_indices, self._staged_write_starts = [], []
+            self._staged_write_contents, self._staged_write_cu_lens = [], []
+
+        def stage_write(self, i, start, x):
+            self._staged_write_indices.append(i), self._staged_write_starts.append(start)
+            self._staged_write_contents.extend(x), self._staged_write_cu_lens.append(len(self._staged_write_contents))
+
+    rs = SimpleNamespace(max_num_reqs=4, prefill_len=SimpleNamespace(np=np.zeros(4, dtype=np.int32)),
+                         all_token_ids=Staged())
+    cfg = SimpleNamespace(additional_config={}, scheduler_config=SimpleNamespace(max_num_seqs=4))
+    lp = R.PrescoreRequestTracker(cfg, rs)
+    for slot, toks in ((0, [5, 6, 7]), (2, [5, 6, 7]), (3, [5, 6, 8])):
+        rs.prefill_len.np[slot] = len(toks)
+        rs.all_token_ids.stage_write(slot, 0, toks)
+        assert lp.add_request(slot, _sp(budget=8)) is False
+    t = R.TABLE
+    assert t.slots(3, np.array([0, 2, 3])) == [0, 2, 3]
+    assert t.tag[0] == t.tag[2] != t.tag[3] and t.prefill_len[3] == 3 and t.params[0].budget == 8
