@@ -109,10 +109,9 @@ class RequestTable:
     def slots(self, num_rows: int, req_idx=None) -> list[int]:
         """Slot of each attention row (-1: unknown request, runs dense)."""
         if req_idx is not None:
-            out = []
-            for r in req_idx[:num_rows].tolist():
-                out.append(r if 0 <= r < self.capacity and self.params[r] is not None else -1)
-            return out
+            out = [r if 0 <= r < self.capacity and self.params[r] is not None else -1
+                   for r in req_idx[:num_rows].tolist()]
+            return out + [-1] * (num_rows - len(out))  # padded rows
         return [self.row_slot.get(r, -1) for r in range(num_rows)]
 
 
