@@ -58,7 +58,7 @@ def gram_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int):
     D = D2 // 2
     D_PAD = triton.next_power_of_2(D)
     BLOCK_T = 64
-    TILES = max(1, min(16, T // (BLOCK_T * 32)))
+    TILES = max(1, min(16, T // (BLOCK_T * 64)))
     P = triton.cdiv(T, BLOCK_T * TILES)
     pg = torch.empty(H, P, D_PAD, D_PAD, dtype=torch.float32, device=kv_cache.device)
     ps = torch.empty(H, P, D_PAD, dtype=torch.float32, device=kv_cache.device)
@@ -90,12 +90,15 @@ def _sweep_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
     tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], -a, mask=m2)
 
 
-def inverse_triton(a: torch.Tensor) -> torch.Tensor:
+SWEEP_WARPS = 4
+
+
+def inverse_triton(a: torch.Tensor, num_warps: int | None = None) -> torch.Tensor:
     """[H, D, D] SPD float32 -> inverse (float32)."""
     H, D, _ = a.shape
     a = a.contiguous()
     out = torch.empty_like(a)
-    _sweep_kernel[(H,)](a, out, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), num_warps=8)
+    _sweep_kernel[(H,)](a, out, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), num_warps=num_warps or SWEEP_WARPS)
     return out
 
 
@@ -124,7 +127,7 @@ def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Te
     D = D2 // 2
     out = torch.empty(H, T, dtype=torch.float32, device=kv_cache.device)
     BLOCK_T = 64
-    TILES = max(1, min(16, T // (BLOCK_T * 32)))
+    TILES = max(1, min(16, T // (BLOCK_T * 128)))
     _quad_kernel[(H, triton.cdiv(T, BLOCK_T * TILES))](
         kv_cache, phys, mu.contiguous(), ainv.contiguous(), out, T, *_kv_args(kv_cache), HEAD_SIZE=D,
         D_PAD=triton.next_power_of_2(D), BS=BS, BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8)
