@@ -126,8 +126,8 @@ def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Te
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
     out = torch.empty(H, T, dtype=torch.float32, device=kv_cache.device)
-    BLOCK_T = 64
-    TILES = max(1, min(16, T // (BLOCK_T * 128)))
+    BLOCK_T = 32  # keeps A^-1 (fp32, in registers for the whole program) plus the tile free of spills
+    TILES = max(1, min(32, T // (BLOCK_T * 32)))
     _quad_kernel[(H, triton.cdiv(T, BLOCK_T * TILES))](
         kv_cache, phys, mu.contiguous(), ainv.contiguous(), out, T, *_kv_args(kv_cache), HEAD_SIZE=D,
         D_PAD=triton.next_power_of_2(D), BS=BS, BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8)
