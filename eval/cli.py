@@ -1,0 +1,233 @@
+"""``prescore-eval``: quality vs key budget for every method/mode, one table out, JSON in results/.
+
+Examples::
+
+    prescore-eval --model smollm2 --out results/quality-smollm2-cpu.json            # CPU-sized defaults
+    prescore-eval --model smollm2 --device cuda --dtype bfloat16 \\
+        --ppl-context 8192 --passkey-contexts 2048,4096,8192 --budgets 128,256,512,1024,2048 ...
+    prescore-eval --model tiny --tasks ppl --ppl-context 256 --budgets 128            # seconds, random weights
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shlex
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def _log(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+def resolve_model(name: str, cache_dir: str | None = None) -> tuple[str, Path]:
+    """-> (short name, HF folder). smollm2 | qwen-coder | tiny | a folder."""
+    if name == "smollm2":
+        from prescore.models import smollm2_dir
+
+        return "smollm2", smollm2_dir(cache_dir)
+    if name in ("qwen-coder", "qwen2.5-coder-0.5b"):
+        from .qwen import qwen_coder_dir
+
+        return "qwen2.5-coder-0.5b", qwen_coder_dir(cache_dir)
+    if name == "tiny":
+        from prescore.models import build_tiny_llama
+
+        d = Path(tempfile.gettempdir()) / "prescore-eval-tiny"
+        return "tiny", build_tiny_llama(d, num_layers=2, max_pos=16384)
+    p = Path(name)
+    if not (p / "config.json").is_file():
+        raise SystemExit(f"--model: {name!r} is neither smollm2 | qwen-coder | tiny nor an HF folder")
+    return p.name, p
+
+
+def load_model(path: Path, device: str, dtype: torch.dtype):
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from .engine import ATTN_NAME, register
+
+    register()
+    tok = AutoTokenizer.from_pretrained(str(path))
+    tok.model_max_length = 1 << 30  # documents are tokenised whole, then windowed
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=dtype, attn_implementation=ATTN_NAME)
+    return tok, model.to(device).eval()
+
+
+def _ints(s: str) -> list[int]:
+    return [int(x) for x in s.split(",") if x.strip()]
+
+
+def _floats(s: str) -> list[float]:
+    return [float(x) for x in s.split(",") if x.strip()]
+
+
+def build_parser() -> argparse.ArgumentParser:
+    ap = argparse.ArgumentParser(prog="prescore-eval", description=__doc__.split("\n")[0],
+                                 formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    ap.add_argument("--model", default="smollm2", help="smollm2 | qwen-coder | tiny | HF folder")
+    ap.add_argument("--cache-dir", default=None, help="model cache root (default $PRESCORE_CACHE or ~/.cache/prescore)")
+    ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
+    ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
+    ap.add_argument("--tasks", default="ppl,passkey", help="comma list of ppl, passkey")
+    ap.add_argument("--budgets", default="128,256,512", type=_ints,
+                    help="total attended tokens per KV head (sink + window + selected)")
+    ap.add_argument("--methods", default="keynorm,leverage,kmeans", help="prior methods")
+    ap.add_argument("--modes", default="static,prior,quest,hybrid",
+                    help="static (= sink+window), prior, quest, hybrid; dense always runs")
+    ap.add_argument("--block-size", type=int, default=16)
+    ap.add_argument("--sink", type=int, default=16)
+    ap.add_argument("--window", type=int, default=64)
+    ap.add_argument("--hybrid-prior-fraction", type=float, default=0.5)
+    ap.add_argument("--ppl-context", type=int, default=2048, help="dense prefill tokens before the decode steps")
+    ap.add_argument("--ppl-decode", type=int, default=32, help="tokens scored one decode step at a time")
+    ap.add_argument("--ppl-trials", type=int, default=2, help="document windows")
+    ap.add_argument("--fidelity-steps", type=int, default=4, help="decode steps of the ppl task measured for fidelity")
+    ap.add_argument("--passkey-contexts", default="1024,2048", type=_ints)
+    ap.add_argument("--passkey-depths", default="0.1,0.5,0.9", type=_floats)
+    ap.add_argument("--passkey-trials", type=int, default=2, help="trials per (context, depth)")
+    ap.add_argument("--trial-batch", type=int, default=8, help="trials decoded together (rows = trials x configs)")
+    ap.add_argument("--text-dir", default=None, help="folder of *.txt (default: the excerpts shipped in eval/data)")
+    ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
+    ap.add_argument("--ref-dtype", default="float64", help="dtype of sparse_decode_ref (CPU path)")
+    ap.add_argument("--no-triton", action="store_true", help="torch selection + reference decode even on CUDA")
+    ap.add_argument("--out", default=None, help="JSON path (default results/quality-<model>.json)")
+    return ap
+
+
+def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
+    lines = []
+    keyf = lambda r: (r["task"], r["context"])  # noqa: E731
+    for task, ctx in sorted({keyf(r) for r in rows}, key=lambda k: (k[0], k[1])):
+        sub = [r for r in rows if keyf(r) == (task, ctx)]
+        budgets = sorted({r["budget"] for r in sub if r["budget"] is not None})
+        dense = [r for r in sub if r["budget"] is None]
+        head = f"{task} context={ctx} trials={sub[0]['trials']}"
+        if dense:
+            d = dense[0]["value"]
+            head += f"  dense={d:.4f}" if task == "ppl" else f"  dense={d:.2f}"
+        lines.append(head + ("   (e-perplexity, ratio to dense)" if task == "ppl" else "   (accuracy)"))
+        lines.append(f"  {'method':<18}" + "".join(f"{b:>16}" for b in budgets))
+        labels = []
+        for r in sub:
+            if r["budget"] is not None and (r["method"], r["mode"]) not in labels:
+                labels.append((r["method"], r["mode"]))
+        for m, md in labels:
+            cells = []
+            for b in budgets:
+                x = [r for r in sub if (r["method"], r["mode"], r["budget"]) == (m, md, b)]
+                if not x:
+                    cells.append(f"{'-':>16}")
+                elif task == "ppl":
+                    cells.append(f"{x[0]['value']:>9.3f} {x[0]['ratio_to_dense']:>5.3f}x")
+                else:
+                    cells.append(f"{x[0]['value']:>16.2f}")
+            lines.append(f"  {_label(m, md):<18}" + "".join(cells))
+        lines.append("")
+    if fid_rows:
+        budgets = sorted({r["budget"] for r in fid_rows})
+        lines.append(f"attention-output relative error vs dense (mean over layers; context={fid_rows[0]['context']})")
+        lines.append(f"  {'method':<18}" + "".join(f"{b:>10}" for b in budgets))
+        labels = []
+        for r in fid_rows:
+            if (r["method"], r["mode"]) not in labels:
+                labels.append((r["method"], r["mode"]))
+        for m, md in labels:
+            cells = [next((f"{r['value']:>10.4f}" for r in fid_rows if (r["method"], r["mode"], r["budget"]) ==
+                           (m, md, b)), f"{'-':>10}") for b in budgets]
+            lines.append(f"  {_label(m, md):<18}" + "".join(cells))
+    return "\n".join(lines)
+
+
+def _label(method: str, mode: str) -> str:
+    if mode == "static":
+        return "sink+window"
+    if mode == "quest":
+        return "quest"
+    return f"{mode}:{method}"
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    t_start = time.perf_counter()
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from .engine import SparseEvalEngine, make_configs
+    from .tasks import load_texts, passkey_task, ppl_task
+
+    dev = torch.device(args.device)
+    dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
+    short, path = resolve_model(args.model, args.cache_dir)
+    tok, model = load_model(path, str(dev), dtype)
+    use_triton = False if args.no_triton else None
+    engine = SparseEvalEngine(model, block_size=args.block_size, sink=args.sink, window=args.window,
+                              hybrid_prior_fraction=args.hybrid_prior_fraction, use_triton=use_triton,
+                              ref_dtype=getattr(torch, args.ref_dtype))
+    configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")))
+    for c in configs:
+        engine.controls(c)  # validate budgets early
+    texts = load_texts(args.text_dir)
+    tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    rows, fid_rows, timings = [], [], {}
+    _log(f"prescore-eval: {short} on {dev} ({dtype}), {len(configs)} configs, budgets {args.budgets}, "
+         f"block {args.block_size}, sink {args.sink}, window {args.window}")
+    if "ppl" in tasks:
+        t0 = time.perf_counter()
+        r, f, tm = ppl_task(engine, tok, texts, configs, args.ppl_context, args.ppl_decode, args.ppl_trials,
+                            seed=args.seed, fidelity_steps=args.fidelity_steps, trial_batch=args.trial_batch,
+                            log=_log)
+        rows += r
+        fid_rows += f
+        timings[f"ppl@{args.ppl_context}"] = {**{k: round(v, 1) for k, v in tm.items()},
+                                              "total_s": round(time.perf_counter() - t0, 1)}
+    if "passkey" in tasks:
+        for ctx in args.passkey_contexts:
+            t0 = time.perf_counter()
+            r, tm = passkey_task(engine, tok, texts, configs, ctx, args.passkey_depths, args.passkey_trials,
+                                 seed=args.seed, trial_batch=args.trial_batch, log=_log)
+            rows += r
+            timings[f"passkey@{ctx}"] = {**{k: round(v, 1) for k, v in tm.items()},
+                                         "total_s": round(time.perf_counter() - t0, 1)}
+    table = format_table(rows, fid_rows)
+    print(table)
+    contexts = [r["context"] for r in rows]
+    result = {
+        "model": short,
+        "context": max(contexts) if contexts else None,
+        "rows": rows,
+        "fidelity": fid_rows,
+        "settings": {
+            "model_path": str(path), "device": str(dev),
+            "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
+            "dtype": str(dtype).replace("torch.", ""), "kernels": "triton" if engine.use_triton else "torch reference",
+            "block_size": args.block_size, "sink": args.sink, "window": args.window,
+            "hybrid_prior_fraction": args.hybrid_prior_fraction, "budgets": args.budgets,
+            "budget_semantics": "total key tokens attended per KV head = sink + window + selected (whole blocks); "
+                                "backend prescore_budget = budget - sink - window",
+            "ppl": {"context": args.ppl_context, "decode": args.ppl_decode, "trials": args.ppl_trials},
+            "passkey": {"contexts": args.passkey_contexts, "depths": args.passkey_depths,
+                        "trials_per_depth": args.passkey_trials},
+            "texts": args.text_dir or "eval/data (shipped excerpts)", "seed": args.seed,
+            "threads": torch.get_num_threads(), "torch": torch.__version__,
+        },
+        "timings": timings,
+        "runtime_s": round(time.perf_counter() - t_start, 1),
+        "command": "prescore-eval " + " ".join(shlex.quote(a) for a in (argv if argv is not None else sys.argv[1:])),
+    }
+    out = Path(args.out or f"results/quality-{short}.json")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(result, indent=1) + "\n")
+    _log(f"wrote {out} ({result['runtime_s']}s)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,327 @@
+"""Decode-mode sparse attention inside a transformers model, through prescore's own kernels.
+
+:class:`SparseEvalEngine` registers an attention function with transformers' ``AttentionInterface`` (name
+``prescore_eval``); the model keeps its own projections, RoPE, norms and MLPs, only the attention call is ours:
+
+- **prefill** (``Engine.run`` feeds ``prefix_ids [T, N]``, ``N % block_size == 0``): dense causal attention
+  (``torch.nn.functional.scaled_dot_product_attention``); the layer's K/V go into a paged cache laid out like
+  vLLM's (``[num_blocks, Hkv, block_size, 2*D]``, K in ``[..., :D]``, V in ``[..., D:]``) and
+  ``score_prefill`` fits and scores every prior method on it (one tag per trial).
+- **decode** (one token per row per step, rows = trials x configs): the new K/V is written to the row's own
+  tail block, ``score_decode_tail`` rescores it, ``select_blocks`` picks blocks per (row, KV head) with the
+  row's budget/sink/window/mode, and ``sparse_decode_ref`` (CPU) or the Triton ``sparse_decode`` (CUDA)
+  attends them. The prefix blocks of a trial are shared by all of its rows (like vLLM's prefix cache).
+
+Budget convention: a config's ``budget`` is the TOTAL number of key tokens attended per KV head (sink +
+window + selected, in whole blocks); the backend's ``prescore_budget`` equals ``budget - sink - window``.
+``sink+window`` (StreamingLLM) spends the whole budget on the window: ``select_blocks`` in prior mode with
+1 budget block and a capacity (``max_selected``) of exactly sink + window blocks, so only the forced blocks fit.
+A row whose context fits its budget is dense (``select_blocks`` says so) and runs the same code as the dense
+row: at budget >= context the result equals dense exactly.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from prescore.kernels import (METHODS, MODES, BlockSummaries, get_method, score_decode_tail, score_prefill,
+                              select_blocks, sparse_decode, sparse_decode_ref)
+
+ATTN_NAME = "prescore_eval"
+PRIOR_METHODS = ("keynorm", "leverage", "kmeans")
+
+_ACTIVE: "SparseEvalEngine | None" = None
+
+
+def _attention(module, query, key, value, attention_mask, scaling=None, dropout=0.0, **kwargs):
+    if _ACTIVE is None:
+        raise RuntimeError("prescore_eval attention called outside SparseEvalEngine.run")
+    return _ACTIVE.attend(module, query, key, value, scaling), None
+
+
+def register() -> None:
+    """Register ``prescore_eval`` with transformers (idempotent). No mask function is registered, so
+    transformers builds no mask for it (causality is handled here)."""
+    from transformers import AttentionInterface
+
+    AttentionInterface.register(ATTN_NAME, _attention)
+
+
+@dataclass(frozen=True)
+class Config:
+    """One evaluated setting. ``method``: dense | sink_window | quest | keynorm | leverage | kmeans;
+    ``mode``: dense | static | prior | quest | hybrid; ``budget``: total tokens per KV head (None = dense)."""
+
+    method: str
+    mode: str
+    budget: int | None
+
+    @property
+    def label(self) -> str:
+        if self.mode == "dense":
+            return "dense"
+        if self.mode == "static":
+            return "sink+window"
+        if self.mode == "quest":
+            return "quest"
+        return f"{self.mode}:{self.method}"
+
+    @property
+    def summ_method(self) -> str:
+        """Which BlockSummaries it reads (stateless keynorm's for the modes that ignore the prior)."""
+        return self.method if self.method in PRIOR_METHODS else "keynorm"
+
+
+def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "quest", "hybrid")) -> list[Config]:
+    out = [Config("dense", "dense", None)]
+    for b in budgets:
+        if "static" in modes:
+            out.append(Config("sink_window", "static", int(b)))
+        if "prior" in modes:
+            out += [Config(m, "prior", int(b)) for m in methods]
+        if "quest" in modes:
+            out.append(Config("quest", "quest", int(b)))
+        if "hybrid" in modes:
+            out += [Config(m, "hybrid", int(b)) for m in methods]
+    return out
+
+
+@dataclass
+class Controls:
+    budget: int  # blocks (select_blocks' budget_blocks)
+    sink: int
+    window: int
+    mode: int
+    prior: int
+    cap: int  # max_selected for this row
+
+
+class SparseEvalEngine:
+    def __init__(self, model, block_size: int = 16, sink: int = 16, window: int = 64,
+                 hybrid_prior_fraction: float = 0.5, use_triton: bool | None = None,
+                 ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None):
+        register()
+        self.model = model
+        cfg = model.config
+        self.L = cfg.num_hidden_layers
+        self.Hq = cfg.num_attention_heads
+        self.Hkv = cfg.num_key_value_heads
+        self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+        self.BS = block_size
+        self.sink, self.window, self.frac = sink, window, hybrid_prior_fraction
+        p = next(model.parameters())
+        self.device, self.dtype = p.device, cache_dtype or p.dtype
+        self.use_triton = (self.device.type == "cuda") if use_triton is None else use_triton
+        self.ref_dtype = ref_dtype
+        self.methods = {m: get_method(m) for m in PRIOR_METHODS}
+        if model.config._attn_implementation != ATTN_NAME:
+            model.set_attn_implementation(ATTN_NAME)
+
+    # ------------------------------------------------------------------ controls
+    def controls(self, c: Config) -> Controls | None:
+        if c.mode == "dense":
+            return None
+        BS = self.BS
+        sink_b, win_b, tot_b = -(-self.sink // BS), -(-self.window // BS), c.budget // BS
+        if c.mode == "static":
+            if tot_b <= sink_b:
+                raise ValueError(f"budget {c.budget} leaves no window after a {self.sink}-token sink")
+            return Controls(1, sink_b, tot_b - sink_b, MODES["prior"], 1, tot_b)
+        sel = tot_b - sink_b - win_b
+        if sel < 1:
+            raise ValueError(f"budget {c.budget} must exceed sink {self.sink} + window {self.window} by a block")
+        prior = int(round(sel * self.frac)) if c.mode == "hybrid" else sel
+        return Controls(sel, sink_b, win_b, MODES[c.mode], prior, tot_b)
+
+    # ------------------------------------------------------------------ run
+    @torch.no_grad()
+    def run(self, prefix_ids: torch.Tensor, feed_ids: torch.Tensor, target_ids: torch.Tensor,
+            configs: list[Config], fidelity_steps: int = 0, prefill_batch: int = 4) -> dict:
+        """prefix [T, N] (dense prefill), feed/target [T, M] (decode steps). Returns ``nll`` [T, C, M] float32,
+        ``hit`` [T, C, M] bool (argmax == target), ``fidelity`` [C, L] mean relative error of the attention
+        output vs dense on the dense rows' own queries/caches over the first ``fidelity_steps`` steps (NaN for
+        dense), ``timing``."""
+        global _ACTIVE
+        import time
+
+        T, N = prefix_ids.shape
+        M = feed_ids.shape[1]
+        BS, L, H, D = self.BS, self.L, self.Hkv, self.D
+        if N % BS:
+            raise ValueError(f"prefill length {N} must be a multiple of the block size {BS}")
+        C = len(configs)
+        R = T * C
+        P, Tb = N // BS, -(-M // BS)
+        dev = self.device
+        NB = T * P + R * Tb
+        self.P, self.T, self.C, self.R = P, T, C, R
+        ar = torch.arange
+        bt = torch.empty(R, P + Tb, dtype=torch.int32)
+        trial = ar(R) // C
+        bt[:, :P] = (trial[:, None] * P + ar(P)[None, :]).int()
+        bt[:, P:] = (T * P + ar(R)[:, None] * Tb + ar(Tb)[None, :]).int()
+        self.bt = bt.to(dev)
+        self.trial = trial.to(dev)
+        self.tags = trial.to(dev, torch.int64)
+        self.kv = [torch.zeros(NB, H, BS, 2 * D, dtype=self.dtype, device=dev) for _ in range(L)]
+        self.summ = []
+        for _ in range(L):
+            kmin = torch.zeros(NB, H, D, dtype=self.dtype, device=dev)
+            kmax = torch.zeros_like(kmin)
+            self.summ.append({m: BlockSummaries(scores=torch.zeros(NB, H, dtype=torch.float32, device=dev),
+                                                kmin=kmin, kmax=kmax,
+                                                tags=torch.full((NB,), -1, dtype=torch.int64, device=dev))
+                              for m in PRIOR_METHODS})
+        self.states = [{m: torch.zeros(T, H, obj.state_size(D), dtype=torch.float32, device=dev)
+                        for m, obj in self.methods.items()} for _ in range(L)]
+        self.configs = configs
+        self._plan(configs)
+        self.fid_sum = torch.zeros(C, L, dtype=torch.float64)
+        self.fid_n = torch.zeros(C, L, dtype=torch.float64)
+
+        timing = {}
+        _ACTIVE = self
+        try:
+            t0 = time.perf_counter()
+            self.phase = "prefill"
+            base = self.model.model
+            for s in range(0, T, prefill_batch):
+                ids = prefix_ids[s:s + prefill_batch].to(dev)
+                self.prefill_trials = list(range(s, s + ids.shape[0]))
+                pos = ar(N, device=dev)[None, :].expand(ids.shape[0], N)
+                base(input_ids=ids, position_ids=pos, use_cache=False)
+            if dev.type == "cuda":
+                torch.cuda.synchronize()
+            timing["prefill_s"] = time.perf_counter() - t0
+            t0 = time.perf_counter()
+            self.phase = "decode"
+            nll = torch.empty(R, M, dtype=torch.float32)
+            hit = torch.empty(R, M, dtype=torch.bool)
+            feed = feed_ids.to(dev)[self.trial]  # [R, M]
+            tgt = target_ids.to(dev)[self.trial]
+            for j in range(M):
+                self.pos = N + j
+                self.fidelity = j < fidelity_steps
+                out = self.model(input_ids=feed[:, j:j + 1], position_ids=torch.full((R, 1), N + j, device=dev),
+                                 use_cache=False)
+                logits = out.logits[:, -1].float()
+                nll[:, j] = F.cross_entropy(logits, tgt[:, j], reduction="none").cpu()
+                hit[:, j] = (logits.argmax(-1) == tgt[:, j]).cpu()
+            timing["decode_s"] = time.perf_counter() - t0
+        finally:
+            _ACTIVE = None
+            self.kv = self.summ = self.states = None
+        fid = torch.where(self.fid_n > 0, self.fid_sum / self.fid_n.clamp_min(1), float("nan"))
+        return {"nll": nll.view(T, C, M), "hit": hit.view(T, C, M), "fidelity": fid, "timing": timing}
+
+    def _plan(self, configs):
+        """Per-row control tensors and the select groups (rows sharing summaries and, for static, a capacity)."""
+        dev, C, R = self.device, len(configs), self.R
+        ctl = [self.controls(c) for c in configs]
+        self.ctl = ctl
+        self.dense_cfg = [i for i, c in enumerate(configs) if c.mode == "dense"]
+        groups: dict[tuple, list[int]] = {}
+        for i, (c, k) in enumerate(zip(configs, ctl)):
+            if k is None:
+                continue
+            key = (c.summ_method, k.cap if c.mode == "static" else None)
+            groups.setdefault(key, []).append(i)
+        self.groups = []
+        for (m, static_cap), cfg_ids in groups.items():
+            rows = torch.tensor([t * C + i for t in range(self.T) for i in cfg_ids], dtype=torch.long)
+            self.groups.append(self._group(m, cfg_ids, rows))
+        self.Smax = max([g["cap"] for g in self.groups] + [1])
+        self.fid_groups = []  # every sparse config evaluated on the dense rows' own q / caches
+        if self.dense_cfg:
+            d = self.dense_cfg[0]
+            drows = torch.tensor([t * C + d for t in range(self.T)], dtype=torch.long)
+            for i, k in enumerate(ctl):
+                if k is not None:
+                    self.fid_groups.append((i, self._group(configs[i].summ_method, [i] * self.T, drows,
+                                                          per_row=True)))
+
+    def _group(self, m, cfg_ids, rows, per_row=False):
+        dev = self.device
+        ks = [self.ctl[i] for i in cfg_ids]
+        if not per_row:  # rows are trial-major over cfg_ids
+            ks = ks * self.T
+        col = lambda f: torch.tensor([getattr(k, f) for k in ks], dtype=torch.int32, device=dev)  # noqa: E731
+        modes = [k.mode for k in ks]
+        return {"method": m, "rows": rows.to(dev), "budget": col("budget"), "sink": col("sink"),
+                "window": col("window"), "mode": col("mode"), "prior": col("prior"),
+                "cap": max(k.cap for k in ks), "need_query": any(x != MODES["prior"] for x in modes)}
+
+    # ------------------------------------------------------------------ attention
+    def attend(self, module, q, k, v, scaling):
+        layer = module.layer_idx
+        scale = scaling if scaling is not None else 1.0 / math.sqrt(self.D)
+        if self.phase == "prefill":
+            return self._prefill(layer, q, k, v, scale)
+        return self._decode(layer, q, k, v, scale)
+
+    def _prefill(self, layer, q, k, v, scale):
+        B, Hq, N, D = q.shape
+        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != k.shape[1])
+        P, BS, H = self.P, self.BS, self.Hkv
+        kv = self.kv[layer]
+        t0 = self.prefill_trials[0]
+        blocks = slice(t0 * P, (t0 + B) * P)
+        kv[blocks, :, :, :D] = k.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
+        kv[blocks, :, :, D:] = v.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
+        for t in self.prefill_trials:
+            row = self.bt[t * self.C]
+            for m, obj in self.methods.items():
+                st = score_prefill(kv, self.summ[layer][m], row, 0, N, obj, t, True, use_triton=self.use_triton)
+                self.states[layer][m][t, :, : st.shape[1]] = st
+        return out.transpose(1, 2)
+
+    def _attn(self, q, kv, bt, seq, ids, counts, scale):
+        if self.use_triton:
+            return sparse_decode(q, kv, bt, seq, ids, counts, scale=scale)
+        return sparse_decode_ref(q, kv, bt, seq, ids, counts, scale=scale, dtype=self.ref_dtype)
+
+    def _select(self, layer, g, q, seq):
+        rows = g["rows"]
+        return select_blocks(self.summ[layer][g["method"]], self.bt[rows], seq[rows], g["budget"], g["sink"],
+                             g["window"], g["mode"], g["prior"], self.tags[rows], g["cap"], q=q[rows],
+                             block_size=self.BS, need_query=g["need_query"], use_triton=self.use_triton)
+
+    def _decode(self, layer, q, k, v, scale):
+        R, Hq, _, D = q.shape
+        BS, pos, H = self.BS, self.pos, self.Hkv
+        kv = self.kv[layer]
+        phys = self.bt[:, pos // BS].long()
+        kv[phys, :, pos % BS, :D] = k[:, :, 0].to(kv.dtype)
+        kv[phys, :, pos % BS, D:] = v[:, :, 0].to(kv.dtype)
+        seq = torch.full((R,), pos + 1, dtype=torch.int32, device=self.device)
+        for m, obj in self.methods.items():  # every row's tail block, in every method's summaries
+            score_decode_tail(kv, self.summ[layer][m], self.bt, seq,
+                              torch.full((R,), METHODS[m].method_id, dtype=torch.int32, device=self.device),
+                              self.states[layer][m][self.trial], self.tags, {METHODS[m].method_id: obj},
+                              use_triton=self.use_triton)
+        qd = q[:, :, 0]
+        ids = torch.zeros(R, H, self.Smax, dtype=torch.int32, device=self.device)
+        counts = torch.full((R, H), -1, dtype=torch.int32, device=self.device)  # dense unless selected
+        for g in self.groups:
+            sel = self._select(layer, g, qd, seq)
+            ids[g["rows"], :, : sel.ids.shape[2]] = sel.ids
+            counts[g["rows"]] = sel.kernel_counts()
+        out = self._attn(qd, kv, self.bt, seq, ids, counts, scale)
+        if self.fidelity and self.fid_groups:
+            self._fidelity(layer, qd, kv, seq, out, scale)
+        return out.to(q.dtype)[:, None]
+
+    def _fidelity(self, layer, qd, kv, seq, out, scale):
+        drows = self.fid_groups[0][1]["rows"]
+        ref = out[drows].double()
+        ref_n = ref.flatten(1).norm(dim=1).clamp_min(1e-30)
+        for i, g in self.fid_groups:
+            sel = self._select(layer, g, qd, seq)
+            o = self._attn(qd[drows], kv, self.bt[drows], seq[drows], sel.ids, sel.kernel_counts(), scale)
+            err = (o.double() - ref).flatten(1).norm(dim=1) / ref_n
+            self.fid_sum[i, layer] += float(err.sum())
+            self.fid_n[i, layer] += err.numel()
