@@ -159,6 +159,94 @@ def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
     return plan, dense_rows
 
 
+class DecodeBuffers:
+    """Persistent per-row controls for pure-decode steps (CUDA graphs replay kernels that read these
+    addresses): one int64 ``[max_rows, F]`` device tensor refilled by the builder each step."""
+
+    FIELDS = ("slot", "method", "budget", "sink", "window", "mode", "prior", "tag", "label", "sparse")
+
+    def __init__(self, max_rows: int, device):
+        self.buf = torch.zeros(max_rows, len(self.FIELDS), dtype=torch.int64, device=device)
+        self.rows = 0
+
+    def field(self, name: str, n: int) -> torch.Tensor:
+        return self.buf[:n, self.FIELDS.index(name)]
+
+    def fill(self, rows: list[tuple]) -> None:
+        """``rows``: one FIELDS tuple per batch row (padded rows: all zeros = dense, no request)."""
+        n = len(rows)
+        # pageable source: the copy is staged before copy_ returns, so it is free to reuse at once (a pinned
+        # buffer refilled next step could race the in-flight DMA)
+        self.buf[:n].copy_(torch.tensor(rows, dtype=torch.int64).view(n, len(self.FIELDS)), non_blocking=True)
+        self.rows = n
+
+
+def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers) -> bool:
+    """Fill ``bufs`` for a batch of single-token decode rows only (what a FULL decode CUDA graph replays).
+    Returns False (nothing written) when some row is a prefill or multi-token row."""
+    n = cm.num_reqs
+    qsl = cm.query_start_loc_cpu[: n + 1].tolist()
+    seq = compat.host_seq_lens(cm).tolist()
+    slots = TABLE.slots(n, compat.req_slots(cm))
+    rows = []
+    for i in range(n):
+        qlen, ctx, slot = qsl[i + 1] - qsl[i], int(seq[i]), slots[i]
+        p = TABLE.params[slot] if slot >= 0 else None
+        if qlen > 1 or (p is not None and qlen == 1 and ctx - 1 < TABLE.prefill_len[slot]):
+            return False
+        if p is None or qlen == 0 or p.budget == 0:
+            rows.append((max(slot, 0), 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            if p is not None and qlen:
+                metrics.add(p.method, p.mode, decode_rows_dense=1)
+            continue
+        budget, sink, window, prior = p.blocks(block_size)
+        sparse = -(-ctx // block_size) > sink + window + budget
+        metrics.add(p.method, p.mode, **{"decode_rows_sparse" if sparse else "decode_rows_dense": 1})
+        rows.append((slot, METHODS[p.method].method_id, budget, sink, window, MODES[p.mode], prior,
+                     TABLE.tag[slot], _label(p), int(sparse)))
+    bufs.fill(rows)
+    return True
+
+
+@dataclass
+class UniformDecodePlan:
+    bufs: DecodeBuffers
+    num_rows: int
+    max_selected: int
+
+
+def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, kv, block_table, seq_lens, output,
+                           scale, block_size: int, decode_fn) -> None:
+    """Every row of a pure-decode batch through one fixed-shape path (no host sync, no data-dependent
+    control flow: capturable). Per method: tail scoring and selection on that method's summaries (other
+    rows masked: seq 0 / budget 0); the selections merge into one sparse decode (dense rows: count -1)."""
+    n, U = plan.num_rows, plan.bufs
+    bt, sl, q = block_table[:n], seq_lens[:n], query[:n]
+    f = lambda name: U.field(name, n)  # noqa: E731
+    slots, mids, tags = f("slot"), f("method"), f("tag")
+    states = store.states[slots]
+    ids_all, kc_all = None, None
+    for m, summ in store.summ.items():
+        mid = METHODS[m].method_id
+        mine = mids == mid
+        score_decode_tail(kv, summ, bt, torch.where(mine, sl, 0), mids, states, tags, {mid: _METHOD_OBJS[m]})
+        sel = select_blocks(summ, bt, sl, torch.where(mine, f("budget"), 0), f("sink"), f("window"), f("mode"),
+                            f("prior"), tags, plan.max_selected, q=q, block_size=block_size, need_query=True)
+        kc = torch.where(mine[:, None], sel.kernel_counts(), -1)
+        ids_all = sel.ids if ids_all is None else torch.where(mine[:, None, None], sel.ids, ids_all)
+        kc_all = kc if kc_all is None else torch.where(mine[:, None], kc, kc_all)
+    output[:n] = decode_fn(q, kv, bt, sl, ids_all, kc_all, scale).to(output.dtype)
+    # counters for the sparse rows (device-side)
+    BS = block_size
+    sparse = f("sparse").double()
+    nblk = (sl.long() + BS - 1) // BS
+    cnt = kc_all.long().clamp_min(0)
+    last_sel = (ids_all.long() == (nblk - 1)[:, None, None]).any(-1)
+    sel_tok = cnt * BS - last_sel.long() * (nblk * BS - sl.long())[:, None]
+    vals = torch.stack([sel_tok.double().mean(1), sl.double(), cnt.double().mean(1), nblk.double()], 1)
+    store.acc.index_add_(0, f("label"), vals * sparse[:, None])
+
+
 def subset_common_metadata(cm, rows: list[int]):
     """CommonAttentionMetadata of a subset of rows (tokens re-packed), plus the token index into the batch."""
     qsl = cm.query_start_loc_cpu

@@ -2,29 +2,37 @@
 scoring, selection and sparse decode. vLLM's GPU cache layout already keeps K in ``[..., :D]`` and V in
 ``[..., D:]``, so the kernels read the paged cache directly (no mirror).
 
-Eager per-step planning on the host; CUDA graphs: the builder reports ``AttentionCGSupport.NEVER``, so vLLM
-runs PIECEWISE graphs (attention is a splitting op and runs eagerly between captured pieces). Full decode
-graphs need persistent, fixed-shape plan buffers (see backend/NOTES.md).
+CUDA graphs: the builder reports ``UNIFORM_SINGLE_TOKEN_DECODE``. Batches of single-token decode rows take
+one fixed-shape path over persistent per-row buffers (``uniform_decode_forward``: no host sync, capturable,
+dense rows through the prescore kernel with count -1) whenever vLLM runs FULL decode graphs; mixed batches
+(prefill rows) plan per step on the host and run eagerly between PIECEWISE graph pieces. With
+``--enforce-eager`` (or ``PRESCORE_UNIFORM_DECODE=0``) decode batches use the per-step path too, whose
+dense rows run vLLM's own kernel (bit-identical to TRITON_ATTN).
 """
 
 from __future__ import annotations
 
 from typing import ClassVar
 
+import os
+
+import torch
+from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import AttentionCGSupport
 
 from prescore.kernels.decode import sparse_decode
 
 from . import compat, metrics
-from .attention import (LayerStore, _DECODER, extra_page_bytes, log_start, logger, plan_step, sparse_rows_forward,
-                        subset_common_metadata)
+from .attention import (DecodeBuffers, LayerStore, UniformDecodePlan, _DECODER, extra_page_bytes, log_start, logger,
+                        plan_step, plan_uniform_decode, sparse_rows_forward, subset_common_metadata,
+                        uniform_decode_forward)
 from .requests import TABLE
 
 TritonBackend, TritonBuilder, TritonImpl, _ = compat.triton_attention()
 
 
 class PrescoreCudaBuilder(TritonBuilder):
-    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.NEVER
+    _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -32,6 +40,28 @@ class PrescoreCudaBuilder(TritonBuilder):
         if not self.enabled:
             logger.info("prescore: sliding-window layers %s run dense (vLLM's Triton kernel)", layer_names[:2])
         log_start(vllm_config, "CUDA: vLLM Triton attention for prefill/dense rows, prescore Triton sparse decode")
+        cc = vllm_config.compilation_config
+        rows = max(compat.max_num_seqs(vllm_config), getattr(cc, "max_cudagraph_capture_size", None) or 0)
+        self.bufs = DecodeBuffers(rows, device)
+
+    def _uniform(self) -> bool:
+        env = os.environ.get("PRESCORE_UNIFORM_DECODE")
+        if env is not None:
+            return env == "1"
+        mode = self.vllm_config.compilation_config.cudagraph_mode
+        return mode is not None and mode.decode_mode() == CUDAGraphMode.FULL
+
+    def build_for_cudagraph_capture(self, common_attn_metadata):
+        # per-layer storage must exist before capture: allocating (and initialising tags) inside a graph
+        # would be replayed every step
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention import Attention
+
+        for layer in get_layers_from_vllm_config(self.vllm_config, Attention, self.layer_names).values():
+            kv = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
+            if isinstance(layer.impl, PrescoreCudaImpl) and isinstance(kv, torch.Tensor) and kv.numel():
+                layer.impl.store_for(kv)
+        return super().build_for_cudagraph_capture(common_attn_metadata)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -39,6 +69,9 @@ class PrescoreCudaBuilder(TritonBuilder):
         if not self.enabled:
             return md
         cm = common_attn_metadata
+        if self._uniform() and plan_uniform_decode(cm, self.block_size, self.bufs):
+            md.prescore = UniformDecodePlan(self.bufs, cm.num_reqs, int(cm.block_table_tensor.shape[1]))
+            return md
         plan, dense_rows = plan_step(cm, self.block_size, self.device)
         if plan.num_sparse:
             sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
@@ -52,12 +85,24 @@ class PrescoreCudaImpl(TritonImpl):
         super().__init__(*args, **kwargs)
         self.store: LayerStore | None = None
 
+    def store_for(self, kv_cache) -> LayerStore:
+        if self.store is None or self.store.key != kv_cache.data_ptr():
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("prescore: layer storage must be allocated before CUDA graph capture")
+            self.store = LayerStore(kv_cache, mirror=False, num_slots=max(TABLE.capacity, 1))
+        return self.store
+
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         plan = getattr(attn_metadata, "prescore", None)
         if plan is None or self.attn_type != _DECODER or self.sliding_window != (-1, -1):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
+        store = self.store_for(kv_cache)
+        if isinstance(plan, UniformDecodePlan):
+            uniform_decode_forward(store, plan, query, kv_cache, attn_metadata.block_table,
+                                   attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cuda_decode)
+            return output
         if plan.dense_md is None and plan.dense_tokens is None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
         elif plan.dense_md is not None:
@@ -65,10 +110,8 @@ class PrescoreCudaImpl(TritonImpl):
             o = output.new_empty((tok.numel(), *output.shape[1:]))
             super().forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
             output[tok] = o
-        if self.store is None or self.store.key != kv_cache.data_ptr():
-            self.store = LayerStore(kv_cache, mirror=False, num_slots=max(TABLE.capacity, 1))
         n = attn_metadata.num_actual_tokens
-        sparse_rows_forward(self.store, plan, query[:n], kv_cache, attn_metadata.block_table,
+        sparse_rows_forward(store, plan, query[:n], kv_cache, attn_metadata.block_table,
                             attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cuda_decode,
                             getattr(layer, "layer_name", ""))
         return output

@@ -85,3 +85,20 @@ def test_cuda_style_path_on_cpu():
         ref = sparse_decode_ref(q[row:row + 1], kv, bt[row:row + 1], torch.tensor([L + 1], dtype=torch.int32),
                                 c["ids"][None], c["counts"][None], D ** -0.5)
         torch.testing.assert_close(out[row].double(), ref[0], atol=3e-2, rtol=3e-2)  # bf16 output
+
+    # the same step through the fixed-shape path FULL decode CUDA graphs replay (persistent buffers), plus a
+    # dense-by-request row and a padded row
+    TABLE.set(2, sp(budget=0), 49)
+    bt4 = torch.cat([bt, bt[:1], torch.zeros_like(bt[:1])])
+    seq4 = torch.tensor([L + 1, L + 1, 50, 0], dtype=torch.int32)
+    bufs = A.DecodeBuffers(8, "cpu")
+    assert not A.plan_uniform_decode(_cm([L, 1], [L, L + 1], bt, [1, 3]), BS, bufs)  # a prefill row: no
+    assert A.plan_uniform_decode(_cm([1, 1, 1, 0], seq4.tolist(), bt4, [1, 3, 2, -1]), BS, bufs)
+    q4 = torch.cat([q, torch.randn(2, HQ, D, generator=g).to(torch.bfloat16)])
+    out4 = torch.zeros_like(q4)
+    A.uniform_decode_forward(store, A.UniformDecodePlan(bufs, 4, bt4.shape[1]), q4, kv, bt4, seq4, out4,
+                             D ** -0.5, BS, decode)
+    torch.testing.assert_close(out4[:2].float(), out.float(), atol=2e-2, rtol=2e-2)
+    dense = sparse_decode_ref(q4[2:3], kv, bt4[2:3], seq4[2:3], scale=D ** -0.5)
+    torch.testing.assert_close(out4[2].double(), dense[0], atol=3e-2, rtol=3e-2)
+    assert bool(torch.isfinite(out4[3].float()).all())
