@@ -31,7 +31,7 @@ from .scoring import BlockSummaries, get_method, score_prefill
 from .selection import MODES, SelectionCache, select_blocks
 
 HQ, HKV, D, BS = 32, 8, 128, 16
-SINK, WINDOW = 32, 256  # tokens (the backend's defaults)
+SINK, WINDOW = 64, 256  # tokens (the backend's defaults)
 
 
 def graph_time_ms(fn, reps: int, n_graph_calls: int = 1) -> float:

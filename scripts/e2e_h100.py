@@ -1,0 +1,107 @@
+#!/usr/bin/env python3
+"""End-to-end decode benchmark with the real vLLM on a GPU: PRESCORE (budgets) vs FLASH_ATTN vs TRITON_ATTN.
+
+    python3 scripts/e2e_h100.py --backend PRESCORE --graphs --out $OUT/e2e-prescore-graphs.json
+    python3 scripts/e2e_h100.py --merge results/e2e-h100.json $OUT/e2e-*.json
+
+One engine per (backend, CUDA graphs on/off) on Llama-3-8B-shaped dummy weights (``load_format="dummy"``,
+bf16, prefix caching off). For each workload (batch x prompt length), random-token prompts:
+t1 = time of a pass with max_tokens=1 (prefill), tN = time with max_tokens=N; decode step =
+(tN - t1) / (N - 1), decode tok/s = batch / step, TTFT = t1 (the whole batch's prefill + first token).
+PRESCORE budgets go per request (``SamplingParams.extra_args``), so one engine serves every budget.
+Rows: backend, budget, cuda_graphs, batch, prompt_len, new_tokens, decode_tok_s, step_ms, ttft_s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import random
+import time
+
+
+def run(args):
+    from vllm import LLM, SamplingParams
+    import vllm
+
+    kw = dict(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+              enforce_eager=not args.graphs, enable_prefix_caching=False, gpu_memory_utilization=0.90, seed=0,
+              attention_backend=args.backend)
+    t0 = time.perf_counter()
+    llm = LLM(**kw)
+    start_s = time.perf_counter() - t0
+    rng = random.Random(0)
+    rows = []
+    budgets = [int(b) for b in args.budgets.split(",")] if args.backend == "PRESCORE" else [None]
+    llm.generate([{"prompt_token_ids": [rng.randrange(0, 100000) for _ in range(512)]}],
+                 SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
+    for wl in args.workloads.split(","):
+        batch, plen = (int(x) for x in wl.split("x"))
+        prompts = [{"prompt_token_ids": [rng.randrange(0, 100000) for _ in range(plen)]} for _ in range(batch)]
+        for budget in budgets:
+            xargs = {"prescore_budget": budget, "prescore_mode": args.mode} if budget is not None else None
+
+            def timed(n):
+                sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args=xargs)
+                t = time.perf_counter()
+                out = llm.generate(prompts, sp, use_tqdm=False)
+                assert all(len(o.outputs[0].token_ids) == n for o in out)
+                return time.perf_counter() - t
+
+            t1 = min(timed(1) for _ in range(args.repeat))
+            tn = min(timed(args.gen) for _ in range(args.repeat))
+            step = (tn - t1) / (args.gen - 1)
+            row = dict(backend=args.backend, budget=budget, cuda_graphs=bool(args.graphs), batch=batch,
+                       prompt_len=plen, new_tokens=args.gen, decode_tok_s=round(batch / step, 1),
+                       step_ms=round(step * 1e3, 3), ttft_s=round(t1, 3), mode=args.mode if budget else None)
+            print("ROW", json.dumps(row), flush=True)
+            rows.append(row)
+    return {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}
+
+
+def merge(out_path, parts):
+    import torch
+
+    runs, meta = [], {}
+    for p in parts:
+        with open(p) as f:
+            d = json.load(f)
+        runs += d["runs"]
+        meta.update({k: v for k, v in d.items() if k != "runs"})
+    res = {"vllm": meta.get("vllm"), "device": meta.get("device"), "runs": runs,
+           "greedy_identical": meta.get("greedy_identical"),
+           "command": "scripts/e2e_h100.py (see results/README.md)"}
+    with open(out_path, "w") as f:
+        json.dump(res, f, indent=1)
+    _ = torch
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--model", default="/tmp/llama3-8b-dummy")
+    ap.add_argument("--backend", default="PRESCORE")
+    ap.add_argument("--graphs", action="store_true", help="CUDA graphs (+ torch.compile); default eager")
+    ap.add_argument("--budgets", default="512,2048,4096")
+    ap.add_argument("--mode", default="prior")
+    ap.add_argument("--workloads", default="8x16384,8x32768,1x131072")
+    ap.add_argument("--gen", type=int, default=64)
+    ap.add_argument("--repeat", type=int, default=1)
+    ap.add_argument("--max-model-len", type=int, default=131072 + 128)
+    ap.add_argument("--out")
+    ap.add_argument("--merge", nargs="+", metavar=("OUT", "PART"))
+    args = ap.parse_args()
+    if args.merge:
+        merge(args.merge[0], args.merge[1:])
+        return
+    import torch
+
+    res = run(args)
+    res["device"] = torch.cuda.get_device_name()
+    print("RESULT", json.dumps(res), flush=True)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(res, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
