@@ -9,8 +9,9 @@ Counters (monotonic), each labelled ``{method, mode}``:
 - ``selected_blocks`` / ``context_blocks``        the same in KV blocks
 
 In-process: :func:`snapshot`. Across processes (vLLM workers are separate processes): set
-``PRESCORE_METRICS_DIR``; every worker rewrites ``<dir>/prescore-<pid>.json`` at most every
-``PRESCORE_METRICS_INTERVAL`` seconds (default 1) and at exit. :func:`read_dir` sums those files and
+``PRESCORE_METRICS_DIR``; every worker rewrites ``<dir>/prescore-<pid>.json`` when it builds a step and the
+last write is ``PRESCORE_METRICS_INTERVAL`` seconds (default 1) old, and at exit (so a file lags by up to
+one step while the server is idle). Files of dead processes stay: use a fresh directory per server run. :func:`read_dir` sums those files and
 :func:`prometheus_text` renders any snapshot in the Prometheus text format (``prescore_<counter>_total``).
 """
 

@@ -113,7 +113,9 @@ def test_metrics_prove_the_sparse_path_ran(server):
     from prescore.backend.metrics import prometheus_text, read_dir, totals
 
     assert _complete(server, None, seed=7, max_tokens=6).status_code == 200  # server default budget 64: sparse
-    time.sleep(1.0)  # workers rewrite their metrics file every 0.2 s
+    time.sleep(0.5)  # workers rewrite their metrics file at most every 0.2 s, when they build a step
+    assert _complete(server, {"prescore_budget": 0}, seed=8, max_tokens=2).status_code == 200
+    time.sleep(0.5)
     snap = read_dir(str(server["work"] / "metrics"))
     t = totals(snap, method="kmeans", mode="hybrid")
     assert t["decode_rows_sparse"] >= 5
