@@ -103,8 +103,12 @@ def inverse_triton(a: torch.Tensor, num_warps: int | None = None) -> torch.Tenso
 
 
 @triton.jit
-def _quad_kernel(KV, PHYS, MU, AINV, OUT, T, s_kb, s_kh, s_kt, s_kd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
-                 BS: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr):
+def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T,
+                 s_kb, s_kh, s_kt, s_kd, s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d,
+                 HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
+                 TILES: tl.constexpr, SUMMARIZE: tl.constexpr):
+    """Leverage of each key; with SUMMARIZE, also the block summaries (max score, key min/max, tag) of the
+    BLOCK_T // BS whole blocks of each tile, written in place of a separate summarize pass."""
     h = tl.program_id(0)
     p = tl.program_id(1)
     d = tl.arange(0, D_PAD)
@@ -112,23 +116,46 @@ def _quad_kernel(KV, PHYS, MU, AINV, OUT, T, s_kb, s_kh, s_kt, s_kd, HEAD_SIZE: 
     mu = tl.load(MU + h * HEAD_SIZE + d, mask=dm, other=0.0)
     ainv = tl.load(AINV + h.to(tl.int64) * HEAD_SIZE * HEAD_SIZE + d[:, None] * HEAD_SIZE + d[None, :],
                    mask=dm[:, None] & dm[None, :], other=0.0)
+    NBT: tl.constexpr = BLOCK_T // BS
     for tile in range(TILES):
         t = (p * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
         ptr, tm = _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS)
-        x = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        x = tl.where(dm[None, :], x - mu[None, :], 0.0)
+        raw = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+        x = tl.where(dm[None, :], raw - mu[None, :], 0.0)
         y = tl.dot(x, ainv)
-        tl.store(OUT + h * T + t, tl.sum(x * y, 1), mask=tm)
+        lev = tl.sum(x * y, 1)
+        if SUMMARIZE:
+            blk = (p * TILES + tile) * NBT + tl.arange(0, NBT)
+            bm = blk * BS < T
+            phys = tl.load(PHYS + blk, mask=bm, other=0).to(tl.int64)
+            sc = tl.max(tl.reshape(tl.where(tm, lev, float("-inf")), (NBT, BS)), 1)
+            v3 = tl.reshape(tm[:, None] & dm[None, :], (NBT, BS, D_PAD))
+            r3 = tl.reshape(raw, (NBT, BS, D_PAD))
+            kmin = tl.min(tl.where(v3, r3, float("inf")), 1)
+            kmax = tl.max(tl.where(v3, r3, float("-inf")), 1)
+            tl.store(SCORES + phys * s_sc_b + h * s_sc_h, sc, mask=bm)
+            mo = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
+            mm = bm[:, None] & dm[None, :]
+            tl.store(KMIN + mo, kmin.to(KMIN.dtype.element_ty), mask=mm)
+            tl.store(KMAX + mo, kmax.to(KMAX.dtype.element_ty), mask=mm)
+            tl.store(TAGS + phys, tl.zeros([NBT], dtype=tl.int64) + tag, mask=bm & (h == 0))
+        else:
+            tl.store(OUT + h * T + t, lev, mask=tm)
 
 
-def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Tensor, ainv: torch.Tensor):
-    """Leverage of tokens [0, T) read in place from the paged cache; mu [H, D], ainv [H, D, D] -> [H, T] f32."""
+def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Tensor, ainv: torch.Tensor,
+                summ=None, tag: int = 0):
+    """Leverage of tokens [0, T) read in place from the paged cache; mu [H, D], ainv [H, D, D] -> [H, T] f32.
+    With ``summ`` (BlockSummaries), writes the blocks' summaries and ``tag`` directly and returns None."""
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
-    out = torch.empty(H, T, dtype=torch.float32, device=kv_cache.device)
-    BLOCK_T = 32  # keeps A^-1 (fp32, in registers for the whole program) plus the tile free of spills
+    BLOCK_T = max(32, BS)  # keeps A^-1 (fp32, in registers for the whole program) plus the tile free of spills
     TILES = max(1, min(32, T // (BLOCK_T * 32)))
+    out = torch.empty(H, T, dtype=torch.float32, device=kv_cache.device) if summ is None else None
+    sc, mn, mx, tg = (summ.scores, summ.kmin, summ.kmax, summ.tags) if summ is not None else (mu,) * 4
     _quad_kernel[(H, triton.cdiv(T, BLOCK_T * TILES))](
-        kv_cache, phys, mu.contiguous(), ainv.contiguous(), out, T, *_kv_args(kv_cache), HEAD_SIZE=D,
-        D_PAD=triton.next_power_of_2(D), BS=BS, BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8)
+        kv_cache, phys, mu.contiguous(), ainv.contiguous(), out if out is not None else mu, sc, mn, mx, tg, tag, T,
+        *_kv_args(kv_cache), sc.stride(0), sc.stride(-1), mn.stride(0), mn.stride(1) if mn.dim() > 1 else 0,
+        mn.stride(-1), HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), BS=BS, BLOCK_T=BLOCK_T, TILES=TILES,
+        SUMMARIZE=summ is not None, num_warps=8)
     return out

@@ -64,8 +64,10 @@ class ScoringMethod:
         state = self.fit(keys)
         return state, self.score(keys, state)
 
-    def fit_and_score_paged(self, kv_cache: torch.Tensor, phys: torch.Tensor, T: int, use_triton: bool):
-        """The same for tokens [0, T) of the sequence held in physical blocks ``phys`` of the paged cache."""
+    def fit_and_score_paged(self, kv_cache: torch.Tensor, phys: torch.Tensor, T: int, use_triton: bool,
+                            summ=None, tag: int = 0):
+        """The same for tokens [0, T) of the sequence held in physical blocks ``phys`` of the paged cache.
+        A method may write the blocks' summaries itself (given ``summ`` and ``tag``) and return None scores."""
         if use_triton:
             from .summarize import gather_keys_triton
 
@@ -119,7 +121,7 @@ class Leverage(ScoringMethod):
         scores = ((kc @ ainv) * kc).sum(-1).float()
         return torch.cat([mu, ainv.float().reshape(H, D * D)], -1), scores
 
-    def fit_and_score_paged(self, kv_cache, phys, T, use_triton):
+    def fit_and_score_paged(self, kv_cache, phys, T, use_triton, summ=None, tag=0):
         H, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
         if not (use_triton if self.use_triton is None else self.use_triton) or D > 128:
             return super().fit_and_score_paged(kv_cache, phys, T, use_triton)
@@ -128,7 +130,7 @@ class Leverage(ScoringMethod):
         g0, ksum = gram_triton(kv_cache, phys, T)  # three launches, keys read in place
         mu = ksum / T
         ainv = inverse_triton(self._ainv(g0 - T * mu[:, :, None] * mu[:, None, :]))
-        scores = quad_triton(kv_cache, phys, T, mu, ainv)
+        scores = quad_triton(kv_cache, phys, T, mu, ainv, summ, tag)  # None: summaries written in the same pass
         return torch.cat([mu, ainv.reshape(H, D * D)], -1), scores
 
     def fit(self, keys):
@@ -338,7 +340,9 @@ def score_prefill(kv_cache: torch.Tensor, summ: BlockSummaries, block_table_row:
     nv = end - first_blk * BS  # valid tokens from the first block's start
     state = ks = None
     if final and method.state_size(D) > 0:
-        state, ks = method.fit_and_score_paged(kv_cache, phys, nv, use_triton)
+        state, ks = method.fit_and_score_paged(kv_cache, phys, nv, use_triton, summ, int(tag))
+        if ks is None:
+            return state
         ks = torch.nn.functional.pad(ks, (0, n * BS - nv)).view(H, n, BS).transpose(0, 1)  # [n, H, BS]
     elif final:
         state = kv_cache.new_zeros(H, 0, dtype=torch.float32)
