@@ -10,8 +10,9 @@ Counters (monotonic), each labelled ``{method, mode}``:
 
 In-process: :func:`snapshot`. Across processes (vLLM workers are separate processes): set
 ``PRESCORE_METRICS_DIR``; every worker rewrites ``<dir>/prescore-<pid>.json`` when it builds a step and the
-last write is ``PRESCORE_METRICS_INTERVAL`` seconds (default 1) old, and at exit (so a file lags by up to
-one step while the server is idle). Files of dead processes stay: use a fresh directory per server run. :func:`read_dir` sums those files and
+last write is ``PRESCORE_METRICS_INTERVAL`` seconds (default 1) old, and at exit; with CPU counters also from
+a daemon thread every interval (on GPUs the file can lag by one step while the server is idle). Files of
+dead processes stay: use a fresh directory per server run. :func:`read_dir` sums those files and
 :func:`prometheus_text` renders any snapshot in the Prometheus text format (``prescore_<counter>_total``).
 """
 
@@ -94,11 +95,34 @@ def dump(directory: str | None = None) -> str | None:
     return path
 
 
+_thread: threading.Thread | None = None
+
+
+def _all_on_cpu() -> bool:
+    with _lock:
+        return all(acc.device.type == "cpu" for acc, _ in _device)
+
+
+def _dump_loop(interval: float) -> None:
+    while True:
+        time.sleep(interval)
+        if _all_on_cpu():  # reading GPU counters from a side thread could disturb CUDA graph capture
+            try:
+                dump()
+            except OSError:
+                pass
+
+
 def maybe_dump() -> None:
-    """Called once per step by the metadata builder: rewrite this process's file when it is due."""
-    global _last_dump
+    """Called once per step by the metadata builder: rewrite this process's file when it is due. With CPU
+    counters a daemon thread also rewrites it every interval, so the file is current while idle."""
+    global _last_dump, _thread
     if not os.environ.get(ENV_DIR):
         return
+    if _thread is None:
+        _thread = threading.Thread(target=_dump_loop, args=(float(os.environ.get(ENV_INTERVAL, "1")),),
+                                   name="prescore-metrics", daemon=True)
+        _thread.start()
     now = time.monotonic()
     if now - _last_dump >= float(os.environ.get(ENV_INTERVAL, "1")):
         _last_dump = now
