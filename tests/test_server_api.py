@@ -21,18 +21,24 @@ MIN_BUDGET, MAX_BUDGET = 32, 4096
 
 
 @contextlib.contextmanager
-def launch(cmd: list[str], work, env_extra: dict | None = None, timeout: float = 300, api_key: str | None = None):
-    """Start a server command, wait for /health, yield {base, proc, log}; SIGTERM (then SIGKILL) on exit."""
+def launch(cmd: list[str], work, env_extra: dict | None = None, timeout: float = 300, api_key: str | None = None,
+           port_env: str | None = None):
+    """Start a server command, wait for /health, yield {base, proc, log}; SIGTERM (then SIGKILL) on exit.
+    The port goes to ``--port`` or, with ``port_env``, to that environment variable."""
     import httpx
 
     port = free_port()
     env = dict(os.environ, PRESCORE_METRICS_INTERVAL="0.2", **(env_extra or {}))
+    if port_env:
+        env[port_env] = str(port)
+    else:
+        cmd = [*cmd, "--port", str(port)]
     env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real thing: engine core + worker processes
     env.pop("VLLM_CPU_CI_ENV", None)
     env.pop("PRESCORE_METRICS_DIR", None)  # prescore-serve makes its own
     log_path = work / "serve.log"
     log = open(log_path, "w")
-    proc = subprocess.Popen([*cmd, "--port", str(port)], stdout=log, stderr=subprocess.STDOUT, env=env,
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                             start_new_session=True)
     base = f"http://127.0.0.1:{port}"
     try:

@@ -1,0 +1,174 @@
+"""The load generator: statistics and report format offline, then a real load test (200 requests, 16 concurrent,
+mixed budgets incl. dense) against prescore-serve started through docker/entrypoint.sh (env-configured, as in the
+container), checked from the JSON report and /metrics."""
+
+import json
+import os
+import random
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_vllm
+
+ROOT = Path(__file__).resolve().parents[1]
+ROW_KEYS = ["budget", "requests", "errors", "ttft_p50_s", "ttft_p99_s", "tpot_p50_ms", "tpot_p99_ms", "output_tok_s"]
+
+
+# ---------------------------------------------------------------------------------------------------- offline
+
+def test_parse_budgets_and_percentiles():
+    from prescore.loadtest.generator import parse_budgets, percentile
+
+    assert parse_budgets("dense,4096, 2048,512") == ["dense", 4096, 2048, 512]
+    assert parse_budgets("0,default,64") == ["dense", "default", 64]
+    with pytest.raises(Exception):
+        parse_budgets("-5")
+    np = pytest.importorskip("numpy")
+    rng = random.Random(0)
+    for n in (1, 2, 7, 100):
+        xs = [rng.random() for _ in range(n)]
+        for q in (50, 90, 99):
+            assert percentile(xs, q) == pytest.approx(float(np.percentile(xs, q)))
+    assert percentile([], 50) is None
+
+
+def _fake_report(tmp_path):
+    from prescore.loadtest.generator import Config, Result, phase_stats, row
+
+    cfg = Config(model="m", prompt_tokens=100, output_tokens=4, slo_ttft_s=0.5)
+    details = []
+    for b in ("dense", 512):
+        rs = [Result(budget=b, ok=True, ttft_s=0.1 * (i + 1), e2e_s=0.1 * (i + 1) + 0.03, itl_s=[0.01] * 3,
+                     output_tokens=4, prompt_tokens=100) for i in range(10)]
+        rs.append(Result(budget=b, error="http_4xx", detail="400: bad"))
+        details.append(phase_stats(b, rs, launched=12, duration=2.0, not_sent=0, cfg=cfg))
+    from dataclasses import asdict
+
+    return {"config": asdict(cfg), "rows": [row(d) for d in details], "details": details,
+            "totals": {k: sum(d[k] for d in details) for k in ("requests", "ok", "errors", "lost", "not_sent")}}
+
+
+def test_report_rows_markdown_and_plots(tmp_path):
+    from prescore.loadtest.generator import markdown, write_outputs
+
+    rep = _fake_report(tmp_path)
+    r0, d0 = rep["rows"][0], rep["details"][0]
+    assert list(r0) == ROW_KEYS
+    assert r0["budget"] == "dense" and rep["rows"][1]["budget"] == 512
+    assert d0["lost"] == 1 and d0["errors"] == 1 and r0["errors"] == 2  # lost requests count as errors in rows
+    assert d0["errors_by_kind"] == {"http_4xx": 1}
+    assert r0["tpot_p50_ms"] == pytest.approx(10.0) and r0["output_tok_s"] == pytest.approx(20.0)
+    assert d0["goodput_rps"] == pytest.approx(5 / 2.0)  # ttft <= 0.5 s: 5 of 10
+    md = markdown(rep)
+    assert "| dense | 12 | 2 |" in md and "http_4xx" in md
+    files = write_outputs(rep, str(tmp_path / "r.json"), plots=True)
+    assert json.loads((tmp_path / "r.json").read_text())["rows"] == rep["rows"]
+    if pytest.importorskip("matplotlib"):
+        for name in ("r-latency.png", "r-throughput.png"):
+            assert str(tmp_path / name) in files
+            assert (tmp_path / name).read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_prompt_windows_from_real_text():
+    from prescore.loadtest.generator import DEFAULT_TEXT, Prompts, read_texts
+
+    text = read_texts([str(DEFAULT_TEXT)])
+    assert len(text) > 100_000 and "Ishmael" in text
+    p = Prompts(text, seed=1)
+    p.ids = list(range(1000))
+    a, b = p.get(0, 2500, as_ids=True), p.get(1, 2500, as_ids=True)
+    assert len(a) == len(b) == 2500 and a != b  # wraps around, different offsets
+    assert p.get(0, 2500, as_ids=True) == a  # deterministic
+    p.chars_per_token = 3.0
+    assert len(p.get(2, 100, as_ids=False)) == 300
+
+
+# ------------------------------------------------------------------------------------------------ real server
+
+@pytest.fixture(scope="module")
+def server(tiny_model, tmp_path_factory):
+    from test_server_api import engine_args, launch
+
+    work = tmp_path_factory.mktemp("loadtest-serve")
+    env = {"MODEL": tiny_model, "HOST": "127.0.0.1", "PRESCORE_SERVE": f"{sys.executable} -m prescore.server",
+           "PRESCORE_DEFAULT_BUDGET": "64", "PRESCORE_MIN_BUDGET": "32", "PRESCORE_MAX_BUDGET": "8192",
+           "PRESCORE_CONFIG": '{"sink": 32, "window": 64}'}
+    cmd = ["sh", str(ROOT / "docker" / "entrypoint.sh"), *engine_args(tiny_model)[1:], "--served-model-name", "tiny"]
+    with launch(cmd, work, env_extra=env, port_env="PORT") as srv:
+        yield srv
+
+
+def _metric_sum(text, name, **labels):
+    from test_server_api import _metric
+
+    return _metric(text, name, **labels)
+
+
+def _run_loadtest(args, out):
+    exe = Path(sys.executable).parent / "prescore-loadtest"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "prescore.loadtest.generator"]
+    p = subprocess.run([*cmd, *args, "--out", str(out), "--no-progress"], capture_output=True, text=True,
+                       timeout=600)
+    return p, json.loads(out.read_text()) if out.exists() else None
+
+
+@requires_vllm
+def test_mixed_budget_load_200_requests_no_errors_no_losses(server, tmp_path):
+    import httpx
+
+    base = server["base"]
+    r = httpx.post(base + "/v1/completions", json={"model": "tiny", "prompt": "hi", "max_tokens": 2}, timeout=60)
+    assert r.status_code == 200 and r.headers["x-prescore-budget"] == "64"  # PRESCORE_DEFAULT_BUDGET via entrypoint
+    m0 = httpx.get(base + "/metrics", timeout=30).text
+    out = tmp_path / "load.json"
+    budgets = ["dense", "default", 32, 64, 128, 1024]
+    p, rep = _run_loadtest(["--base-url", base, "--mix", "--budgets", ",".join(map(str, budgets)),
+                            "--requests", "200", "--concurrency", "16", "--prompt-tokens", "500",
+                            "--output-tokens", "12", "--seed", "3", "--timeout-s", "300"], out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    t = rep["totals"]
+    assert (t["requests"], t["ok"], t["errors"], t["lost"], t["not_sent"]) == (200, 200, 0, 0, 0), rep["details"]
+    assert [r["budget"] for r in rep["rows"]] == budgets and sum(r["requests"] for r in rep["rows"]) == 200
+    for row, d in zip(rep["rows"], rep["details"]):
+        assert list(row) == ROW_KEYS and row["errors"] == 0
+        assert row["ttft_p50_s"] > 0 and row["tpot_p50_ms"] > 0 and row["output_tok_s"] > 0
+        assert d["prompt_tokens_mean"] == 500  # exact token windows through /tokenize
+    assert rep["config"]["tokenized_prompts"] is True
+    md = out.with_suffix(".md").read_text()
+    assert "| dense |" in md and "0 errors, 0 lost" in md
+    assert (tmp_path / "load-latency.png").exists() and (tmp_path / "load-throughput.png").exists()
+
+    # the server counted every request by the budget it applied
+    m1 = httpx.get(base + "/metrics", timeout=30).text
+    name = "prescore:requests_total"
+    assert _metric_sum(m1, name) - _metric_sum(m0, name) == 200
+    dense = next(r["requests"] for r in rep["rows"] if r["budget"] == "dense")
+    assert _metric_sum(m1, name, budget_bucket="dense") - _metric_sum(m0, name, budget_bucket="dense") == dense
+    assert _metric_sum(m1, "prescore:decode_rows_sparse_total") > _metric_sum(m0, "prescore:decode_rows_sparse_total")
+
+
+@requires_vllm
+def test_poisson_chat_with_vllm_xargs(server, tmp_path):
+    out = tmp_path / "poisson.json"
+    p, rep = _run_loadtest(["--base-url", server["base"] + "/v1", "--endpoint", "chat", "--budget-field", "vllm_xargs",
+                            "--budgets", "0,96", "--requests", "12", "--request-rate", "30", "--concurrency", "8",
+                            "--prompt-tokens", "200", "--output-tokens", "6", "--no-plots"], out)
+    assert p.returncode == 0, p.stdout[-3000:] + p.stderr[-3000:]
+    assert rep["totals"] == {"requests": 24, "ok": 24, "errors": 0, "lost": 0, "not_sent": 0}
+    assert [r["budget"] for r in rep["rows"]] == ["dense", 96]
+    assert rep["config"]["request_rate"] == 30
+
+
+@requires_vllm
+def test_load_errors_are_counted_by_kind(server, tmp_path):
+    out = tmp_path / "bad.json"
+    p, rep = _run_loadtest(["--base-url", server["base"], "--budgets", "16,64", "--requests", "5", "--concurrency",
+                            "4", "--prompt-tokens", "50", "--output-tokens", "2", "--no-plots"], out)
+    assert p.returncode == 1  # errors -> non-zero exit
+    d16, d64 = rep["details"]
+    assert d16["errors_by_kind"] == {"http_4xx": 5} and "key_budget" in d16["error_samples"]["http_4xx"]
+    assert d64["errors"] == 0 and d64["ok"] == 5
+    assert rep["rows"][0]["errors"] == 5 and os.path.exists(out.with_suffix(".md"))
