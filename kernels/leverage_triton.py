@@ -149,8 +149,8 @@ def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Te
     With ``summ`` (BlockSummaries), writes the blocks' summaries and ``tag`` directly and returns None."""
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
-    BLOCK_T = max(32, BS)  # keeps A^-1 (fp32, in registers for the whole program) plus the tile free of spills
-    TILES = max(1, min(32, T // (BLOCK_T * 32)))
+    BLOCK_T = max(64, BS)
+    TILES = max(1, min(16, T // (BLOCK_T * 128)))
     out = torch.empty(H, T, dtype=torch.float32, device=kv_cache.device) if summ is None else None
     sc, mn, mx, tg = (summ.scores, summ.kmin, summ.kmax, summ.tags) if summ is not None else (mu,) * 4
     _quad_kernel[(H, triton.cdiv(T, BLOCK_T * TILES))](

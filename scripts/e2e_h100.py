@@ -26,7 +26,7 @@ def run(args):
 
     kw = dict(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               enforce_eager=not args.graphs, enable_prefix_caching=False, gpu_memory_utilization=0.90, seed=0,
-              attention_backend=args.backend)
+              attention_backend=args.backend, max_num_seqs=args.max_num_seqs)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
@@ -87,6 +87,7 @@ def main():
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=131072 + 128)
+    ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--out")
     ap.add_argument("--merge", nargs="+", metavar=("OUT", "PART"))
     args = ap.parse_args()

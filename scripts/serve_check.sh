@@ -4,7 +4,8 @@
 set -u
 MODEL=$1; LOG=$2; shift 2
 PORT=8019
-vllm serve "$MODEL" --attention-backend prescore --host 127.0.0.1 --port $PORT --served-model-name m "$@" >"$LOG" 2>&1 &
+VLLM="vllm"; command -v vllm >/dev/null || VLLM="python3 -m vllm.entrypoints.cli.main"
+$VLLM serve "$MODEL" --attention-backend prescore --host 127.0.0.1 --port $PORT --served-model-name m "$@" >"$LOG" 2>&1 &
 PID=$!
 for _ in $(seq 300); do curl -sf 127.0.0.1:$PORT/health >/dev/null && break; kill -0 $PID 2>/dev/null || break; sleep 1; done
 TEXT=$(python3 -c "import json;print(json.dumps(open('scripts/data/pride-and-prejudice-opening.txt').read()[:9000]+' In short,'))")
