@@ -83,6 +83,11 @@ def build_parser():
     serve = cmd.subparser_init(sub)
     serve.set_defaults(dispatch_function=cmd.cmd)
     serve.usage = "prescore-serve [model_tag] [options]"
+    serve.description = (
+        "vLLM's OpenAI-compatible server with prescore: --attention-backend prescore, --host 127.0.0.1 and the "
+        "prescore request layer by default; without a model, the embedded SmolLM2-135M-Instruct.\n\n"
+        "Every `vllm serve` flag works. Search by using: `--help=<ConfigGroup>` (e.g. --help=prescore for the "
+        "budget limits, --help=Frontend, --help=ModelConfig); `--help=all` shows every flag.")
     add_prescore_args(serve)
     return parser, cmd
 

@@ -1,0 +1,167 @@
+"""prescore-serve's command line and the request-field rules, without starting an engine; the container entrypoint
+run outside Docker with a stub server command."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from conftest import requires_vllm
+
+ROOT = Path(__file__).resolve().parents[1]
+ENV_KEYS = ("PRESCORE_DEFAULT_BUDGET", "PRESCORE_MIN_BUDGET", "PRESCORE_MAX_BUDGET", "PRESCORE_ALLOW_DENSE",
+            "PRESCORE_METRICS_DIR", "PRESCORE_CONFIG")
+
+
+@pytest.fixture
+def clean_env(monkeypatch):
+    for k in ENV_KEYS:  # setenv first so that undo also removes what prepare() sets
+        monkeypatch.setenv(k, "")
+        monkeypatch.delenv(k)
+    return monkeypatch
+
+
+# ------------------------------------------------------------------------------------------ request fields
+
+DEFAULTS = {"budget": 2048, "method": "kmeans", "mode": "hybrid", "sink": 64, "window": 256}
+
+
+def test_resolve_precedence_and_apply():
+    from prescore.server.schema import BudgetLimits, apply, resolve
+
+    lim = BudgetLimits()
+    assert resolve({}, DEFAULTS, lim) == DEFAULTS
+    assert resolve({}, DEFAULTS, BudgetLimits(default=512))["budget"] == 512
+    s = resolve({"key_budget": 0, "prescore": {"mode": "quest", "sink": 0}}, DEFAULTS, lim)
+    assert s == {**DEFAULTS, "budget": 0, "mode": "quest", "sink": 0}
+    s = resolve({"vllm_xargs": {"prescore_budget": 128, "prescore_method": "keynorm", "other": "x"}}, DEFAULTS, lim)
+    assert (s["budget"], s["method"]) == (128, "keynorm")
+    body = apply({"model": "m", "key_budget": 128, "prescore": {"method": "keynorm"},
+                  "vllm_xargs": {"other": "x"}}, s)
+    assert "key_budget" not in body and "prescore" not in body and body["model"] == "m"
+    assert body["vllm_xargs"] == {"other": "x", "prescore_budget": 128, "prescore_method": "keynorm",
+                                  "prescore_mode": "hybrid", "prescore_sink": 64, "prescore_window": 256}
+
+
+@pytest.mark.parametrize("body,param", [
+    ({"key_budget": -1}, "key_budget"), ({"key_budget": 1 << 30}, "key_budget"), ({"key_budget": 1.0}, "key_budget"),
+    ({"key_budget": "1"}, "key_budget"), ({"key_budget": None, "prescore": {"window": "8"}}, "prescore.window"),
+    ({"key_budget": 8}, "key_budget"), ({"key_budget": 100_000}, "key_budget"),
+    ({"prescore": {"method": "KMEANS"}}, "prescore.method"), ({"prescore": []}, "prescore"),
+    ({"vllm_xargs": {"prescore_window": -1}}, "vllm_xargs.prescore_window"),
+    ({"vllm_xargs": ["prescore_budget"]}, "vllm_xargs"),
+    ({"prescore": {"mode": "prior"}, "vllm_xargs": {"prescore_mode": "quest"}}, "prescore.mode"),
+])
+def test_resolve_rejects_naming_the_field(body, param):
+    from prescore.server.schema import BudgetLimits, FieldError, resolve
+
+    with pytest.raises(FieldError) as ei:
+        resolve(body, DEFAULTS, BudgetLimits(min=32, max=65536))
+    assert ei.value.param == param
+
+
+def test_dense_can_be_disabled_and_buckets():
+    from prescore.server.schema import BudgetLimits, FieldError, budget_bucket, resolve
+
+    with pytest.raises(FieldError, match="dense"):
+        resolve({"key_budget": 0}, DEFAULTS, BudgetLimits(allow_dense=False))
+    assert [budget_bucket(b) for b in (0, 1, 256, 257, 4096, 16384, 16385)] == [
+        "dense", "le_256", "le_256", "le_512", "le_4096", "le_16384", "gt_16384"]
+
+
+def test_limits_from_env():
+    from prescore.server.schema import BudgetLimits
+
+    lim = BudgetLimits.from_env({"PRESCORE_DEFAULT_BUDGET": "512", "PRESCORE_MIN_BUDGET": "64",
+                                 "PRESCORE_MAX_BUDGET": "4096", "PRESCORE_ALLOW_DENSE": "false"})
+    assert lim == BudgetLimits(default=512, min=64, max=4096, allow_dense=False)
+    assert BudgetLimits.from_env(lim.to_env()) == lim
+    for bad in ({"PRESCORE_MIN_BUDGET": "lots"}, {"PRESCORE_MIN_BUDGET": "10", "PRESCORE_MAX_BUDGET": "5"},
+                {"PRESCORE_ALLOW_DENSE": "maybe"}, {"PRESCORE_MAX_BUDGET": "-1"}):
+        with pytest.raises(ValueError, match="PRESCORE|limits"):
+            BudgetLimits.from_env(bad)
+
+
+# -------------------------------------------------------------------------------------------- command line
+
+@requires_vllm
+def test_prepare_defaults_and_overrides(clean_env, tmp_path):
+    from prescore.server.cli import MIDDLEWARE, prepare
+
+    args, _ = prepare([str(tmp_path), "--port", "9"])
+    assert str(args.attention_backend).lower().endswith("prescore") and args.host == "127.0.0.1"
+    assert args.middleware == [MIDDLEWARE] and args.model_tag == str(tmp_path)
+    assert os.path.isdir(os.environ["PRESCORE_METRICS_DIR"])
+    assert os.environ["PRESCORE_MIN_BUDGET"] == "0" and os.environ["PRESCORE_ALLOW_DENSE"] == "1"
+    assert "PRESCORE_DEFAULT_BUDGET" not in os.environ
+
+    clean_env.setenv("PRESCORE_MAX_BUDGET", "8192")
+    args, _ = prepare(["serve", str(tmp_path), "--host", "0.0.0.0", "--attention-backend", "TRITON_ATTN",
+                       "--prescore-default-budget", "256", "--prescore-min-budget", "128", "--no-prescore-allow-dense"])
+    assert args.host == "0.0.0.0" and "prescore" not in str(args.attention_backend).lower()
+    assert (os.environ["PRESCORE_DEFAULT_BUDGET"], os.environ["PRESCORE_MIN_BUDGET"],
+            os.environ["PRESCORE_MAX_BUDGET"], os.environ["PRESCORE_ALLOW_DENSE"]) == ("256", "128", "8192", "0")
+
+
+@requires_vllm
+def test_prepare_embedded_default_model(clean_env, monkeypatch, tmp_path):
+    import prescore.models
+    from prescore.server.cli import prepare
+
+    monkeypatch.setattr(prescore.models, "smollm2_dir", lambda: tmp_path / "smollm2")
+    args, _ = prepare(["--port", "9"])
+    assert args.model_tag == str(tmp_path / "smollm2")
+
+
+@requires_vllm
+@pytest.mark.parametrize("argv,msg", [
+    (["--prescore-min-budget", "100", "--prescore-default-budget", "50"], "default budget"),
+    (["--prescore-min-budget", "100", "--prescore-max-budget", "50"], "min"),
+    (["--prescore-max-budget", "1024"], "default budget"),  # the backend's built-in 2048 exceeds it
+    (["--prescore-min-budget", "64", "--additional-config", '{"prescore": {"budget": 32}}'], "default budget"),
+    (["--no-prescore-allow-dense", "--prescore-default-budget", "0"], "dense"),
+])
+def test_bad_limits_fail_at_startup(clean_env, tmp_path, capsys, argv, msg):
+    from prescore.server.cli import prepare
+
+    with pytest.raises(SystemExit) as ei:
+        prepare([str(tmp_path), *argv])
+    assert ei.value.code == 2 and msg in capsys.readouterr().err
+
+
+@requires_vllm
+def test_help_lists_prescore_flags():
+    exe = Path(sys.executable).parent / "prescore-serve"
+    cmd = [str(exe)] if exe.exists() else [sys.executable, "-m", "prescore.server"]
+    p = subprocess.run([*cmd, "--help"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0 and "--help=prescore" in p.stdout and "SmolLM2" in p.stdout, p.stderr[-2000:]
+    p = subprocess.run([*cmd, "--help=prescore"], capture_output=True, text=True, timeout=300)
+    assert p.returncode == 0, p.stderr[-2000:]
+    for flag in ("--prescore-default-budget", "--prescore-min-budget", "--prescore-max-budget",
+                 "--prescore-allow-dense"):
+        assert flag in p.stdout
+
+
+# ------------------------------------------------------------------------------------------ the entrypoint
+
+def _entrypoint(tmp_path, env, *args):
+    stub = tmp_path / "stub-serve"
+    stub.write_text('#!/bin/sh\nexec python3 -c \'import json, sys; print(json.dumps(sys.argv[1:]))\' "$@"\n')
+    stub.chmod(0o755)
+    full = {k: v for k, v in os.environ.items() if k not in ("MODEL", "HOST", "PORT", "API_KEY")}
+    full.update(env, PRESCORE_SERVE=str(stub))
+    p = subprocess.run(["sh", str(ROOT / "docker" / "entrypoint.sh"), *args], capture_output=True, text=True,
+                       env=full, timeout=60)
+    assert p.returncode == 0, p.stderr
+    return json.loads(p.stdout)
+
+
+def test_entrypoint_builds_the_command(tmp_path):
+    assert _entrypoint(tmp_path, {}) == ["--host", "0.0.0.0", "--port", "8000"]
+    got = _entrypoint(tmp_path, {"MODEL": "org/model", "PORT": "9000", "API_KEY": "s3cret", "HOST": "127.0.0.1"},
+                      "--max-model-len", "32768", "--served-model-name", "a b")
+    assert got == ["org/model", "--host", "127.0.0.1", "--port", "9000", "--max-model-len", "32768",
+                   "--served-model-name", "a b", "--api-key", "s3cret"]
