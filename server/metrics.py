@@ -4,6 +4,8 @@ namespace like vLLM's ``vllm:``, snake_case, unit suffixes, ``_total`` counters,
 - ``prescore:requests_total{model_name, budget_bucket, method, mode}``: requests accepted by the API server
   (counted when the response starts with HTTP 200), by the budget actually applied (``dense``, ``le_256``,
   ``le_512``, ... ``le_16384``, ``gt_16384``).
+- ``prescore:rejected_requests_total{model_name, field}``: requests answered 400 by the prescore layer, by the
+  field at fault (``key_budget``, ``method``, ``mode``, ``sink``, ``window``, ``prescore``, ``vllm_xargs``, ``other``).
 - the backend's per-worker counters (``prescore.backend.metrics``: files under ``PRESCORE_METRICS_DIR``,
   summed over processes), each ``prescore:<counter>_total{model_name, method, mode}``:
   ``decode_rows_sparse`` / ``decode_rows_dense`` (decode steps, one row per request and step),
@@ -34,6 +36,8 @@ DOCS = {
 
 _lock = threading.Lock()
 _requests: Counter | None = None
+_rejected: Counter | None = None
+FIELDS = ("key_budget", "method", "mode", "sink", "window", "prescore", "vllm_xargs")
 _collector = None
 
 
@@ -44,6 +48,22 @@ def requests_counter() -> Counter:
             _requests = Counter(NAMESPACE + "requests", "Requests accepted by prescore-serve, by applied key budget.",
                                 ["model_name", "budget_bucket", "method", "mode"])
         return _requests
+
+
+def rejected_counter() -> Counter:
+    global _rejected
+    with _lock:
+        if _rejected is None:
+            _rejected = Counter(NAMESPACE + "rejected_requests", "Requests refused (HTTP 400) by the prescore layer, "
+                                "by the field at fault.", ["model_name", "field"])
+        return _rejected
+
+
+def field_label(param: str | None) -> str:
+    """A bounded label for an error's param: 'prescore.mode' -> mode, 'vllm_xargs.prescore_budget' -> budget."""
+    last = (param or "").rsplit(".", 1)[-1].removeprefix("prescore_")
+    last = {"budget": "key_budget", "": "prescore" if param else ""}.get(last, last)
+    return last if last in FIELDS else ("vllm_xargs" if (param or "").startswith("vllm_xargs") else "other")
 
 
 class EngineCounters:

@@ -9,7 +9,8 @@ For ``POST /v1/completions`` and ``/v1/chat/completions`` it
    used unchanged;
 3. reports what was applied: headers ``x-prescore-budget`` / ``-method`` / ``-mode`` on every response and,
    for non-streamed JSON, ``usage.prescore``;
-4. counts ``prescore:requests_total`` when the response starts with 200.
+4. counts ``prescore:requests_total`` when the response starts with 200 and
+   ``prescore:rejected_requests_total`` when it refuses one.
 
 Other requests pass through untouched; after the body, the client's own ``receive`` is used, so a client that
 disconnects mid-stream is seen by vLLM, which aborts that request. At startup (ASGI lifespan) it reads the
@@ -64,9 +65,10 @@ class PrescoreMiddleware:
             raise ValueError(f"prescore: the default budget {why}")
         names = getattr(args, "served_model_name", None)
         self.model_name = (names[0] if names else None) or str(getattr(args, "model", "") or "")
-        from .metrics import install_engine_collector, requests_counter
+        from .metrics import install_engine_collector, rejected_counter, requests_counter
 
         requests_counter()
+        rejected_counter()
         install_engine_collector(self.model_name)
         _patch_openapi(fastapi_app)
         logger.info("prescore: defaults %s; budget limits %s", self.defaults, self.limits)
@@ -99,6 +101,9 @@ class PrescoreMiddleware:
         try:
             settings = resolve(body, self.defaults, self.limits)
         except FieldError as e:
+            from .metrics import field_label, rejected_counter
+
+            rejected_counter().labels(self.model_name, field_label(e.param)).inc()
             out, headers = _error(400, str(e), e.param)
             await send({"type": "http.response.start", "status": 400, "headers": headers})
             await send({"type": "http.response.body", "body": out})

@@ -300,4 +300,7 @@ def test_metrics_show_prescore_counters_moving(server, client):
     sel, ctx = _metric(text, "prescore:selected_tokens_total"), _metric(text, "prescore:context_tokens_total")
     assert 0 < sel < ctx
     assert "# TYPE prescore:decode_rows_sparse_total counter" in text
+    # the bad-input tests ran first: refusals counted by field (bounded labels)
+    assert _metric(text, "prescore:rejected_requests_total", field="key_budget") >= 2 * 9
+    assert _metric(text, "prescore:rejected_requests_total", field="mode") >= 2 * 3
     assert 'model_name="tiny"' in text and "vllm:request_success_total" in text  # vLLM's own metrics too
