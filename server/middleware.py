@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import logging
+import os
 from dataclasses import asdict
 
 from .schema import BudgetLimits, FieldError, PrescoreRequestFields, apply, budget_bucket, resolve
@@ -48,6 +49,7 @@ class PrescoreMiddleware:
         self.limits = BudgetLimits.from_env()
         self.defaults: dict | None = None
         self.model_name = ""
+        self.auth = None  # vLLM's --api-key check: unauthenticated requests go straight to vLLM's 401
 
     # ---- startup -----------------------------------------------------------------------------------------
     def _setup(self, fastapi_app) -> None:
@@ -63,6 +65,11 @@ class PrescoreMiddleware:
         why = self.limits.violation(self.defaults["budget"])
         if why:
             raise ValueError(f"prescore: the default budget {why}")
+        tokens = [k for k in (getattr(args, "api_key", None) or [os.environ.get("VLLM_API_KEY")]) if k]
+        if tokens:
+            from vllm.entrypoints.serve.middleware.authenticate import AuthenticationMiddleware
+
+            self.auth = AuthenticationMiddleware(None, tokens=tokens)
         names = getattr(args, "served_model_name", None)
         self.model_name = (names[0] if names else None) or str(getattr(args, "model", "") or "")
         from .metrics import install_engine_collector, rejected_counter, requests_counter
@@ -82,6 +89,11 @@ class PrescoreMiddleware:
         path = scope["path"].removeprefix(scope.get("root_path", "") or "")
         if path not in PATHS:
             return await self.app(scope, receive, send)
+        if self.auth is not None:
+            from starlette.datastructures import Headers
+
+            if not self.auth.verify_token(Headers(scope=scope)):
+                return await self.app(scope, receive, send)
 
         chunks, more = [], True
         while more:

@@ -222,6 +222,9 @@ def test_malformed_bodies_and_auth(server):
     assert 400 <= r.status_code < 500
     r = httpx.post(url, json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "key_budget": 64}, timeout=30)
     assert r.status_code == 401  # vLLM's --api-key
+    r = httpx.post(url, json={"model": "tiny", "prompt": "hi", "key_budget": -1}, timeout=30,
+                   headers={"Authorization": "Bearer wrong"})
+    assert r.status_code == 401  # authentication comes before prescore's validation
     r = httpx.post(url, json={"model": "tiny", "prompt": "hi", "max_tokens": 2, "key_budget": 64}, headers=auth,
                    timeout=30)
     assert r.status_code == 200 and r.headers["x-prescore-budget"] == "64"
