@@ -8,7 +8,7 @@
 #
 # Environment (defaults): REQUESTS=32 per budget, CONCURRENCY=16, PROMPT_TOKENS=16384, OUTPUT_TOKENS=128,
 # WARMUP=2, BUDGETS=dense,4096,2048,512, PHASE_S=90 (per-budget bound), PORT=8765, MODEL_DIR=/tmp/llama3-8b-dummy,
-# SERVE_ARGS (extra prescore-serve / vLLM flags), RESULT=results/loadtest-h100.json, DUMMY_MODEL=path of
+# EAGER=1 (0: CUDA graphs, piecewise around attention; slower start), SERVE_ARGS (extra prescore-serve / vLLM flags), RESULT=results/loadtest-h100.json, DUMMY_MODEL=path of
 # shared/devgpu/dummy_model.py (searched for when unset), SITE=/tmp/devgpu/site (where the plugin is installed
 # when it is not importable yet).
 set -uo pipefail
@@ -26,6 +26,7 @@ MODEL_DIR=${MODEL_DIR:-/tmp/llama3-8b-dummy}
 RESULT=${RESULT:-results/loadtest-h100.json}
 SITE=${SITE:-/tmp/devgpu/site}
 LOG=${LOG:-/tmp/prescore-serve-h100.log}
+EAGER_FLAG=--enforce-eager; [ "${EAGER:-1}" = 0 ] && EAGER_FLAG=
 export PYTHONUNBUFFERED=1
 
 # 1. the plugin, with its entry points (vLLM's engine and worker processes find it through its .dist-info)
@@ -52,7 +53,7 @@ fi
 # shellcheck disable=SC2086 # SERVE_ARGS is a list of flags
 setsid prescore-serve "$MODEL_DIR" --load-format dummy --served-model-name dummy --host 127.0.0.1 --port "$PORT" \
   --max-model-len $((PROMPT_TOKENS + OUTPUT_TOKENS + 512)) --max-num-seqs "$CONCURRENCY" --no-enable-prefix-caching \
-  --enforce-eager --gpu-memory-utilization 0.90 --prescore-max-budget 65536 ${SERVE_ARGS:-} > "$LOG" 2>&1 &
+  $EAGER_FLAG --gpu-memory-utilization 0.90 --prescore-max-budget 65536 ${SERVE_ARGS:-} > "$LOG" 2>&1 &
 pid=$!
 stop() { kill -INT -- -"$pid" 2> /dev/null; for _ in $(seq 1 30); do kill -0 "$pid" 2> /dev/null || break; sleep 1; done
          kill -9 -- -"$pid" 2> /dev/null; wait "$pid" 2> /dev/null; }
