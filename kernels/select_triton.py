@@ -66,6 +66,17 @@ def _kth_largest(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 
 
 @triton.jit
+def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
+    """(t, ties): the total-th largest key t and how many keys equal to t complete the top ``total``."""
+    thr = _kth_largest(WS, n_items, total, CH, ONE)
+    n_gt = tl.zeros([], dtype=tl.int32)
+    for c in range(0, n_items, CH):
+        j = c + tl.arange(0, CH)
+        n_gt += tl.sum(((_load_key(WS, j, n_items) > thr) & (j < n_items)).to(tl.int32), 0)
+    return thr, total - n_gt
+
+
+@triton.jit
 def _select_kernel(
     SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, QKEY, WS,
     IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY,
@@ -140,13 +151,7 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
             if mode == 2:
                 n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
             n_first = tl.minimum(n_first, total)
-            thr = _kth_largest(ws, MB, n_first, CH, ONE)
-            n_gt = tl.zeros([], dtype=tl.int32)
-            for c in range(0, MB, CH):
-                j = c + tl.arange(0, CH)
-                u = _load_key(ws, j, MB)
-                n_gt += tl.sum(((u > thr) & (j < MB)).to(tl.int32), 0)
-            ties = n_first - n_gt
+            thr, ties = _threshold(ws, MB, n_first, CH, ONE)
             seen_eq = tl.zeros([], dtype=tl.int32)
             for c in range(0, MB, CH):
                 j = c + tl.arange(0, CH)
@@ -162,13 +167,7 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
                 tl.store(ws + j, _sortable(key), mask=inb)
                 seen_eq += tl.sum(eq.to(tl.int32), 0)
 
-    thr = _kth_largest(ws, MB, total, CH, ONE)
-    n_gt = tl.zeros([], dtype=tl.int32)
-    for c in range(0, MB, CH):
-        j = c + tl.arange(0, CH)
-        u = _load_key(ws, j, MB)
-        n_gt += tl.sum(((u > thr) & (j < MB)).to(tl.int32), 0)
-    ties = total - n_gt
+    thr, ties = _threshold(ws, MB, total, CH, ONE)
     seen_eq = tl.zeros([], dtype=tl.int32)
     written = tl.zeros([], dtype=tl.int32)
     ids = IDS + r * stride_id_b + h * stride_id_h
