@@ -93,6 +93,61 @@ def _sweep_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
 SWEEP_WARPS = 4
 
 
+@triton.jit
+def _fit_kernel(PG, PS, STATE, P, T, ridge, s_state, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
+    """One KV head: sum the Gram partials, centre (K^T K - T mu mu^T), add the ridge (ridge * trace / D),
+    invert in registers (symmetric sweep), and write the state row [mu | A^-1]. One launch, no host work."""
+    h = tl.program_id(0)
+    i = tl.arange(0, D_PAD)
+    dm = i < HEAD_SIZE
+    m2 = dm[:, None] & dm[None, :]
+    a = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    s = tl.zeros([D_PAD], dtype=tl.float32)
+    for p in range(P):
+        base = (h * P + p).to(tl.int64)
+        a += tl.load(PG + base * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :])
+        s += tl.load(PS + base * D_PAD + i)
+    mu = s / T
+    a = a - T * mu[:, None] * mu[None, :]
+    diag = i[:, None] == i[None, :]
+    tr = tl.sum(tl.sum(tl.where(diag & m2, a, 0.0), 1), 0)
+    lam = ridge * tl.maximum(tr, 1e-12) / HEAD_SIZE
+    a = tl.where(diag, a + lam, a)
+    a = tl.where(m2 | diag, a, 0.0)
+    a = tl.where(diag & (i[:, None] >= HEAD_SIZE), 1.0, a)
+    for k in range(HEAD_SIZE):
+        row = tl.sum(tl.where(i[:, None] == k, a, 0.0), 0)
+        piv = tl.sum(tl.where(i == k, row, 0.0), 0)
+        inv = 1.0 / piv
+        rs = row * inv
+        a = a - rs[:, None] * row[None, :]
+        edge = tl.where(i == k, -inv, rs)
+        a = tl.where(i[:, None] == k, edge[None, :], a)
+        a = tl.where(i[None, :] == k, edge[:, None], a)
+    out = STATE + h.to(tl.int64) * s_state
+    tl.store(out + i, mu, mask=dm)
+    tl.store(out + HEAD_SIZE + i[:, None] * HEAD_SIZE + i[None, :], -a, mask=m2)
+
+
+def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float) -> torch.Tensor:
+    """Leverage state [H, D + D*D] = [mu | (K_c^T K_c + lam I)^-1] of tokens [0, T): two launches."""
+    NB, H, BS, D2 = kv_cache.shape
+    D = D2 // 2
+    D_PAD = triton.next_power_of_2(D)
+    BLOCK_T = 64
+    TILES = max(1, min(16, T // (BLOCK_T * 64)))
+    P = triton.cdiv(T, BLOCK_T * TILES)
+    pg = torch.empty(H, P, D_PAD, D_PAD, dtype=torch.float32, device=kv_cache.device)
+    ps = torch.empty(H, P, D_PAD, dtype=torch.float32, device=kv_cache.device)
+    _gram_kernel[(H, P)](kv_cache, phys, pg, ps, T, *_kv_args(kv_cache), HEAD_SIZE=D, D_PAD=D_PAD, BS=BS,
+                         BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8,
+                         UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16)
+    state = torch.empty(H, D + D * D, dtype=torch.float32, device=kv_cache.device)
+    _fit_kernel[(H,)](pg, ps, state, P, T, float(ridge), state.stride(0), HEAD_SIZE=D, D_PAD=D_PAD,
+                      num_warps=SWEEP_WARPS)
+    return state
+
+
 def inverse_triton(a: torch.Tensor, num_warps: int | None = None) -> torch.Tensor:
     """[H, D, D] SPD float32 -> inverse (float32)."""
     H, D, _ = a.shape
@@ -103,7 +158,7 @@ def inverse_triton(a: torch.Tensor, num_warps: int | None = None) -> torch.Tenso
 
 
 @triton.jit
-def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T,
+def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T, s_mu, s_ai, s_out,
                  s_kb, s_kh, s_kt, s_kd, s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d,
                  HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
                  TILES: tl.constexpr, SUMMARIZE: tl.constexpr):
@@ -113,8 +168,8 @@ def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T,
     p = tl.program_id(1)
     d = tl.arange(0, D_PAD)
     dm = d < HEAD_SIZE
-    mu = tl.load(MU + h * HEAD_SIZE + d, mask=dm, other=0.0)
-    ainv = tl.load(AINV + h.to(tl.int64) * HEAD_SIZE * HEAD_SIZE + d[:, None] * HEAD_SIZE + d[None, :],
+    mu = tl.load(MU + h * s_mu + d, mask=dm, other=0.0)
+    ainv = tl.load(AINV + h.to(tl.int64) * s_ai + d[:, None] * HEAD_SIZE + d[None, :],
                    mask=dm[:, None] & dm[None, :], other=0.0)
     NBT: tl.constexpr = BLOCK_T // BS
     for tile in range(TILES):
@@ -140,22 +195,24 @@ def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T,
             tl.store(KMAX + mo, kmax.to(KMAX.dtype.element_ty), mask=mm)
             tl.store(TAGS + phys, tl.zeros([NBT], dtype=tl.int64) + tag, mask=bm & (h == 0))
         else:
-            tl.store(OUT + h * T + t, lev, mask=tm)
+            tl.store(OUT + h * s_out + t, lev, mask=tm)
 
 
 def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Tensor, ainv: torch.Tensor,
                 summ=None, tag: int = 0):
-    """Leverage of tokens [0, T) read in place from the paged cache; mu [H, D], ainv [H, D, D] -> [H, T] f32.
-    With ``summ`` (BlockSummaries), writes the blocks' summaries and ``tag`` directly and returns None."""
+    """Leverage of tokens [0, T) read in place from the paged cache; mu [H, D], ainv [H, D, D] (or their views
+    of a state row: any head stride, rows contiguous) -> [H, T] f32. With ``summ`` (BlockSummaries), writes the
+    blocks' summaries and ``tag`` directly and returns None."""
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
     BLOCK_T = max(64, BS)
     TILES = max(1, min(16, T // (BLOCK_T * 128)))
-    out = torch.empty(H, T, dtype=torch.float32, device=kv_cache.device) if summ is None else None
+    Tp = -(-T // BS) * BS  # rows padded to whole blocks (the tail is never written), so [H, n, BS] is a view
+    out = torch.empty(H, Tp, dtype=torch.float32, device=kv_cache.device)[:, :T] if summ is None else None
     sc, mn, mx, tg = (summ.scores, summ.kmin, summ.kmax, summ.tags) if summ is not None else (mu,) * 4
     _quad_kernel[(H, triton.cdiv(T, BLOCK_T * TILES))](
-        kv_cache, phys, mu.contiguous(), ainv.contiguous(), out if out is not None else mu, sc, mn, mx, tg, tag, T,
-        *_kv_args(kv_cache), sc.stride(0), sc.stride(-1), mn.stride(0), mn.stride(1) if mn.dim() > 1 else 0,
+        kv_cache, phys, mu, ainv, out if out is not None else mu, sc, mn, mx, tg, tag, T, mu.stride(0),
+        ainv.stride(0), out.stride(0) if out is not None else 0, *_kv_args(kv_cache), sc.stride(0), sc.stride(-1), mn.stride(0), mn.stride(1) if mn.dim() > 1 else 0,
         mn.stride(-1), HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), BS=BS, BLOCK_T=BLOCK_T, TILES=TILES,
         SUMMARIZE=summ is not None, num_warps=8)
     return out

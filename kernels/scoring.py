@@ -125,15 +125,13 @@ class Leverage(ScoringMethod):
         H, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
         if not (use_triton if self.use_triton is None else self.use_triton) or D > 128:
             return super().fit_and_score_paged(kv_cache, phys, T, use_triton)
-        from .leverage_triton import gram_triton, inverse_triton, quad_triton
+        from .leverage_triton import fit_triton, quad_triton
 
-        g0, ksum = gram_triton(kv_cache, phys, T)  # three launches, keys read in place
-        mu = ksum / T
-        ainv = inverse_triton(self._ainv(g0 - T * mu[:, :, None] * mu[:, None, :]))
+        state = fit_triton(kv_cache, phys, T, self.ridge)  # Gram partials + (centre, ridge, invert): 2 launches
         # (the quad kernel can also write the block summaries itself, summ=summ: slower on the H100, 0.80 ms vs
         # 0.51 ms per 32k-token layer, so the summaries stay a separate pass)
-        scores = quad_triton(kv_cache, phys, T, mu, ainv)
-        return torch.cat([mu, ainv.reshape(H, D * D)], -1), scores
+        scores = quad_triton(kv_cache, phys, T, state[:, :D], state[:, D:])
+        return state, scores
 
     def fit(self, keys):
         return self.fit_and_score(keys)[0]
@@ -345,7 +343,10 @@ def score_prefill(kv_cache: torch.Tensor, summ: BlockSummaries, block_table_row:
         state, ks = method.fit_and_score_paged(kv_cache, phys, nv, use_triton, summ, int(tag))
         if ks is None:
             return state
-        ks = torch.nn.functional.pad(ks, (0, n * BS - nv)).view(H, n, BS).transpose(0, 1)  # [n, H, BS]
+        if ks.stride(0) == n * BS and ks.stride(1) == 1:  # block-padded rows (Triton leverage): a view
+            ks = ks.as_strided((n, H, BS), (BS, n * BS, 1))
+        else:
+            ks = torch.nn.functional.pad(ks, (0, n * BS - nv)).view(H, n, BS).transpose(0, 1)  # [n, H, BS]
     elif final:
         state = kv_cache.new_zeros(H, 0, dtype=torch.float32)
     summarize(kv_cache, summ, phys, nv, int(tag), ks, use_triton)
