@@ -99,6 +99,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     ap.add_argument("--ref-dtype", default="float64", help="dtype of sparse_decode_ref (CPU path)")
     ap.add_argument("--no-triton", action="store_true", help="torch selection + reference decode even on CUDA")
+    ap.add_argument("--decode-impl", default=None, choices=["triton", "ref", "batched"],
+                    help="sparse attention: triton (CUDA default), ref (sparse_decode_ref per row, slow), "
+                         "batched (CPU default: the same attention vectorised over rows, tested equal to ref)")
     ap.add_argument("--out", default=None, help="JSON path (default results/quality-<model>.json)")
     return ap
 
@@ -170,7 +173,7 @@ def main(argv: list[str] | None = None) -> int:
     use_triton = False if args.no_triton else None
     engine = SparseEvalEngine(model, block_size=args.block_size, sink=args.sink, window=args.window,
                               hybrid_prior_fraction=args.hybrid_prior_fraction, use_triton=use_triton,
-                              ref_dtype=getattr(torch, args.ref_dtype))
+                              ref_dtype=getattr(torch, args.ref_dtype), decode_impl=args.decode_impl)
     configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")))
     for c in configs:
         engine.controls(c)  # validate budgets early
@@ -207,7 +210,7 @@ def main(argv: list[str] | None = None) -> int:
         "settings": {
             "model_path": str(path), "device": str(dev),
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
-            "dtype": str(dtype).replace("torch.", ""), "kernels": "triton" if engine.use_triton else "torch reference",
+            "dtype": str(dtype).replace("torch.", ""), "selection": "triton" if engine.use_triton else "torch", "decode_impl": engine.decode_impl,
             "block_size": args.block_size, "sink": args.sink, "window": args.window,
             "hybrid_prior_fraction": args.hybrid_prior_fraction, "budgets": args.budgets,
             "budget_semantics": "total key tokens attended per KV head = sink + window + selected (whole blocks); "

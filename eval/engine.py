@@ -103,7 +103,8 @@ class Controls:
 class SparseEvalEngine:
     def __init__(self, model, block_size: int = 16, sink: int = 16, window: int = 64,
                  hybrid_prior_fraction: float = 0.5, use_triton: bool | None = None,
-                 ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None):
+                 ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None,
+                 decode_impl: str | None = None):
         register()
         self.model = model
         cfg = model.config
@@ -117,6 +118,9 @@ class SparseEvalEngine:
         self.device, self.dtype = p.device, cache_dtype or p.dtype
         self.use_triton = (self.device.type == "cuda") if use_triton is None else use_triton
         self.ref_dtype = ref_dtype
+        # triton: prescore's sparse_decode (CUDA); ref: sparse_decode_ref row by row (exact reference, slow);
+        # batched: the same attention over the same selected blocks, vectorised over rows (CPU default)
+        self.decode_impl = decode_impl or ("triton" if self.use_triton else "batched")
         self.methods = {m: get_method(m) for m in PRIOR_METHODS}
         if model.config._attn_implementation != ATTN_NAME:
             model.set_attn_implementation(ATTN_NAME)
@@ -178,6 +182,9 @@ class SparseEvalEngine:
                               for m in PRIOR_METHODS})
         self.states = [{m: torch.zeros(T, H, obj.state_size(D), dtype=torch.float32, device=dev)
                         for m, obj in self.methods.items()} for _ in range(L)]
+        if self.decode_impl == "batched":
+            self.kpre = [torch.zeros(T, H, N, D, dtype=self.dtype, device=dev) for _ in range(L)]
+            self.vpre = [torch.zeros(T, H, N, D, dtype=self.dtype, device=dev) for _ in range(L)]
         self.configs = configs
         self._plan(configs)
         self.fid_sum = torch.zeros(C, L, dtype=torch.float64)
@@ -214,7 +221,7 @@ class SparseEvalEngine:
             timing["decode_s"] = time.perf_counter() - t0
         finally:
             _ACTIVE = None
-            self.kv = self.summ = self.states = None
+            self.kv = self.summ = self.states = self.kpre = self.vpre = None
         fid = torch.where(self.fid_n > 0, self.fid_sum / self.fid_n.clamp_min(1), float("nan"))
         return {"nll": nll.view(T, C, M), "hit": hit.view(T, C, M), "fidelity": fid, "timing": timing}
 
@@ -272,6 +279,9 @@ class SparseEvalEngine:
         blocks = slice(t0 * P, (t0 + B) * P)
         kv[blocks, :, :, :D] = k.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
         kv[blocks, :, :, D:] = v.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
+        if self.decode_impl == "batched":
+            self.kpre[layer][t0:t0 + B] = k.to(self.kpre[layer].dtype)
+            self.vpre[layer][t0:t0 + B] = v.to(self.vpre[layer].dtype)
         for t in self.prefill_trials:
             row = self.bt[t * self.C]
             for m, obj in self.methods.items():
@@ -279,10 +289,55 @@ class SparseEvalEngine:
                 self.states[layer][m][t, :, : st.shape[1]] = st
         return out.transpose(1, 2)
 
-    def _attn(self, q, kv, bt, seq, ids, counts, scale):
-        if self.use_triton:
+    def _attn(self, q, kv, bt, seq, ids, counts, scale, rows=None):
+        if self.decode_impl == "triton":
             return sparse_decode(q, kv, bt, seq, ids, counts, scale=scale)
-        return sparse_decode_ref(q, kv, bt, seq, ids, counts, scale=scale, dtype=self.ref_dtype)
+        if self.decode_impl == "ref":
+            return sparse_decode_ref(q, kv, bt, seq, ids, counts, scale=scale, dtype=self.ref_dtype)
+        return self._attn_batched(q, kv, ids, counts, scale, rows)
+
+    def _attn_batched(self, q, kv, ids, counts, scale, rows=None):
+        """What ``sparse_decode_ref`` computes (softmax over the selected blocks' valid tokens, in ``ref_dtype``),
+        vectorised: rows of one trial share the prefix K/V, so q of all its rows meets the prefix in one matmul;
+        each row's own tail blocks are a second small batch. ``rows``: batch row -> engine row (default all)."""
+        layer = self._layer
+        T, C, H, P, BS, N = self.T, self.C, self.Hkv, self.P, self.BS, self.P * self.BS
+        dt = self.ref_dtype
+        rows = torch.arange(self.R, device=q.device) if rows is None else rows
+        B, Hq, D = q.shape
+        G = Hq // H
+        nblk = -(-(self.pos + 1) // BS)
+        # block mask [B, H, nblk] from the selection (negative count: dense)
+        j = torch.arange(ids.shape[2], device=q.device)
+        valid = j[None, None, :] < counts[:, :, None].clamp_min(0)
+        bm = torch.zeros(B, H, nblk + 1, dtype=torch.bool, device=q.device)
+        bm.scatter_(2, torch.where(valid, ids.long().clamp_max(nblk), nblk), valid)
+        bm = bm[:, :, :nblk] | (counts < 0)[:, :, None]
+        tok = bm.repeat_interleave(BS, dim=2)  # [B, H, nblk*BS]
+        ntail = self.pos + 1 - N
+        tail_tok = tok[:, :, N:N + ntail]
+        pre_tok = tok[:, :, :N]
+        qg = q.to(dt).view(B, H, G, D) * scale
+        trial = self.trial[rows]
+        # prefix: per trial, all of its rows' queries at once
+        s_pre = torch.empty(B, H, G, N, dtype=dt, device=q.device)
+        for t in torch.unique(trial).tolist():
+            r = (trial == t).nonzero()[:, 0]
+            qt = qg[r].permute(1, 0, 2, 3).reshape(H, -1, D)  # [H, n*G, D]
+            st = qt @ self.kpre[layer][t].to(dt).transpose(1, 2)  # [H, n*G, N]
+            s_pre[r] = st.view(H, len(r), G, N).permute(1, 0, 2, 3)
+        tb = kv[T * P:].view(self.R, -1, H, BS, 2 * D)[rows]  # [B, Tb, H, BS, 2D]
+        tb = tb.permute(0, 2, 1, 3, 4).reshape(B, H, -1, 2 * D)[:, :, :ntail].to(dt)
+        s_tail = qg @ tb[..., :D].transpose(2, 3)  # [B, H, G, ntail]
+        s = torch.cat([s_pre, s_tail], -1)
+        m = torch.cat([pre_tok, tail_tok], -1)[:, :, None, :]
+        p = torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1)
+        o = p[..., N:] @ tb[..., D:]  # [B, H, G, D]
+        for t in torch.unique(trial).tolist():
+            r = (trial == t).nonzero()[:, 0]
+            pt = p[r, :, :, :N].permute(1, 0, 2, 3).reshape(H, -1, N)
+            o[r] += (pt @ self.vpre[layer][t].to(dt)).view(H, len(r), G, D).permute(1, 0, 2, 3)
+        return o.reshape(B, Hq, D)
 
     def _select(self, layer, g, q, seq):
         rows = g["rows"]
@@ -293,6 +348,7 @@ class SparseEvalEngine:
     def _decode(self, layer, q, k, v, scale):
         R, Hq, _, D = q.shape
         BS, pos, H = self.BS, self.pos, self.Hkv
+        self._layer = layer
         kv = self.kv[layer]
         phys = self.bt[:, pos // BS].long()
         kv[phys, :, pos % BS, :D] = k[:, :, 0].to(kv.dtype)
@@ -321,7 +377,7 @@ class SparseEvalEngine:
         ref_n = ref.flatten(1).norm(dim=1).clamp_min(1e-30)
         for i, g in self.fid_groups:
             sel = self._select(layer, g, qd, seq)
-            o = self._attn(qd[drows], kv, self.bt[drows], seq[drows], sel.ids, sel.kernel_counts(), scale)
+            o = self._attn(qd[drows], kv, self.bt[drows], seq[drows], sel.ids, sel.kernel_counts(), scale, drows)
             err = (o.double() - ref).flatten(1).norm(dim=1) / ref_n
             self.fid_sum[i, layer] += float(err.sum())
             self.fid_n[i, layer] += err.numel()
