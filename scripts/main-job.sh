@@ -7,7 +7,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${PRESCORE_VENV:-.venv}
 PORT=${PORT:-8011}
-BUDGET=${BUDGET:-256}
+BUDGET=${BUDGET:-256}  # sparse rows use this key budget (and twice it)
 [ -x "$VENV/bin/vllm" ] || bash scripts/setup-cpu.sh "$VENV"
 source "$VENV/bin/activate"
 MODEL=$(python -m prescore.models smollm2)
@@ -27,16 +27,19 @@ python - "$PORT" "$BUDGET" <<'PY'
 import json, sys, urllib.request
 port, budget = sys.argv[1], int(sys.argv[2])
 text = open("scripts/data/pride-and-prejudice-opening.txt").read()[:6000]
-question = "Who has taken Netherfield Park, and how much does he earn a year? Answer in one sentence."
-body = {"model": "smollm2", "max_tokens": 40, "temperature": 0,
-        "messages": [{"role": "user", "content": text + "\n\n" + question}],
-        "vllm_xargs": {"prescore_budget": budget, "prescore_method": "kmeans", "prescore_mode": "hybrid"}}
-req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/chat/completions", json.dumps(body).encode(),
-                             {"Content-Type": "application/json"})
-out = json.load(urllib.request.urlopen(req, timeout=600))
-print(f"prompt tokens: {out['usage']['prompt_tokens']}, key budget: {budget} (+ sink 64 + window 256)")
-print("Q:", question)
-print("A:", out["choices"][0]["message"]["content"].strip())
+cut = text.find(" ", len(text) * 2 // 5)  # a passkey hidden 40% deep in real text
+prompt = (text[:cut] + " The pass key is 71432. Remember it. 71432 is the pass key." + text[cut:]
+          + "\n\nWhat is the pass key? The pass key is")
+print("Q: What is the pass key? (71432, hidden 40% deep in ~1.6k tokens of Pride and Prejudice)")
+for b, method, mode in [(0, "kmeans", "hybrid"), (budget, "kmeans", "prior"), (budget, "kmeans", "quest"),
+                        (budget, "kmeans", "hybrid"), (budget, "leverage", "hybrid"), (2 * budget, "kmeans", "hybrid")]:
+    body = {"model": "smollm2", "prompt": prompt, "max_tokens": 8, "temperature": 0,
+            "vllm_xargs": {"prescore_budget": b, "prescore_method": method, "prescore_mode": mode}}
+    req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                 {"Content-Type": "application/json"})
+    out = json.load(urllib.request.urlopen(req, timeout=600))
+    label = "dense (budget 0)" if b == 0 else f"budget {b} (+ sink 64 + window 256), {method}/{mode}"
+    print(f"  {label:52s} -> The pass key is{out['choices'][0]['text']!r}   [{out['usage']['prompt_tokens']} prompt tokens]")
 PY
 sleep 2  # workers dump counters every second
 python - <<'PY'
