@@ -144,7 +144,7 @@ class SparseEvalEngine:
     # ------------------------------------------------------------------ run
     @torch.no_grad()
     def run(self, prefix_ids: torch.Tensor, feed_ids: torch.Tensor, target_ids: torch.Tensor,
-            configs: list[Config], fidelity_steps: int = 0, prefill_batch: int = 4) -> dict:
+            configs: list[Config], fidelity_steps: int = 0, prefill_batch: int = 4, log=None) -> dict:
         """prefix [T, N] (dense prefill), feed/target [T, M] (decode steps). Returns ``nll`` [T, C, M] float32,
         ``hit`` [T, C, M] bool (argmax == target), ``fidelity`` [C, L] mean relative error of the attention
         output vs dense on the dense rows' own queries/caches over the first ``fidelity_steps`` steps (NaN for
@@ -204,6 +204,8 @@ class SparseEvalEngine:
             if dev.type == "cuda":
                 torch.cuda.synchronize()
             timing["prefill_s"] = time.perf_counter() - t0
+            if log:
+                log(f"    prefill {T} x {N} tokens: {timing['prefill_s']:.1f}s; decoding {M} steps x {R} rows")
             t0 = time.perf_counter()
             self.phase = "decode"
             nll = torch.empty(R, M, dtype=torch.float32)
@@ -218,6 +220,8 @@ class SparseEvalEngine:
                 logits = out.logits[:, -1].float()
                 nll[:, j] = F.cross_entropy(logits, tgt[:, j], reduction="none").cpu()
                 hit[:, j] = (logits.argmax(-1) == tgt[:, j]).cpu()
+                if log and (j + 1) % 16 == 0 and j + 1 < M:
+                    log(f"    step {j + 1}/{M}: {time.perf_counter() - t0:.1f}s")
             timing["decode_s"] = time.perf_counter() - t0
         finally:
             _ACTIVE = None

@@ -61,9 +61,9 @@ def _summaries(configs: list[Config]):
 
 
 def ppl_task(engine: SparseEvalEngine, tok, texts, configs, context: int, decode: int, trials: int,
-             seed: int = 0, fidelity_steps: int = 0, trial_batch: int = 8, log=print) -> tuple[list, list]:
+             seed: int = 0, fidelity_steps: int = 0, trial_batch: int = 8, log=print) -> tuple[list, list, dict]:
     """Prefill ``context`` tokens densely, score the next ``decode`` tokens one decode step at a time.
-    Returns (rows, fidelity rows)."""
+    Returns (rows, fidelity rows, timing)."""
     BS = engine.BS
     N = context // BS * BS
     corpus = Corpus(tok, texts, N + decode + 1)
@@ -74,7 +74,7 @@ def ppl_task(engine: SparseEvalEngine, tok, texts, configs, context: int, decode
     for s in range(0, trials, trial_batch):
         x = ids[s:s + trial_batch]
         r = engine.run(x[:, :N], x[:, N:N + decode], x[:, N + 1:], configs,
-                       fidelity_steps=fidelity_steps if s == 0 else 0)
+                       fidelity_steps=fidelity_steps if s == 0 else 0, log=log)
         nll.append(r["nll"])
         if s == 0:
             fid = r["fidelity"]
@@ -144,7 +144,7 @@ def passkey_task(engine: SparseEvalEngine, tok, texts, configs, context: int, de
     qa = torch.tensor([p[2] for p in prompts])
     hits, timing = [], {"prefill_s": 0.0, "decode_s": 0.0}
     for s in range(0, len(prompts), trial_batch):
-        r = engine.run(pre[s:s + trial_batch], qa[s:s + trial_batch, :-1], qa[s:s + trial_batch, 1:], configs)
+        r = engine.run(pre[s:s + trial_batch], qa[s:s + trial_batch, :-1], qa[s:s + trial_batch, 1:], configs, log=log)
         hits.append(r["hit"][:, :, -A:].all(-1))  # [t, C]: every answer token is the argmax
         for k in timing:
             timing[k] += r["timing"][k]
