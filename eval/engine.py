@@ -321,7 +321,7 @@ class SparseEvalEngine:
         ntail = self.pos + 1 - N
         tail_tok = tok[:, :, N:N + ntail]
         pre_tok = tok[:, :, :N]
-        qg = q.to(dt).view(B, H, G, D) * scale
+        qg = q.to(dt).reshape(B, H, G, D) * scale
         trial = self.trial[rows]
         # prefix: per trial, all of its rows' queries at once
         s_pre = torch.empty(B, H, G, N, dtype=dt, device=q.device)
@@ -363,7 +363,7 @@ class SparseEvalEngine:
                               torch.full((R,), METHODS[m].method_id, dtype=torch.int32, device=self.device),
                               self.states[layer][m][self.trial], self.tags, {METHODS[m].method_id: obj},
                               use_triton=self.use_triton)
-        qd = q[:, :, 0]
+        qd = q[:, :, 0].contiguous()
         ids = torch.zeros(R, H, self.Smax, dtype=torch.int32, device=self.device)
         counts = torch.full((R, H), -1, dtype=torch.int32, device=self.device)  # dense unless selected
         for g in self.groups:
