@@ -35,3 +35,10 @@ if [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; then
   $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" --ppl-context 32640 --ppl-decode 128 --ppl-trials 4 \
       --passkey-contexts 8192,16384,32768 --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b.json"
 fi
+# Optional: hybrid prior-share sweep at 8k (SWEEP=1), quest + hybrid only.
+if [ -n "${SWEEP:-}" ]; then
+  for f in 0.125 0.25; do
+    $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" --modes quest,hybrid --hybrid-prior-fraction $f \
+        --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 --passkey-contexts 8192 --out "$OUT/quality-smollm2-hybrid$f.json"
+  done
+fi
