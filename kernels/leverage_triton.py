@@ -69,15 +69,9 @@ def gram_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int):
 
 
 @triton.jit
-def _sweep_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
-    """Inverse of one SPD matrix held in registers by the symmetric sweep operator: sweeping every pivot maps
-    A to -A^-1 and keeps the matrix symmetric, so each step extracts one row (= column) and its pivot."""
-    h = tl.program_id(0)
-    i = tl.arange(0, D_PAD)
-    m2 = (i < HEAD_SIZE)[:, None] & (i < HEAD_SIZE)[None, :]
-    base = h.to(tl.int64) * HEAD_SIZE * HEAD_SIZE
-    a = tl.load(A + base + i[:, None] * HEAD_SIZE + i[None, :], mask=m2, other=0.0)
-    a = tl.where((i[:, None] == i[None, :]) & (i[:, None] >= HEAD_SIZE), 1.0, a)  # identity padding
+def _sweep_all(a, i, HEAD_SIZE: tl.constexpr):
+    """Inverse of the SPD matrix ``a`` (registers, [D_PAD, D_PAD], identity padding) by sweeping every pivot:
+    the sweep maps A to -A^-1 and keeps it symmetric, so each step extracts one row (= column) and its pivot."""
     for k in range(HEAD_SIZE):
         row = tl.sum(tl.where(i[:, None] == k, a, 0.0), 0)  # a[k, :] == a[:, k]
         piv = tl.sum(tl.where(i == k, row, 0.0), 0)
@@ -87,7 +81,20 @@ def _sweep_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
         edge = tl.where(i == k, -inv, rs)  # row/column k: a_kj / a_kk, pivot -1 / a_kk
         a = tl.where(i[:, None] == k, edge[None, :], a)
         a = tl.where(i[None, :] == k, edge[:, None], a)
-    tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], -a, mask=m2)
+    return -a
+
+
+@triton.jit
+def _sweep_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
+    """Inverse of one SPD matrix held in registers by the symmetric sweep operator: sweeping every pivot maps
+    A to -A^-1 and keeps the matrix symmetric, so each step extracts one row (= column) and its pivot."""
+    h = tl.program_id(0)
+    i = tl.arange(0, D_PAD)
+    m2 = (i < HEAD_SIZE)[:, None] & (i < HEAD_SIZE)[None, :]
+    base = h.to(tl.int64) * HEAD_SIZE * HEAD_SIZE
+    a = tl.load(A + base + i[:, None] * HEAD_SIZE + i[None, :], mask=m2, other=0.0)
+    a = tl.where((i[:, None] == i[None, :]) & (i[:, None] >= HEAD_SIZE), 1.0, a)  # identity padding
+    tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], _sweep_all(a, i, HEAD_SIZE), mask=m2)
 
 
 SWEEP_WARPS = 4
@@ -115,18 +122,10 @@ def _fit_kernel(PG, PS, STATE, P, T, ridge, s_state, HEAD_SIZE: tl.constexpr, D_
     a = tl.where(diag, a + lam, a)
     a = tl.where(m2 | diag, a, 0.0)
     a = tl.where(diag & (i[:, None] >= HEAD_SIZE), 1.0, a)
-    for k in range(HEAD_SIZE):
-        row = tl.sum(tl.where(i[:, None] == k, a, 0.0), 0)
-        piv = tl.sum(tl.where(i == k, row, 0.0), 0)
-        inv = 1.0 / piv
-        rs = row * inv
-        a = a - rs[:, None] * row[None, :]
-        edge = tl.where(i == k, -inv, rs)
-        a = tl.where(i[:, None] == k, edge[None, :], a)
-        a = tl.where(i[None, :] == k, edge[:, None], a)
+    a = _sweep_all(a, i, HEAD_SIZE)
     out = STATE + h.to(tl.int64) * s_state
     tl.store(out + i, mu, mask=dm)
-    tl.store(out + HEAD_SIZE + i[:, None] * HEAD_SIZE + i[None, :], -a, mask=m2)
+    tl.store(out + HEAD_SIZE + i[:, None] * HEAD_SIZE + i[None, :], a, mask=m2)
 
 
 def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float) -> torch.Tensor:

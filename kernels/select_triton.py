@@ -66,6 +66,18 @@ def _kth_largest(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 
 
 @triton.jit
+def _in_top(ws, j, n_items, thr, ties, seen_eq, n):
+    """Which of the keys at offsets j are in the top n (keys > thr, then the first ``ties`` keys == thr in index
+    order, ``seen_eq`` of them met in earlier chunks); also the number of keys == thr in this chunk."""
+    inb = j < n_items
+    u = _load_key(ws, j, n_items)
+    eq = (u == thr) & inb
+    eq_rank = seen_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
+    top = (((u > thr) & inb) | (eq & (eq_rank < ties))) & (n > 0)
+    return top, tl.sum(eq.to(tl.int32), 0)
+
+
+@triton.jit
 def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
     """(t, ties): the total-th largest key t and how many keys equal to t complete the top ``total``."""
     thr = _kth_largest(WS, n_items, total, CH, ONE)
@@ -156,16 +168,12 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
             for c in range(0, MB, CH):
                 j = c + tl.arange(0, CH)
                 inb = j < MB
-                u = _load_key(ws, j, MB)
-                eq = (u == thr) & inb
-                eq_rank = seen_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-                first = (u > thr) | (eq & (eq_rank < ties))
-                first = first & (n_first > 0)
+                first, n_eq = _in_top(ws, j, MB, thr, ties, seen_eq, n_first)
                 qk = tl.load(QKEY + b * stride_qk_b + h * stride_qk_h + j * stride_qk_n, mask=inb, other=0.0)
                 key = tl.where(first, FORCED, qk)
                 key = tl.where(j < nblk, key, float("-inf"))
                 tl.store(ws + j, _sortable(key), mask=inb)
-                seen_eq += tl.sum(eq.to(tl.int32), 0)
+                seen_eq += n_eq
 
     thr, ties = _threshold(ws, MB, total, CH, ONE)
     seen_eq = tl.zeros([], dtype=tl.int32)
@@ -173,19 +181,14 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
     ids = IDS + r * stride_id_b + h * stride_id_h
     for c in range(0, MB, CH):
         j = c + tl.arange(0, CH)
-        inb = j < MB
-        u = _load_key(ws, j, MB)
-        eq = (u == thr) & inb
-        eq_rank = seen_eq + tl.cumsum(eq.to(tl.int32), 0) - 1
-        take = ((u > thr) & inb) | (eq & (eq_rank < ties))
-        take = take & (total > 0)
+        take, n_eq = _in_top(ws, j, MB, thr, ties, seen_eq, total)
         pos = written + tl.cumsum(take.to(tl.int32), 0) - 1
         if dense:
             take = (j < nblk) & (j < S)
             pos = j
         tl.store(ids + pos * stride_id_s, j.to(tl.int32), mask=take & (pos < S))
         written += tl.sum(take.to(tl.int32), 0)
-        seen_eq += tl.sum(eq.to(tl.int32), 0)
+        seen_eq += n_eq
     for c in range(0, S, CH):  # padding
         p = c + tl.arange(0, CH)
         tl.store(ids + p * stride_id_s, tl.full([CH], 0, tl.int32) + MB, mask=(p >= written) & (p < S))
