@@ -1,9 +1,10 @@
-"""Ridge leverage on the GPU in three Triton launches: Gram partials, Gauss-Jordan inverse, fused quadratic form.
+"""Ridge leverage on the GPU in three Triton launches: Gram partials, fit (reduce + centre + ridge + inverse),
+fused quadratic form; keys read in place from the paged cache.
 
-``gram_triton``: per KV head, partial sums of K^T K and of K over tiles of keys (bf16 operands, fp32
-accumulation), reduced by the caller. ``inverse_triton``: in-register Gauss-Jordan inverse of the SPD
-D x D matrix (no pivoting needed: SPD, conditioned by the ridge). ``quad_triton``: l_i = (k_i - mu)^T A^-1
-(k_i - mu) in one pass over the keys. The torch code in :class:`prescore.kernels.scoring.Leverage` is the
+``fit_triton``: per KV head, partial sums of K^T K and of K over tiles of keys (bf16 operands, fp32
+accumulation), then one kernel that reduces them, centres, adds the ridge and inverts the SPD D x D matrix in
+registers (symmetric sweep, no pivoting needed: SPD, conditioned by the ridge; ``inverse_triton`` is the same
+inverse alone). ``quad_triton``: l_i = (k_i - mu)^T A^-1 (k_i - mu) in one pass over the keys. The torch code in :class:`prescore.kernels.scoring.Leverage` is the
 reference.
 """
 
@@ -51,9 +52,9 @@ def _kv_args(kv_cache):
     return (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
 
 
-def gram_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int):
-    """Keys of tokens [0, T) of the sequence held in physical blocks ``phys``, read in place from the paged
-    cache -> (K^T K [H, D, D] f32, sum of keys [H, D] f32)."""
+def _gram_partials(kv_cache: torch.Tensor, phys: torch.Tensor, T: int):
+    """Per-program partial sums of K^T K and of K over tokens [0, T) of the sequence in physical blocks
+    ``phys``, read in place from the paged cache -> (pg [H, P, D_PAD, D_PAD], ps [H, P, D_PAD], P)."""
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
     D_PAD = triton.next_power_of_2(D)
@@ -65,7 +66,7 @@ def gram_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int):
     _gram_kernel[(H, P)](kv_cache, phys, pg, ps, T, *_kv_args(kv_cache), HEAD_SIZE=D, D_PAD=D_PAD, BS=BS,
                          BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8,
                          UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16)
-    return pg.sum(1)[:, :D, :D], ps.sum(1)[:, :D]
+    return pg, ps, P
 
 
 @triton.jit
@@ -132,17 +133,9 @@ def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float)
     """Leverage state [H, D + D*D] = [mu | (K_c^T K_c + lam I)^-1] of tokens [0, T): two launches."""
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
-    D_PAD = triton.next_power_of_2(D)
-    BLOCK_T = 64
-    TILES = max(1, min(16, T // (BLOCK_T * 64)))
-    P = triton.cdiv(T, BLOCK_T * TILES)
-    pg = torch.empty(H, P, D_PAD, D_PAD, dtype=torch.float32, device=kv_cache.device)
-    ps = torch.empty(H, P, D_PAD, dtype=torch.float32, device=kv_cache.device)
-    _gram_kernel[(H, P)](kv_cache, phys, pg, ps, T, *_kv_args(kv_cache), HEAD_SIZE=D, D_PAD=D_PAD, BS=BS,
-                         BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8,
-                         UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16)
+    pg, ps, P = _gram_partials(kv_cache, phys, T)
     state = torch.empty(H, D + D * D, dtype=torch.float32, device=kv_cache.device)
-    _fit_kernel[(H,)](pg, ps, state, P, T, float(ridge), state.stride(0), HEAD_SIZE=D, D_PAD=D_PAD,
+    _fit_kernel[(H,)](pg, ps, state, P, T, float(ridge), state.stride(0), HEAD_SIZE=D, D_PAD=pg.shape[-1],
                       num_warps=SWEEP_WARPS)
     return state
 
