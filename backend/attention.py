@@ -17,6 +17,8 @@ so vLLM counts them in the KV-cache memory; the per-request fitted states are a 
 
 from __future__ import annotations
 
+from functools import partial
+
 import logging
 from dataclasses import dataclass, fields, replace
 
@@ -429,6 +431,17 @@ def _capture(summ, g, q, kv, bt, sl, sel, out, scale, BS, layer_name):
 # CPU backend (subclasses vLLM's CPU attention: its KV write and dense kernel)
 # ----------------------------------------------------------------------------------------------------------
 
+def attach_step_plan(md, cm, block_size: int, device, build_dense):
+    """Plan the step (host) and hang it on vLLM's metadata ``md``; when some row is sparse, ``build_dense(sub)``
+    builds vLLM's own metadata for the dense rows' subset (run by vLLM's kernel)."""
+    plan, dense_rows = plan_step(cm, block_size, device)
+    if plan.num_sparse:
+        sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
+        plan.dense_md = build_dense(sub) if dense_rows else None
+    md.prescore = plan
+    return md
+
+
 class PrescoreCPUBuilder(CPUBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
@@ -443,13 +456,7 @@ class PrescoreCPUBuilder(CPUBuilder):
         metrics.maybe_dump()
         if not self.enabled or self.is_cross_attention or self.is_encoder_only_attention:
             return md
-        cm = common_attn_metadata
-        plan, dense_rows = plan_step(cm, self.block_size, self.device)
-        if plan.num_sparse:
-            sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
-            plan.dense_md = super().build(0, sub) if dense_rows else None
-        md.prescore = plan
-        return md
+        return attach_step_plan(md, common_attn_metadata, self.block_size, self.device, partial(super().build, 0))
 
 
 class PrescoreCPUImpl(CPUImpl):

@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import ClassVar
 
 import os
+from functools import partial
 
 import torch
 from vllm.config import CUDAGraphMode
@@ -23,9 +24,9 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from prescore.kernels.decode import sparse_decode
 
 from . import compat, metrics
-from .attention import (DecodeBuffers, LayerStore, UniformDecodePlan, _DECODER, extra_page_bytes, log_start, logger,
-                        plan_step, plan_uniform_decode, sparse_rows_forward, subset_common_metadata,
-                        uniform_decode_forward)
+from .attention import (attach_step_plan, DecodeBuffers, extra_page_bytes, LayerStore, log_start, logger,
+                        plan_uniform_decode, sparse_rows_forward, uniform_decode_forward, UniformDecodePlan,
+                        _DECODER)
 from .requests import TABLE
 
 TritonBackend, TritonBuilder, TritonImpl, _ = compat.triton_attention()
@@ -72,12 +73,7 @@ class PrescoreCudaBuilder(TritonBuilder):
         if self._uniform() and plan_uniform_decode(cm, self.block_size, self.bufs):
             md.prescore = UniformDecodePlan(self.bufs, cm.num_reqs, int(cm.block_table_tensor.shape[1]))
             return md
-        plan, dense_rows = plan_step(cm, self.block_size, self.device)
-        if plan.num_sparse:
-            sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
-            plan.dense_md = super().build(0, sub) if dense_rows else None
-        md.prescore = plan
-        return md
+        return attach_step_plan(md, cm, self.block_size, self.device, partial(super().build, 0))
 
 
 class PrescoreCudaImpl(TritonImpl):
