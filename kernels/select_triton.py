@@ -91,16 +91,20 @@ def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 @triton.jit
 def _select_kernel(
     SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, QKEY, WS,
-    IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY,
-    stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+    IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL,
+    stride_sc_b, stride_sc_h, stride_sc_m, stride_tg_m, stride_bt_b, stride_bt_n,
     stride_qk_b, stride_qk_h, stride_qk_n,
     stride_ws_b, stride_ws_h,
     stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h,
     MB, S, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
-    USE_CACHE: tl.constexpr,
+    USE_CACHE: tl.constexpr, HAS_COL: tl.constexpr, OVERFLOW_DENSE: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
+    if HAS_COL:  # per-row method: its column of the per-method scores and tags
+        col = tl.load(COL + b).to(tl.int64)
+        SCORES += col * stride_sc_m
+        TAGS += col * stride_tg_m
     seq = tl.load(SEQ + b)
     nblk = (seq + BS - 1) // BS
     budget = tl.load(BUDGET + b).to(tl.int32)
@@ -120,21 +124,22 @@ def _select_kernel(
             _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                         sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
                         stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
-                        stride_cn_b, MB, S, CH, ONE, HAS_QKEY)
+                        stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE)
             tl.store(ck, rtag)
             tl.store(ck + 1, packed)
     else:
         _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, b, nblk, budget,
                     sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
                     stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
-                    stride_cn_b, MB, S, CH, ONE, HAS_QKEY)
+                    stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE)
 
 
 @triton.jit
 def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                 sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
                 stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
-                stride_cn_b, MB, S, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr):
+                stride_cn_b, MB, S, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
+                OVERFLOW_DENSE: tl.constexpr):
     """Select for batch row b, KV head h; write the result at output row r."""
     dense = (budget == 0) | (nblk <= sink + window + budget)
     ws = WS + b * stride_ws_b + h * stride_ws_h
@@ -148,12 +153,14 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
         phys = tl.load(BT + b * stride_bt_b + j * stride_bt_n, mask=inb & in_ctx, other=0).to(tl.int64)
         sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=inb & in_ctx, other=0.0)
         tg = tl.load(TAGS + phys, mask=inb & in_ctx, other=0)
-        sw = (j < sink) | (j >= nblk - window)
+        sw = (j < sink) | (j >= nblk - window) | (j == nblk - 1)
         stale = tg != rtag
         key = tl.where(sw, FORCED, tl.where(stale, MUST, sc))
         key = tl.where(in_ctx, key, float("-inf"))
         tl.store(ws + j, _sortable(key), mask=inb)
         n_forced += tl.sum(((sw | stale) & in_ctx).to(tl.int32), 0)
+    if OVERFLOW_DENSE:  # more must-attend blocks than the capacity holds: attend everything (never drop one)
+        dense = dense | (n_forced + budget > S)
     total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
 
     if HAS_QKEY:
@@ -199,19 +206,31 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
 
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-                         prior_blocks, req_tags, max_selected, block_size, qkey=None, cache=None, rows=None):
+                         prior_blocks, req_tags, max_selected, block_size, qkey=None, cache=None, rows=None,
+                         cols=None, overflow_dense=False):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
     row's persistent cache row, e.g. its request slot), results live in the cache's buffers at ``rows`` and a
     prior-mode row whose block count, tag and controls are unchanged since its last call is not recomputed;
-    the returned tensors are then the cache buffers (index them with ``rows``)."""
+    the returned tensors are then the cache buffers (index them with ``rows``).
+
+    ``cols [B]`` (per-row scoring method): ``scores`` is ``[NB, M, H]`` and ``tags`` ``[M, NB]`` and row b reads
+    column ``cols[b]``. ``overflow_dense``: a row whose forced blocks + budget exceed ``max_selected`` is
+    returned dense (count -1) instead of dropping must-attend blocks."""
     import torch
 
     B, MB = block_table.shape
-    H = scores.shape[1]
+    H = scores.shape[-1]
     S = max_selected
     dev = block_table.device
+    has_col = cols is not None
+    if has_col:
+        if scores.dim() != 3 or tags.dim() != 2:
+            raise ValueError("per-row columns need scores [NB, M, H] and tags [M, NB]")
+        s_sc_m, s_tg_m = scores.stride(1), tags.stride(0)
+    else:
+        s_sc_m, s_tg_m, cols = 0, 0, seq_lens
     if cache is not None:
         ids, counts, kcounts, dense, ckey = cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key
         if ids.shape[2] != S:
@@ -229,10 +248,11 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
-        req_tags, qk, ws, ids, counts, kcounts, dense, rows, ckey,
-        scores.stride(0), scores.stride(1), block_table.stride(0), block_table.stride(1),
+        req_tags, qk, ws, ids, counts, kcounts, dense, rows, ckey, cols,
+        scores.stride(0), scores.stride(-1), s_sc_m, s_tg_m, block_table.stride(0), block_table.stride(1),
         qk.stride(0), qk.stride(1), qk.stride(2), ws.stride(0), ws.stride(1),
         ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0), ckey.stride(0), ckey.stride(1),
-        MB, S, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None, num_warps=8 if CH >= 4096 else 4,
+        MB, S, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
+        HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, num_warps=8 if CH >= 4096 else 4,
     )
     return ids, counts, kcounts, dense

@@ -6,8 +6,8 @@ Inputs (one layer): ``BlockSummaries`` (physical-block scores, key min/max, tags
 part of the budget that `hybrid` spends on the prior), ``req_tags`` (int64). ``q [B, Hq, D]`` is read only by
 query-aware modes.
 
-Rule: always the first ``sink_blocks`` and the last ``window_blocks`` blocks of the context (the partial tail
-block included) and every block whose tag is not the row's (never scored for this content: must-attend),
+Rule: always the first ``sink_blocks`` and the last ``window_blocks`` blocks of the context, the tail block
+(the one holding the current token, even with a zero window) and every block whose tag is not the row's (never scored for this content: must-attend),
 then the ``budget_blocks`` best remaining blocks by the mode's key:
 
 - ``prior``: the pre-score (query-independent).
@@ -19,7 +19,8 @@ A row is dense (``dense[b]`` True, every block attended) when its budget is 0 or
 sink + window + budget. Output (fixed-size buffers, CUDA-graph friendly): ``ids [B, Hkv, S]`` int32 logical
 block ids sorted ascending (padding after ``counts``), ``counts [B, Hkv]`` int32, ``dense [B]`` bool.
 ``S = max_selected`` is a static capacity (>= the largest sink + window + budget in blocks); must-attend
-blocks beyond it are dropped in favour of sink/window blocks.
+blocks beyond it are dropped in favour of sink/window blocks, or, with ``overflow_dense=True`` (what the
+backend uses), such a row is returned dense instead (never drops a must-attend block).
 """
 
 from __future__ import annotations
@@ -99,7 +100,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                   mode: torch.Tensor, prior_blocks: torch.Tensor, req_tags: torch.Tensor, max_selected: int,
                   q: torch.Tensor | None = None, block_size: int | None = None,
                   need_query: bool | None = None, use_triton: bool | None = None,
-                  cache: SelectionCache | None = None, rows: torch.Tensor | None = None) -> Selection:
+                  cache: SelectionCache | None = None, rows: torch.Tensor | None = None,
+                  overflow_dense: bool = False) -> Selection:
     """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode
     (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
     (:mod:`.select_triton`); otherwise this torch implementation runs. ``cache`` + ``rows`` (Triton only): keep
@@ -112,7 +114,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
         use_triton = block_table.is_cuda
     if use_triton:
         return _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-                              prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows)
+                              prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows,
+                              overflow_dense)
     if cache is not None:
         raise ValueError("the selection cache needs the Triton implementation")
     B, MB = block_table.shape
@@ -124,7 +127,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     j = torch.arange(MB, device=dev)
     phys = block_table.long().clamp_min(0)
     in_ctx = j[None, :] < nblk[:, None]  # [B, MB]
-    sw = (j[None, :] < sink_blocks.long()[:, None]) | (j[None, :] >= (nblk - window_blocks.long())[:, None])
+    sw = ((j[None, :] < sink_blocks.long()[:, None]) | (j[None, :] >= (nblk - window_blocks.long())[:, None])
+          | (j[None, :] == (nblk - 1)[:, None]))
     stale = summ.tags[phys] != req_tags.long()[:, None]  # [B, MB]
     forced_key = torch.where(sw, _FORCED, _MUST)[:, None, :]  # [B, 1, MB]
     forced = (sw | stale) & in_ctx  # [B, MB]
@@ -166,6 +170,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     if k < S:
         ids = torch.cat([ids, ids.new_full((B, H, S - k), MB)], -1)
     dense = (budget == 0) | (nblk <= sink_blocks.long() + window_blocks.long() + budget)
+    if overflow_dense:
+        dense = dense | (n_forced + budget > S)
     jj = torch.arange(S, device=dev)
     dense_ids = torch.where(jj[None, :] < nblk[:, None], jj[None, :], MB)  # [B, S]
     ids = torch.where(dense[:, None, None], dense_ids[:, None, :].expand(B, H, S), ids)
@@ -186,7 +192,7 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     G = q.shape[0] // H if q is not None else 1
     out = []
     for h in range(H):
-        forced = [j for j in range(nblk) if j < sink or j >= nblk - window or not bool(tag_ok[j])]
+        forced = [j for j in range(nblk) if j < sink or j >= nblk - max(window, 1) or not bool(tag_ok[j])]
         rest = [j for j in range(nblk) if j not in forced]
         chosen = set(forced)
         n_prior = budget if mode == "prior" else (min(prior_share, budget) if mode == "hybrid" else 0)
@@ -207,7 +213,8 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
 
 
 def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
-                   req_tags, max_selected, q, block_size, need_query, cache=None, rows=None) -> Selection:
+                   req_tags, max_selected, q, block_size, need_query, cache=None, rows=None,
+                   overflow_dense=False) -> Selection:
     from .select_triton import select_blocks_triton
 
     qkey = None
@@ -223,7 +230,7 @@ def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, wind
                            summ.kmax[phys].transpose(1, 2), in_ctx).contiguous()
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-        prior_blocks, req_tags, max_selected, block_size, qkey, cache, rows)
+        prior_blocks, req_tags, max_selected, block_size, qkey, cache, rows, overflow_dense=overflow_dense)
     if cache is not None:  # per-slot buffers, not gathered: pass sel_rows=selection.rows to sparse_decode
         return Selection(ids=ids, counts=counts, dense=dense, kcounts=kcounts, rows=rows)
     return Selection(ids=ids, counts=counts, dense=dense.bool(), kcounts=kcounts)

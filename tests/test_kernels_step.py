@@ -1,0 +1,141 @@
+"""The decode fast path's fused kernels (kernels/step_triton.py) and the selection's per-row method columns /
+overflow-to-dense, against the torch references (TRITON_INTERPRET=1 on CPU)."""
+
+import pytest
+import torch
+
+from kernel_utils import make_paged, rel_err
+from prescore.kernels import BlockSummaries, MODES, get_method, score_prefill, select_blocks
+from prescore.kernels.scoring import gather_keys
+from prescore.kernels.select_triton import select_blocks_triton
+from prescore.kernels.step_triton import row_stats_triton, score_tail_triton
+
+NAMES = ("kmeans", "leverage", "keynorm")  # column order, as the backend's per-layer store
+
+
+def _setup(lens, names, H=2, D=64, BS=16, seed=5, dtype=torch.bfloat16):
+    gen = torch.Generator().manual_seed(seed)
+    kv, bt, seq = make_paged(lens, H, D, BS, dtype, gen=gen)
+    NB, M = kv.shape[0], len(NAMES)
+    scores = torch.zeros(NB, M, H)
+    kmin = torch.zeros(NB, H, D, dtype=dtype)
+    kmax = torch.zeros(NB, H, D, dtype=dtype)
+    tags = torch.full((M, NB), -1, dtype=torch.int64)
+    S = max(get_method(n).state_size(D) for n in NAMES)
+    states = torch.zeros(len(lens) + 3, H, S)
+    srows = torch.arange(len(lens)) + 2  # state rows != batch rows
+    for b, (L, n) in enumerate(zip(lens, names)):
+        if n is None or L == 0:
+            continue
+        c = NAMES.index(n)
+        summ = BlockSummaries(scores[:, c], kmin, kmax, tags[c])
+        st = score_prefill(kv, summ, bt[b], 0, L - 1, get_method(n), tag=b, final=True)
+        states[srows[b], :, : st.shape[1]] = st
+    mids = torch.tensor([get_method(n).method_id if n else -1 for n in names])
+    cols = torch.tensor([NAMES.index(n) if n else 0 for n in names])
+    return kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols
+
+
+@pytest.mark.parametrize("only_full", [False, True])
+def test_tail_kernel_scores_each_rows_own_method(only_full):
+    BS, D = 16, 64
+    lens = [40, 64, 17, 96, 0, 48]  # partial, full, 1 token, full, a padding row, full
+    names = ["keynorm", "leverage", "kmeans", "kmeans", None, "leverage"]
+    kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols = _setup(lens, names, D=D, BS=BS)
+    bt[4] = bt[0]  # the padding row's table points at a live block: it must not touch it
+    before = (scores.clone(), tags.clone(), kmin.clone())
+    rtags = torch.arange(len(lens)) + 100
+    score_tail_triton(kv, scores, kmin, kmax, tags, bt, seq, mids, cols, states, srows, rtags, only_full=only_full)
+    written = [b for b, L in enumerate(lens) if L and (not only_full or L % BS == 0)]
+    touched = {int(bt[b, (lens[b] - 1) // BS]) for b in written}
+    others = torch.tensor([i not in touched for i in range(kv.shape[0])])
+    assert torch.equal(scores[others], before[0][others]) and torch.equal(tags[:, others], before[1][:, others])
+    assert torch.equal(kmin[others], before[2][others])
+    for b in written:
+        L, m = lens[b], get_method(names[b])
+        j, c = (L - 1) // BS, NAMES.index(names[b])
+        keys = gather_keys(kv, bt[b, j:j + 1])[:, : L - j * BS].float()
+        ref = m.score(keys, states[srows[b], :, : m.state_size(D)]).amax(-1)
+        phys = int(bt[b, j])
+        assert rel_err(scores[phys, c], ref) < 1e-4, names[b]
+        assert torch.equal(kmax[phys].float(), keys.amax(1)) and torch.equal(kmin[phys].float(), keys.amin(1))
+        assert tags[c, phys] == rtags[b]
+        assert (tags[[i for i in range(3) if i != c], phys] == before[1][[i for i in range(3) if i != c], phys]).all()
+
+
+def test_select_per_row_columns_equal_per_method_selection():
+    BS, H = 16, 2
+    lens = [300, 257, 160, 500]
+    names = ["kmeans", "leverage", "keynorm", "leverage"]
+    gen = torch.Generator().manual_seed(2)
+    kv, bt, seq = make_paged(lens, H, 32, BS, torch.float32, gen=gen)
+    NB = kv.shape[0]
+    scores = torch.rand(NB, 3, H, generator=gen)
+    tags = torch.randint(0, 3, (3, NB), generator=gen) + 100  # some blocks stale per column
+    cols = torch.tensor([NAMES.index(n) for n in names])
+    rtag = torch.full((4,), 101)
+    t = lambda x: torch.tensor(x)  # noqa: E731
+    args = (t([4, 3, 2, 6]), t([1, 0, 2, 1]), t([2, 1, 0, 2]), t([MODES["prior"]] * 4), t([4, 3, 2, 6]), rtag)
+    ids, counts, kcounts, dense = select_blocks_triton(scores, tags, bt, seq, *args, 40, BS, cols=cols)
+    for b in range(4):
+        c = int(cols[b])
+        summ = BlockSummaries(scores[:, c], torch.zeros(NB, H, 32), torch.zeros(NB, H, 32), tags[c])
+        ref = select_blocks(summ, bt[b:b + 1], seq[b:b + 1], *(a[b:b + 1] for a in args), 40, block_size=BS,
+                            need_query=False, use_triton=False)
+        assert torch.equal(counts[b], ref.counts[0])
+        for h in range(H):
+            n = int(counts[b, h])
+            assert torch.equal(ids[b, h, :n], ref.ids[0, h, :n])
+
+
+@pytest.mark.parametrize("use_triton", [False, True], ids=["torch", "triton"])
+def test_overflow_dense_never_drops_must_attend_blocks(use_triton):
+    BS, H = 16, 2
+    lens = [640, 640]
+    gen = torch.Generator().manual_seed(3)
+    kv, bt, seq = make_paged(lens, H, 32, BS, torch.float32, gen=gen)
+    summ = BlockSummaries.allocate(kv.shape[0], H, 32, torch.float32, "cpu")
+    summ.scores.copy_(torch.rand(summ.scores.shape, generator=gen))
+    summ.tags.fill_(7)
+    summ.tags[bt[1, 5:25].long()] = -1  # row 1: 20 never-scored blocks, more than the capacity holds
+    t = lambda x: torch.tensor(x)  # noqa: E731
+    sel = select_blocks(summ, bt, seq, t([4, 4]), t([1, 1]), t([2, 2]), t([0, 0]), t([4, 4]), t([7, 7]), 12,
+                        block_size=BS, need_query=False, use_triton=use_triton, overflow_dense=True)
+    assert not bool(sel.dense[0]) and (sel.counts[0] == 4 + 1 + 2).all()
+    assert bool(sel.dense[1]) and (sel.kernel_counts()[1] == -1).all()
+
+
+def test_tail_block_is_attended_with_zero_window():
+    BS, H = 16, 2
+    gen = torch.Generator().manual_seed(4)
+    kv, bt, seq = make_paged([250], H, 32, BS, torch.float32, gen=gen)
+    summ = BlockSummaries.allocate(kv.shape[0], H, 32, torch.float32, "cpu")
+    summ.scores.copy_(torch.rand(summ.scores.shape, generator=gen))
+    summ.scores[bt[0, 15].long()] = -1.0  # the tail block ranks last by its prior
+    summ.tags.fill_(7)
+    t = lambda x: torch.tensor(x)  # noqa: E731
+    for use_triton in (False, True):
+        sel = select_blocks(summ, bt, seq, t([3]), t([0]), t([0]), t([0]), t([3]), t([7]), 20, block_size=BS,
+                            need_query=False, use_triton=use_triton)
+        assert (sel.counts == 4).all() and (sel.ids[0, :, 3] == 15).all()
+
+
+def test_row_stats_kernel_matches_torch():
+    BS, H = 16, 4
+    kc = torch.tensor([[5, 5, 5, 5], [-1, -1, -1, -1], [7, 6, 7, 6], [3, 3, 3, 3], [9, 9, 9, 9]], dtype=torch.int32)
+    srows = torch.tensor([2, 0, 3, 1])
+    seq = torch.tensor([1000, 40, 333, 0], dtype=torch.int32)
+    sparse = torch.tensor([1, 1, 1, 0])
+    labels = torch.tensor([4, 1, 4, 0])
+    acc = torch.zeros(9, 4, dtype=torch.float64)
+    row_stats_triton(kc, srows, seq, sparse, labels, acc, BS)
+    exp = torch.zeros(9, 4, dtype=torch.float64)
+    for b in range(4):
+        k = kc[srows[b]]
+        if not sparse[b] or (k < 0).any():
+            continue
+        nblk = -(-int(seq[b]) // BS)
+        cnt = float(k.double().mean())
+        exp[labels[b]] += torch.tensor([cnt * BS - (nblk * BS - int(seq[b])), float(seq[b]), cnt, nblk],
+                                       dtype=torch.float64)
+    assert torch.allclose(acc, exp)
