@@ -221,13 +221,9 @@ def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, wind
     if need_query:
         if q is None:
             raise ValueError("query-aware selection needs q")
-        B, MB = block_table.shape
-        H = summ.scores.shape[1]
-        phys = block_table.long().clamp_min(0)
-        nblk = (seq_lens.long() + block_size - 1) // block_size
-        in_ctx = torch.arange(MB, device=phys.device)[None, :] < nblk[:, None]
-        qkey = quest_bound(q.view(B, H, q.shape[1] // H, -1), summ.kmin[phys].transpose(1, 2),
-                           summ.kmax[phys].transpose(1, 2), in_ctx).contiguous()
+        from .step_triton import quest_bound_triton
+
+        qkey = quest_bound_triton(q, summ.kmin, summ.kmax, block_table, seq_lens, mode, block_size)
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
         prior_blocks, req_tags, max_selected, block_size, qkey, cache, rows, overflow_dense=overflow_dense)

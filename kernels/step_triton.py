@@ -148,3 +148,76 @@ def row_stats_triton(kcounts: torch.Tensor, state_rows: torch.Tensor, seq_lens: 
         return
     _stats_kernel[(B,)](kcounts, state_rows, seq_lens, sparse, labels, acc, kcounts.stride(0), acc.stride(0),
                         H=H, H_PAD=max(2, triton.next_power_of_2(H)), BS=block_size, num_warps=1)
+
+
+@triton.jit
+def _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
+                 s_mn_d, h, G: tl.constexpr):
+    """[G_PAD, CHB] scaled Quest bounds of the query heads of KV head h on logical blocks j."""
+    q = tl.load(Q + b * s_q_b + (h * G + offs_g)[:, None] * s_q_h + d[None, :], mask=gm[:, None] & dm[None, :],
+                other=0.0).to(tl.float32)
+    phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
+    base = phys[None, :] * s_mn_b + h * s_mn_h + d[:, None] * s_mn_d  # [D_PAD, CHB]
+    kmin = tl.load(KMIN + base, mask=dm[:, None] & jm[None, :], other=0.0).to(tl.float32)
+    kmax = tl.load(KMAX + base, mask=dm[:, None] & jm[None, :], other=0.0).to(tl.float32)
+    # sum_d max(q_d kmin_d, q_d kmax_d) = q+ . kmax + q- . kmin
+    bound = (tl.dot(tl.maximum(q, 0.0), kmax, input_precision="ieee")
+             + tl.dot(tl.minimum(q, 0.0), kmin, input_precision="ieee"))
+    return bound * scale
+
+
+@triton.jit
+def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d,
+                  s_o_b, s_o_h, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  BS: tl.constexpr, CHB: tl.constexpr):
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    mode = tl.load(MODE + b)
+    if mode != 0:
+        seq = tl.load(SEQ + b).to(tl.int32)
+        nblk = (seq + BS - 1) // BS
+        offs_g = tl.arange(0, G_PAD)
+        gm = offs_g < G
+        d = tl.arange(0, D_PAD)
+        dm = d < HEAD_SIZE
+        best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        for c in range(0, nblk, CHB):
+            j = c + tl.arange(0, CHB)
+            jm = j < nblk
+            bnd = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n,
+                               s_mn_b, s_mn_h, s_mn_d, h, G)
+            best = tl.maximum(best, tl.max(tl.where(jm[None, :], bnd, float("-inf")), 1))
+        best = tl.where(gm, best, 0.0)
+        for c in range(0, nblk, CHB):
+            j = c + tl.arange(0, CHB)
+            jm = j < nblk
+            rel = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n,
+                               s_mn_b, s_mn_h, s_mn_d, h, G) - best[:, None]
+            rel = tl.where(gm[:, None], rel, float("-inf"))
+            m = tl.max(rel, 0)
+            key = m + tl.log(tl.sum(tl.exp(rel - m[None, :]), 0))
+            tl.store(OUT + b * s_o_b + h * s_o_h + j, key, mask=jm)
+
+
+def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
+                       seq_lens: torch.Tensor, mode: torch.Tensor, block_size: int) -> torch.Tensor:
+    """The query-aware key of :func:`prescore.kernels.selection.quest_bound` (the torch reference), per row
+    and KV head over the row's context blocks only; rows in ``prior`` mode (0) are skipped (their key is
+    never read). ``q [B, Hq, D]``, ``kmin/kmax [NB, H, D]`` (physical blocks) -> ``[B, H, MB]`` float32."""
+    B, MB = block_table.shape
+    NB, H, D = kmin.shape
+    G = q.shape[1] // H
+    out = torch.empty(B, H, MB, dtype=torch.float32, device=q.device)
+    if B == 0:
+        return out
+    import math
+
+    D_PAD = triton.next_power_of_2(D)
+    _quest_kernel[(B, H)](
+        q, kmin, kmax, block_table, seq_lens, mode, out, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
+        block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        out.stride(0), out.stride(1),
+        HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size, CHB=64,
+        num_warps=4,
+    )
+    return out

@@ -139,3 +139,27 @@ def test_row_stats_kernel_matches_torch():
         exp[labels[b]] += torch.tensor([cnt * BS - (nblk * BS - int(seq[b])), float(seq[b]), cnt, nblk],
                                        dtype=torch.float64)
     assert torch.allclose(acc, exp)
+
+
+@pytest.mark.parametrize("G", [1, 3, 4])
+def test_quest_bound_kernel_matches_torch(G):
+    from prescore.kernels.selection import quest_bound
+    from prescore.kernels.step_triton import quest_bound_triton
+
+    BS, H, D = 16, 2, 32
+    lens = [300, 17, 1100]
+    gen = torch.Generator().manual_seed(G)
+    kv, bt, seq = make_paged(lens, H, D, BS, torch.float32, gen=gen)
+    kmin = kv[..., :D].amin(2)
+    kmax = kv[..., :D].amax(2)
+    q = torch.randn(3, H * G, D, generator=gen) * 3
+    mode = torch.tensor([1, 2, 0])
+    out = quest_bound_triton(q, kmin, kmax, bt, seq, mode, BS)
+    MB = bt.shape[1]
+    nblk = (seq.long() + BS - 1) // BS
+    in_ctx = torch.arange(MB)[None, :] < nblk[:, None]
+    phys = bt.long()
+    ref = quest_bound(q.view(3, H, G, D), kmin[phys].transpose(1, 2), kmax[phys].transpose(1, 2), in_ctx)
+    for b in range(2):  # row 2 is prior mode: skipped
+        n = int(nblk[b])
+        assert torch.allclose(out[b, :, :n], ref[b, :, :n], atol=1e-4, rtol=1e-4)
