@@ -25,7 +25,8 @@ from dataclasses import dataclass, fields, replace
 import torch
 from vllm.platforms import current_platform
 
-from prescore.kernels import BlockSummaries, METHODS, MODES, get_method, score_decode_tail, score_prefill, select_blocks
+from prescore.kernels import (BlockSummaries, METHODS, MODES, SelectionCache, get_method, score_decode_tail, score_prefill,
+                              select_blocks)
 from prescore.kernels.decode import sparse_decode, sparse_decode_ref
 
 from . import compat, metrics
@@ -163,23 +164,30 @@ def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
 
 class DecodeBuffers:
     """Persistent per-row controls for pure-decode steps (CUDA graphs replay kernels that read these
-    addresses): one int64 ``[max_rows, F]`` device tensor refilled by the builder each step."""
+    addresses): one int64 ``[F, max_rows]`` device tensor (each field contiguous: the kernels index fields by
+    row without strides) refilled by the builder each step.
 
-    FIELDS = ("slot", "method", "budget", "sink", "window", "mode", "prior", "tag", "label", "sparse")
+    ``method`` is the kernel method id (-1: no scoring: padding, unknown request or budget 0), ``col`` the
+    method's column of the per-method summaries, ``srow`` the row's persistent state / selection-cache row
+    (its request slot; padding rows get a private scratch row past the slots, so no two rows share one)."""
+
+    FIELDS = ("slot", "method", "col", "srow", "budget", "sink", "window", "mode", "prior", "tag", "label",
+              "sparse")
 
     def __init__(self, max_rows: int, device):
-        self.buf = torch.zeros(max_rows, len(self.FIELDS), dtype=torch.int64, device=device)
+        self.max_rows = max_rows
+        self.buf = torch.zeros(len(self.FIELDS), max_rows, dtype=torch.int64, device=device)
         self.rows = 0
 
     def field(self, name: str, n: int) -> torch.Tensor:
-        return self.buf[:n, self.FIELDS.index(name)]
+        return self.buf[self.FIELDS.index(name), :n]
 
     def fill(self, rows: list[tuple]) -> None:
-        """``rows``: one FIELDS tuple per batch row (padded rows: all zeros = dense, no request)."""
+        """``rows``: one FIELDS tuple per batch row."""
         n = len(rows)
         # pageable source: the copy is staged before copy_ returns, so it is free to reuse at once (a pinned
         # buffer refilled next step could race the in-flight DMA)
-        self.buf[:n].copy_(torch.tensor(rows, dtype=torch.int64).view(n, len(self.FIELDS)), non_blocking=True)
+        self.buf[:, :n].copy_(torch.tensor(rows, dtype=torch.int64).view(n, len(self.FIELDS)).T, non_blocking=True)
         self.rows = n
 
 
@@ -187,9 +195,12 @@ def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers) -> bool:
     """Fill ``bufs`` for a batch of single-token decode rows only (what a FULL decode CUDA graph replays).
     Returns False (nothing written) when some row is a prefill or multi-token row."""
     n = cm.num_reqs
+    if n > bufs.max_rows:
+        return False
     qsl = cm.query_start_loc_cpu[: n + 1].tolist()
     seq = compat.host_seq_lens(cm).tolist()
     slots = TABLE.slots(n, compat.req_slots(cm))
+    scratch = max(TABLE.capacity, 1)
     rows = []
     for i in range(n):
         qlen, ctx, slot = qsl[i + 1] - qsl[i], int(seq[i]), slots[i]
@@ -197,15 +208,15 @@ def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers) -> bool:
         if qlen > 1 or (p is not None and qlen == 1 and ctx - 1 < TABLE.prefill_len[slot]):
             return False
         if p is None or qlen == 0 or p.budget == 0:
-            rows.append((max(slot, 0), 0, 0, 0, 0, 0, 0, 0, 0, 0))
+            rows.append((max(slot, 0), -1, 0, scratch + i, 0, 0, 0, 0, 0, 0, 0, 0))
             if p is not None and qlen:
                 metrics.add(p.method, p.mode, decode_rows_dense=1)
             continue
         budget, sink, window, prior = p.blocks(block_size)
         sparse = -(-ctx // block_size) > sink + window + budget
         metrics.add(p.method, p.mode, **{"decode_rows_sparse" if sparse else "decode_rows_dense": 1})
-        rows.append((slot, METHODS[p.method].method_id, budget, sink, window, MODES[p.mode], prior,
-                     TABLE.tag[slot], _label(p), int(sparse)))
+        rows.append((slot, METHODS[p.method].method_id, _METHOD_NAMES.index(p.method), slot, budget, sink, window,
+                     MODES[p.mode], prior, TABLE.tag[slot], _label(p), int(sparse)))
     bufs.fill(rows)
     return True
 
@@ -219,34 +230,31 @@ class UniformDecodePlan:
 
 def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, kv, block_table, seq_lens, output,
                            scale, block_size: int, decode_fn) -> None:
-    """Every row of a pure-decode batch through one fixed-shape path (no host sync, no data-dependent
-    control flow: capturable). Per method: tail scoring and selection on that method's summaries (other
-    rows masked: seq 0 / budget 0); the selections merge into one sparse decode (dense rows: count -1)."""
+    """Every row of a pure-decode batch through one fixed sequence of launches (no host sync, no
+    data-dependent host control flow: capturable), each row with its own method, mode and budget:
+
+    1. ``score_tail_triton``: a row whose newest token filled its block scores that block (own method,
+       own fitted state) and writes its summaries;
+    2. ``quest_bound_triton`` (skips prior-mode rows) + ``select_blocks_triton`` on the row's method column
+       into the per-slot selection cache (prior rows recompute only when their block count changes; a row
+       whose must-attend blocks overflow the capacity turns dense);
+    3. one sparse decode over the cached selections (dense rows: count -1, every block);
+    4. the device counters (one atomic add per sparse row)."""
+    from prescore.kernels.select_triton import select_blocks_triton
+    from prescore.kernels.step_triton import quest_bound_triton, row_stats_triton, score_tail_triton
+
     n, U = plan.num_rows, plan.bufs
     bt, sl, q = block_table[:n], seq_lens[:n], query[:n]
     f = lambda name: U.field(name, n)  # noqa: E731
-    slots, mids, tags = f("slot"), f("method"), f("tag")
-    states = store.states[slots]
-    ids_all, kc_all = None, None
-    for m, summ in store.summ.items():
-        mid = METHODS[m].method_id
-        mine = mids == mid
-        score_decode_tail(kv, summ, bt, torch.where(mine, sl, 0), mids, states, tags, {mid: _METHOD_OBJS[m]})
-        sel = select_blocks(summ, bt, sl, torch.where(mine, f("budget"), 0), f("sink"), f("window"), f("mode"),
-                            f("prior"), tags, plan.max_selected, q=q, block_size=block_size, need_query=True)
-        kc = torch.where(mine[:, None], sel.kernel_counts(), -1)
-        ids_all = sel.ids if ids_all is None else torch.where(mine[:, None, None], sel.ids, ids_all)
-        kc_all = kc if kc_all is None else torch.where(mine[:, None], kc, kc_all)
-    output[:n] = decode_fn(q, kv, bt, sl, ids_all, kc_all, scale).to(output.dtype)
-    # counters for the sparse rows (device-side)
-    BS = block_size
-    sparse = f("sparse").double()
-    nblk = (sl.long() + BS - 1) // BS
-    cnt = kc_all.long().clamp_min(0)
-    last_sel = (ids_all.long() == (nblk - 1)[:, None, None]).any(-1)
-    sel_tok = cnt * BS - last_sel.long() * (nblk * BS - sl.long())[:, None]
-    vals = torch.stack([sel_tok.double().mean(1), sl.double(), cnt.double().mean(1), nblk.double()], 1)
-    store.acc.index_add_(0, f("label"), vals * sparse[:, None])
+    srow, cols, mode = f("srow"), f("col"), f("mode")
+    cache = store.selection_cache(plan.max_selected, U.max_rows)
+    score_tail_triton(kv, store.scores3, store.kmin, store.kmax, store.tags2, bt, sl, f("method"), cols,
+                      store.states, srow, f("tag"), only_full=True)
+    qkey = quest_bound_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size)
+    select_blocks_triton(store.scores3, store.tags2, bt, sl, f("budget"), f("sink"), f("window"), mode, f("prior"),
+                         f("tag"), plan.max_selected, block_size, qkey, cache, srow, cols=cols, overflow_dense=True)
+    output[:n] = decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow).to(output.dtype)
+    row_stats_triton(cache.kcounts, srow, sl, f("sparse"), f("label"), store.acc, block_size)
 
 
 def subset_common_metadata(cm, rows: list[int]):
@@ -370,9 +378,22 @@ class LayerStore:
         tags = torch.full((M, NB), -1, dtype=torch.int64, device=kv_cache.device)
         self.summ = {m: BlockSummaries(scores=scores[:, j], kmin=kmin, kmax=kmax, tags=tags[j])
                      for j, m in enumerate(P.METHOD_NAMES)}
+        self.scores3, self.tags2, self.kmin, self.kmax = scores, tags, kmin, kmax  # [NB, M, H], [M, NB]
+        self.num_slots = num_slots
+        self.cache: SelectionCache | None = None
         S = max(get_method(m).state_size(D) for m in P.METHOD_NAMES)
         self.states = torch.zeros(num_slots, H, S, dtype=torch.float32, device=kv_cache.device)
         self.acc = metrics.device_accumulator(_LABELS, kv_cache.device)
+
+    def selection_cache(self, capacity: int, scratch_rows: int) -> SelectionCache:
+        """Per-slot selections (rows: the request slots, then one scratch row per batch row for padding)."""
+        c = self.cache
+        if c is None or c.ids.shape[2] != capacity or c.ids.shape[0] < self.num_slots + scratch_rows:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("prescore: the selection cache must be allocated before CUDA graph capture")
+            self.cache = c = SelectionCache.allocate(self.num_slots + scratch_rows, self.scores3.shape[2], capacity,
+                                                     self.scores3.device)
+        return c
 
 
 _METHOD_OBJS = {name: get_method(name) for name in P.METHOD_NAMES}

@@ -86,6 +86,21 @@ def triton_attention():
             triton_attn.TritonAttentionImpl, triton_attn.TritonAttentionMetadata)
 
 
+def flash_attention():
+    """(Backend, Builder, Impl, Metadata) of vLLM's FlashAttention backend, or None when vLLM has no usable
+    FlashAttention build on this GPU (then the Triton backend is the base)."""
+    try:
+        from vllm.v1.attention.backends import flash_attn
+        from vllm.v1.attention.backends.fa_utils import get_flash_attn_version
+
+        if get_flash_attn_version() is None:
+            return None
+    except Exception:  # noqa: BLE001 - any import/probe failure means: not available
+        return None
+    return (flash_attn.FlashAttentionBackend, flash_attn.FlashAttentionMetadataBuilder,
+            flash_attn.FlashAttentionImpl, flash_attn.FlashAttentionMetadata)
+
+
 def req_slots(common_attn_metadata):
     """Model Runner V2: ``req_idx`` (batch row -> persistent request slot, numpy). V1 runner: None."""
     return getattr(common_attn_metadata, "req_idx", None)

@@ -1,13 +1,14 @@
-"""PRESCORE on CUDA: vLLM's Triton attention for prefill and dense rows, the prescore Triton kernels for
-scoring, selection and sparse decode. vLLM's GPU cache layout already keeps K in ``[..., :D]`` and V in
-``[..., D:]``, so the kernels read the paged cache directly (no mirror).
+"""PRESCORE on CUDA: vLLM's own dense kernel for prefill and dense rows -- FlashAttention (FA3 on Hopper)
+when vLLM has it, else its Triton attention (``PRESCORE_DENSE_BACKEND=flash|triton`` forces one) -- and the
+prescore Triton kernels for scoring, selection and sparse decode. vLLM's GPU cache layout keeps K in
+``[..., :D]`` and V in ``[..., D:]``, so the kernels read the paged cache directly (no mirror).
 
-CUDA graphs: the builder reports ``UNIFORM_SINGLE_TOKEN_DECODE``. Batches of single-token decode rows take
-one fixed-shape path over persistent per-row buffers (``uniform_decode_forward``: no host sync, capturable,
-dense rows through the prescore kernel with count -1) whenever vLLM runs FULL decode graphs; mixed batches
-(prefill rows) plan per step on the host and run eagerly between PIECEWISE graph pieces. With
-``--enforce-eager`` (or ``PRESCORE_UNIFORM_DECODE=0``) decode batches use the per-step path too, whose
-dense rows run vLLM's own kernel (bit-identical to TRITON_ATTN).
+Decode: batches of single-token decode rows take one fixed sequence of launches over persistent per-row
+buffers (``uniform_decode_forward``: no host sync, capturable; the builder reports
+``UNIFORM_SINGLE_TOKEN_DECODE`` so vLLM captures them as FULL CUDA graphs); dense rows in them run the
+prescore kernel with every block. Mixed batches (prefill rows) plan per step on the host and run between
+PIECEWISE graph pieces; their dense rows run vLLM's kernel. ``PRESCORE_UNIFORM_DECODE=0`` sends decode
+batches through the per-step path too (then dense rows are bit-identical to the base backend).
 """
 
 from __future__ import annotations
@@ -18,21 +19,23 @@ import os
 from functools import partial
 
 import torch
-from vllm.config import CUDAGraphMode
 from vllm.v1.attention.backend import AttentionCGSupport
 
 from prescore.kernels.decode import sparse_decode
 
 from . import compat, metrics
+from . import params as P
 from .attention import (attach_step_plan, DecodeBuffers, extra_page_bytes, LayerStore, log_start, logger,
                         plan_uniform_decode, sparse_rows_forward, uniform_decode_forward, UniformDecodePlan,
                         _DECODER)
 from .requests import TABLE
 
-TritonBackend, TritonBuilder, TritonImpl, _ = compat.triton_attention()
+_flash = compat.flash_attention() if os.environ.get("PRESCORE_DENSE_BACKEND", "flash") != "triton" else None
+BaseBackend, BaseBuilder, BaseImpl, _ = _flash or compat.triton_attention()
+DENSE_BACKEND = "FLASH_ATTN" if _flash else "TRITON_ATTN"
 
 
-class PrescoreCudaBuilder(TritonBuilder):
+class PrescoreCudaBuilder(BaseBuilder):
     _cudagraph_support: ClassVar[AttentionCGSupport] = AttentionCGSupport.UNIFORM_SINGLE_TOKEN_DECODE
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
@@ -40,17 +43,15 @@ class PrescoreCudaBuilder(TritonBuilder):
         self.enabled = not getattr(kv_cache_spec, "sliding_window", None)
         if not self.enabled:
             logger.info("prescore: sliding-window layers %s run dense (vLLM's Triton kernel)", layer_names[:2])
-        log_start(vllm_config, "CUDA: vLLM Triton attention for prefill/dense rows, prescore Triton sparse decode")
+        log_start(vllm_config, f"CUDA: vLLM {DENSE_BACKEND} for prefill/dense rows, prescore Triton sparse decode")
         cc = vllm_config.compilation_config
         rows = max(compat.max_num_seqs(vllm_config), getattr(cc, "max_cudagraph_capture_size", None) or 0)
         self.bufs = DecodeBuffers(rows, device)
+        defaults = P.load_defaults(compat.additional_config(vllm_config))
+        self.capacity = defaults.capacity_blocks(self.block_size)
 
     def _uniform(self) -> bool:
-        env = os.environ.get("PRESCORE_UNIFORM_DECODE")
-        if env is not None:
-            return env == "1"
-        mode = self.vllm_config.compilation_config.cudagraph_mode
-        return mode is not None and mode.decode_mode() == CUDAGraphMode.FULL
+        return os.environ.get("PRESCORE_UNIFORM_DECODE", "1") == "1"
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
         # per-layer storage must exist before capture: allocating (and initialising tags) inside a graph
@@ -61,7 +62,7 @@ class PrescoreCudaBuilder(TritonBuilder):
         for layer in get_layers_from_vllm_config(self.vllm_config, Attention, self.layer_names).values():
             kv = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
             if isinstance(layer.impl, PrescoreCudaImpl) and isinstance(kv, torch.Tensor) and kv.numel():
-                layer.impl.store_for(kv)
+                layer.impl.store_for(kv).selection_cache(self.capacity, self.bufs.max_rows)
         return super().build_for_cudagraph_capture(common_attn_metadata)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
@@ -71,12 +72,12 @@ class PrescoreCudaBuilder(TritonBuilder):
             return md
         cm = common_attn_metadata
         if self._uniform() and plan_uniform_decode(cm, self.block_size, self.bufs):
-            md.prescore = UniformDecodePlan(self.bufs, cm.num_reqs, int(cm.block_table_tensor.shape[1]))
+            md.prescore = UniformDecodePlan(self.bufs, cm.num_reqs, self.capacity)
             return md
         return attach_step_plan(md, cm, self.block_size, self.device, partial(super().build, 0))
 
 
-class PrescoreCudaImpl(TritonImpl):
+class PrescoreCudaImpl(BaseImpl):
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
         self.store: LayerStore | None = None
@@ -113,11 +114,11 @@ class PrescoreCudaImpl(TritonImpl):
         return output
 
 
-def _cuda_decode(q, kv, bt, sl, ids, counts, scale):
-    return sparse_decode(q, kv, bt, sl, ids, counts, scale)
+def _cuda_decode(q, kv, bt, sl, ids, counts, scale, sel_rows=None):
+    return sparse_decode(q, kv, bt, sl, ids, counts, scale, sel_rows=sel_rows)
 
 
-class PrescoreCudaBackend(TritonBackend):
+class PrescoreCudaBackend(BaseBackend):
     supported_kv_cache_dtypes: ClassVar[list] = ["auto", "float16", "bfloat16"]
 
     @staticmethod

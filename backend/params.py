@@ -10,7 +10,9 @@ Per request: ``SamplingParams.extra_args`` (HTTP ``vllm_xargs``) keys
 
 Server-wide defaults: JSON in the env var ``PRESCORE_CONFIG`` and/or ``--additional-config
 '{"prescore": {...}}'`` (the latter wins), keys without the ``prescore_`` prefix plus
-``hybrid_prior_fraction`` (share of a hybrid budget spent on the prior, default 0.5). Token counts are
+``hybrid_prior_fraction`` (share of a hybrid budget spent on the prior, default 0.5) and ``max_selected``
+(tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
+sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated). Token counts are
 rounded up to whole KV blocks. Any unknown ``prescore_*`` key or bad value is an error naming the field.
 """
 
@@ -35,6 +37,12 @@ class PrescoreParams:
     sink: int = 64
     window: int = 256
     hybrid_prior_fraction: float = 0.5
+    max_selected: int = 8192
+
+    def capacity_blocks(self, block_size: int) -> int:
+        """Static selection capacity in blocks: max_selected + the default sink and window + the tail block."""
+        cdiv = lambda n: -(-n // block_size)  # noqa: E731
+        return cdiv(self.max_selected) + cdiv(self.sink) + cdiv(self.window) + 1
 
     def blocks(self, block_size: int) -> tuple[int, int, int, int]:
         """(budget, sink, window, prior) in blocks; prior is the hybrid share of the budget."""
@@ -45,7 +53,7 @@ class PrescoreParams:
 
 
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
-CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction",)
+CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "max_selected")
 
 
 def _err(msg: str, field: str, value):
@@ -56,7 +64,7 @@ def _err(msg: str, field: str, value):
 
 def _check(field: str, value, shown: str):
     """Validate one field's value; return it normalised. ``shown`` is the name used in errors."""
-    if field in ("budget", "sink", "window"):
+    if field in ("budget", "sink", "window", "max_selected"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise _err(f"{shown} must be an integer number of tokens, got {value!r}", shown, value)
         if not 0 <= value <= MAX_TOKENS:

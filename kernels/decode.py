@@ -222,7 +222,7 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
     G_PAD = max(16, triton.next_power_of_2(G))
     _decode_split_kernel[(B, Hkv, num_splits)](
         q, kv_cache, block_table, sel_ids, sel_counts, seq_lens, o_part, lse_part,
-        sel_rows if sel_rows is not None else seq_lens,
+        sel_rows.contiguous() if sel_rows is not None else seq_lens,
         q.stride(0), q.stride(1), q.stride(2),
         kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3),
         block_table.stride(0), block_table.stride(1),

@@ -220,6 +220,9 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     returned dense (count -1) instead of dropping must-attend blocks."""
     import torch
 
+    # per-row controls are indexed by row without strides (contiguous() is free when they already are)
+    seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks, req_tags = (
+        t.contiguous() for t in (seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks, req_tags))
     B, MB = block_table.shape
     H = scores.shape[-1]
     S = max_selected
@@ -228,10 +231,11 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     if has_col:
         if scores.dim() != 3 or tags.dim() != 2:
             raise ValueError("per-row columns need scores [NB, M, H] and tags [M, NB]")
-        s_sc_m, s_tg_m = scores.stride(1), tags.stride(0)
+        s_sc_m, s_tg_m, cols = scores.stride(1), tags.stride(0), cols.contiguous()
     else:
         s_sc_m, s_tg_m, cols = 0, 0, seq_lens
     if cache is not None:
+        rows = rows.contiguous()
         ids, counts, kcounts, dense, ckey = cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key
         if ids.shape[2] != S:
             raise ValueError(f"cache capacity {ids.shape[2]} != max_selected {S}")

@@ -102,6 +102,8 @@ def score_tail_triton(kv_cache: torch.Tensor, scores: torch.Tensor, kmin: torch.
     D = D2 // 2
     if B == 0:
         return
+    seq_lens, method_ids, cols, state_rows, row_tags = (t.contiguous() for t in (seq_lens, method_ids, cols,
+                                                                                 state_rows, row_tags))
     D_PAD = triton.next_power_of_2(D)
     _tail_kernel[(B, H)](
         kv_cache, block_table, seq_lens, method_ids, cols, states, state_rows, row_tags, scores, kmin, kmax, tags,
@@ -146,6 +148,7 @@ def row_stats_triton(kcounts: torch.Tensor, state_rows: torch.Tensor, seq_lens: 
     H = kcounts.shape[1]
     if B == 0:
         return
+    state_rows, seq_lens, sparse, labels = (t.contiguous() for t in (state_rows, seq_lens, sparse, labels))
     _stats_kernel[(B,)](kcounts, state_rows, seq_lens, sparse, labels, acc, kcounts.stride(0), acc.stride(0),
                         H=H, H_PAD=max(2, triton.next_power_of_2(H)), BS=block_size, num_warps=1)
 
@@ -211,6 +214,8 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
     if B == 0:
         return out
     import math
+
+    seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
 
     D_PAD = triton.next_power_of_2(D)
     _quest_kernel[(B, H)](

@@ -73,7 +73,7 @@ def test_cuda_style_path_on_cpu():
     assert dense_rows == [] and plan.num_sparse == 2 and [gr.method for gr in plan.groups] == ["kmeans", "leverage"]
     q = torch.randn(2, HQ, D, generator=g).to(torch.bfloat16)
     out = torch.zeros_like(q)
-    decode = lambda *a: sparse_decode(*a)  # noqa: E731 - the CUDA path's kernel
+    decode = lambda *a, **k: sparse_decode(*a, **k)  # noqa: E731 - the CUDA path's kernel
     A.sparse_rows_forward(store, plan, q, kv, bt, torch.tensor([L + 1, L + 1]), out, D ** -0.5, BS, decode)
     cap, A.CAPTURE = A.CAPTURE, None
     assert len(cap) == 2
