@@ -20,6 +20,7 @@ from __future__ import annotations
 from functools import partial
 
 import logging
+import os
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -254,6 +255,14 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
     select_blocks_triton(store.scores3, store.tags2, bt, sl, f("budget"), f("sink"), f("window"), mode, f("prior"),
                          f("tag"), plan.max_selected, block_size, qkey, cache, srow, cols=cols, overflow_dense=True)
     output[:n] = decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow).to(output.dtype)
+    if _DEBUG and store.index == 0 and not (kv.is_cuda and torch.cuda.is_current_stream_capturing()):
+        # eager-only diagnostics (host syncs), first layer
+        nb = (sl.long() + block_size - 1) // block_size
+        fresh = [int((store.tags2[int(c), bt[i, : int(nb[i])].long()] == f("tag")[i]).sum()) for i, c in
+                 enumerate(cols.tolist())]
+        logger.info("prescore debug: seq %s kcounts %s fresh-tag blocks %s method %s budget %s",
+                    sl.tolist(), cache.kcounts[srow.long(), 0].tolist(), fresh, f("method").tolist(),
+                    f("budget").tolist())
     row_stats_triton(cache.kcounts, srow, sl, f("sparse"), f("label"), store.acc, block_size)
 
 
@@ -384,6 +393,8 @@ class LayerStore:
         S = max(get_method(m).state_size(D) for m in P.METHOD_NAMES)
         self.states = torch.zeros(num_slots, H, S, dtype=torch.float32, device=kv_cache.device)
         self.acc = metrics.device_accumulator(_LABELS, kv_cache.device)
+        self.index = _STORES[0]
+        _STORES[0] += 1
 
     def selection_cache(self, capacity: int, scratch_rows: int) -> SelectionCache:
         """Per-slot selections (rows: the request slots, then one scratch row per batch row for padding)."""
@@ -397,12 +408,17 @@ class LayerStore:
 
 
 _METHOD_OBJS = {name: get_method(name) for name in P.METHOD_NAMES}
+_DEBUG = os.environ.get("PRESCORE_DEBUG") == "1"
+_STORES = [0]
 
 
 def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_table, seq_lens, output, scale,
                         block_size: int, decode_fn, layer_name: str = "") -> None:
     """Score, select and attend. ``kv`` is the cache in the kernels' layout."""
     for row, start, end, final, slot, method, tag in plan.prefill:
+        if _DEBUG and store.index == 0:
+            logger.info("prescore debug: prefill row %d [%d, %d) final %s slot %d %s tag %d", row, start, end, final,
+                        slot, method, tag)
         state = score_prefill(kv, store.summ[method], block_table[row], start, end, _METHOD_OBJS[method], tag, final)
         if state is not None:
             store.states[slot, :, : state.shape[1]] = state

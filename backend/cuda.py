@@ -73,8 +73,26 @@ class PrescoreCudaBuilder(BaseBuilder):
         cm = common_attn_metadata
         if self._uniform() and plan_uniform_decode(cm, self.block_size, self.bufs):
             md.prescore = UniformDecodePlan(self.bufs, cm.num_reqs, self.capacity)
+            _debug_build(cm, True)
             return md
+        _debug_build(cm, False)
         return attach_step_plan(md, cm, self.block_size, self.device, partial(super().build, 0))
+
+
+_builds = [0]
+
+
+def _debug_build(cm, uniform: bool) -> None:
+    """PRESCORE_DEBUG=1: log the first builds (and every 500th): rows, query lengths, the path taken."""
+    if os.environ.get("PRESCORE_DEBUG") != "1":
+        return
+    _builds[0] += 1
+    k = _builds[0]
+    if k <= 60 or k % 500 == 0:
+        qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
+        q = (qsl[1:] - qsl[:-1]).tolist()
+        logger.info("prescore debug build %d: rows %d qlens %s seq %s req_idx %s uniform %s", k, cm.num_reqs, q[:8],
+                    compat.host_seq_lens(cm).tolist()[:8], list(compat.req_slots(cm) or [])[:8], uniform)
 
 
 class PrescoreCudaImpl(BaseImpl):
