@@ -192,6 +192,20 @@ class DecodeBuffers:
         self.rows = n
 
 
+def _row_fields(slot: int, p, ctx: int, block_size: int, scratch_row: int) -> tuple:
+    """DecodeBuffers.FIELDS of one single-token decode row (``p`` None or budget 0: no scoring, dense);
+    counts the row in the host counters."""
+    if p is None or p.budget == 0:
+        if p is not None:
+            metrics.add(p.method, p.mode, decode_rows_dense=1)
+        return (max(slot, 0), -1, 0, scratch_row, 0, 0, 0, 0, 0, 0, 0, 0)
+    budget, sink, window, prior = p.blocks(block_size)
+    sparse = -(-ctx // block_size) > sink + window + budget
+    metrics.add(p.method, p.mode, **{"decode_rows_sparse" if sparse else "decode_rows_dense": 1})
+    return (slot, METHODS[p.method].method_id, _METHOD_NAMES.index(p.method), slot, budget, sink, window,
+            MODES[p.mode], prior, TABLE.tag[slot], _label(p), int(sparse))
+
+
 def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers) -> bool:
     """Fill ``bufs`` for a batch of single-token decode rows only (what a FULL decode CUDA graph replays).
     Returns False (nothing written) when some row is a prefill or multi-token row."""
@@ -208,18 +222,79 @@ def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers) -> bool:
         p = TABLE.params[slot] if slot >= 0 else None
         if qlen > 1 or (p is not None and qlen == 1 and ctx - 1 < TABLE.prefill_len[slot]):
             return False
-        if p is None or qlen == 0 or p.budget == 0:
-            rows.append((max(slot, 0), -1, 0, scratch + i, 0, 0, 0, 0, 0, 0, 0, 0))
-            if p is not None and qlen:
-                metrics.add(p.method, p.mode, decode_rows_dense=1)
-            continue
-        budget, sink, window, prior = p.blocks(block_size)
-        sparse = -(-ctx // block_size) > sink + window + budget
-        metrics.add(p.method, p.mode, **{"decode_rows_sparse" if sparse else "decode_rows_dense": 1})
-        rows.append((slot, METHODS[p.method].method_id, _METHOD_NAMES.index(p.method), slot, budget, sink, window,
-                     MODES[p.mode], prior, TABLE.tag[slot], _label(p), int(sparse)))
+        rows.append(_row_fields(slot, p if qlen else None, ctx, block_size, scratch + i))
     bufs.fill(rows)
     return True
+
+
+class RowFields:
+    """Per-row controls of a step's decode subset (same interface as :class:`DecodeBuffers`)."""
+
+    FIELDS = DecodeBuffers.FIELDS
+
+    def __init__(self, rows: list[tuple], max_rows: int, device):
+        self.max_rows = max_rows
+        self.buf = torch.tensor(rows, dtype=torch.int64).view(len(rows), len(self.FIELDS)).T.contiguous().to(
+            device, non_blocking=True)
+
+    def field(self, name: str, n: int) -> torch.Tensor:
+        return self.buf[self.FIELDS.index(name), :n]
+
+
+@dataclass
+class MixedPlan:
+    """CUDA, a step with prefill rows: vLLM's kernel for prefill and no-budget rows (``dense_md`` over
+    ``dense_tokens``), prefill scoring, and the decode rows with a budget through the fused decode path."""
+
+    prefill: list  # (row, start, end, final, slot, method, tag)
+    decode_rows: torch.Tensor  # [nd] batch rows
+    decode_tokens: torch.Tensor  # [nd] their query tokens
+    fields: RowFields | None
+    max_selected: int
+    dense_tokens: torch.Tensor | None = None
+    dense_md: object | None = None
+
+
+def plan_mixed_step(cm, block_size: int, device, capacity: int, max_rows: int) -> tuple[MixedPlan, list[int]]:
+    n = cm.num_reqs
+    qsl = cm.query_start_loc_cpu[: n + 1].tolist()
+    seq = compat.host_seq_lens(cm).tolist()
+    slots = TABLE.slots(n, compat.req_slots(cm))
+    prefill, dense_rows, drows, dtoks, fields = [], [], [], [], []
+    for i in range(n):
+        qlen, ctx, slot = qsl[i + 1] - qsl[i], int(seq[i]), slots[i]
+        p = TABLE.params[slot] if slot >= 0 else None
+        if qlen <= 0 or p is None:
+            dense_rows.append(i)
+            continue
+        start = ctx - qlen
+        if start < TABLE.prefill_len[slot]:
+            dense_rows.append(i)
+            if p.budget > 0:
+                prefill.append((i, start, ctx, ctx >= TABLE.prefill_len[slot], slot, p.method, TABLE.tag[slot]))
+                metrics.add(p.method, p.mode, prefill_rows=1, prefill_tokens=qlen)
+            continue
+        if p.budget == 0 or qlen != 1:
+            dense_rows.append(i)
+            metrics.add(p.method, p.mode, decode_rows_dense=1)
+            continue
+        drows.append(i)
+        dtoks.append(qsl[i])
+        fields.append(_row_fields(slot, p, ctx, block_size, 0))
+    plan = MixedPlan(prefill=prefill, decode_rows=_i(drows, device, torch.long),
+                     decode_tokens=_i(dtoks, device, torch.long),
+                     fields=RowFields(fields, max_rows, device) if fields else None, max_selected=capacity)
+    return plan, dense_rows
+
+
+def score_prefill_rows(store: "LayerStore", prefill: list, kv, block_table) -> None:
+    for row, start, end, final, slot, method, tag in prefill:
+        if _DEBUG and store.index == 0:
+            logger.info("prescore debug: prefill row %d [%d, %d) final %s slot %d %s tag %d", row, start, end, final,
+                        slot, method, tag)
+        state = score_prefill(kv, store.summ[method], block_table[row], start, end, _METHOD_OBJS[method], tag, final)
+        if state is not None:
+            store.states[slot, :, : state.shape[1]] = state
 
 
 @dataclass
@@ -415,13 +490,7 @@ _STORES = [0]
 def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_table, seq_lens, output, scale,
                         block_size: int, decode_fn, layer_name: str = "") -> None:
     """Score, select and attend. ``kv`` is the cache in the kernels' layout."""
-    for row, start, end, final, slot, method, tag in plan.prefill:
-        if _DEBUG and store.index == 0:
-            logger.info("prescore debug: prefill row %d [%d, %d) final %s slot %d %s tag %d", row, start, end, final,
-                        slot, method, tag)
-        state = score_prefill(kv, store.summ[method], block_table[row], start, end, _METHOD_OBJS[method], tag, final)
-        if state is not None:
-            store.states[slot, :, : state.shape[1]] = state
+    score_prefill_rows(store, plan.prefill, kv, block_table)
     for g in plan.groups:
         summ = store.summ[g.method]
         if g.score_rows.numel():

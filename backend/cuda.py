@@ -25,7 +25,8 @@ from prescore.kernels.decode import sparse_decode
 
 from . import compat, metrics
 from . import params as P
-from .attention import (attach_step_plan, DecodeBuffers, extra_page_bytes, LayerStore, log_start, logger,
+from .attention import (attach_step_plan, DecodeBuffers, extra_page_bytes, LayerStore, log_start, logger, MixedPlan,
+                        plan_mixed_step, score_prefill_rows, subset_common_metadata,
                         plan_uniform_decode, sparse_rows_forward, uniform_decode_forward, UniformDecodePlan,
                         _DECODER)
 from .requests import TABLE
@@ -76,7 +77,14 @@ class PrescoreCudaBuilder(BaseBuilder):
             _debug_build(cm, True)
             return md
         _debug_build(cm, False)
-        return attach_step_plan(md, cm, self.block_size, self.device, partial(super().build, 0))
+        if not self._uniform():
+            return attach_step_plan(md, cm, self.block_size, self.device, partial(super().build, 0))
+        plan, dense_rows = plan_mixed_step(cm, self.block_size, self.device, self.capacity, self.bufs.max_rows)
+        if plan.fields is not None:  # vLLM's kernel attends only the other rows
+            sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
+            plan.dense_md = super().build(0, sub) if dense_rows else None
+        md.prescore = plan
+        return md
 
 
 _builds = [0]
@@ -92,7 +100,7 @@ def _debug_build(cm, uniform: bool) -> None:
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         q = (qsl[1:] - qsl[:-1]).tolist()
         logger.info("prescore debug build %d: rows %d qlens %s seq %s req_idx %s uniform %s", k, cm.num_reqs, q[:8],
-                    compat.host_seq_lens(cm).tolist()[:8], list(compat.req_slots(cm) or [])[:8], uniform)
+                    compat.host_seq_lens(cm).tolist()[:8], list(compat.req_slots(cm) if compat.req_slots(cm) is not None else [])[:8], uniform)
 
 
 class PrescoreCudaImpl(BaseImpl):
@@ -117,6 +125,23 @@ class PrescoreCudaImpl(BaseImpl):
         if isinstance(plan, UniformDecodePlan):
             uniform_decode_forward(store, plan, query, kv_cache, attn_metadata.block_table,
                                    attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cuda_decode)
+            return output
+        if isinstance(plan, MixedPlan):
+            if plan.dense_md is None and plan.dense_tokens is None:
+                super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
+            elif plan.dense_md is not None:
+                tok = plan.dense_tokens
+                o = output.new_empty((tok.numel(), *output.shape[1:]))
+                super().forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
+                output[tok] = o
+            score_prefill_rows(store, plan.prefill, kv_cache, attn_metadata.block_table)
+            if plan.fields is not None:
+                r, tok = plan.decode_rows, plan.decode_tokens
+                o = output.new_empty((tok.numel(), *output.shape[1:]))
+                uniform_decode_forward(store, UniformDecodePlan(plan.fields, tok.numel(), plan.max_selected),
+                                       query[tok], kv_cache, attn_metadata.block_table[r], attn_metadata.seq_lens[r],
+                                       o, self.scale, kv_cache.shape[2], _cuda_decode)
+                output[tok] = o
             return output
         if plan.dense_md is None and plan.dense_tokens is None:
             super().forward(layer, query, key, value, kv_cache, attn_metadata, output)

@@ -6,8 +6,10 @@
 
 One engine per (backend, CUDA graphs on/off) on Llama-3-8B-shaped dummy weights (``load_format="dummy"``,
 bf16, prefix caching off). For each workload (batch x prompt length), random-token prompts:
-t1 = time of a pass with max_tokens=1 (prefill), tN = time with max_tokens=N; decode step =
-(tN - t1) / (N - 1), decode tok/s = batch / step, TTFT = t1 (the whole batch's prefill + first token).
+t1 = time of a pass with max_tokens=1 (prefill), tN / t2N = times with max_tokens=N / 2N (N = --gen, 64);
+decode step ``step_ms`` = (t2N - tN) / N (steady state: tokens N+1..2N, pure decode batches), decode tok/s =
+batch / step; ``step_first_ms`` = (tN - t1) / (N - 1) (the first tokens, whose steps overlap the other
+prompts' chunked prefill); TTFT = t1 (the whole batch's prefill + first token).
 PRESCORE budgets go per request (``SamplingParams.extra_args``), so one engine serves every budget.
 Rows: backend, budget, cuda_graphs, batch, prompt_len, new_tokens, decode_tok_s, step_ms, ttft_s.
 """
@@ -50,10 +52,13 @@ def run(args):
 
             t1 = min(timed(1) for _ in range(args.repeat))
             tn = min(timed(args.gen) for _ in range(args.repeat))
-            step = (tn - t1) / (args.gen - 1)
+            t2n = min(timed(2 * args.gen) for _ in range(args.repeat))
+            step = (t2n - tn) / args.gen  # steady state: every prompt prefilled, pure decode steps
+            step_all = (tn - t1) / (args.gen - 1)  # first tokens: decode steps mixed with other prompts' prefill
             row = dict(backend=args.backend, budget=budget, cuda_graphs=bool(args.graphs), batch=batch,
-                       prompt_len=plen, new_tokens=args.gen, decode_tok_s=round(batch / step, 1),
-                       step_ms=round(step * 1e3, 3), ttft_s=round(t1, 3), mode=args.mode if budget else None)
+                       prompt_len=plen, new_tokens=2 * args.gen, decode_tok_s=round(batch / step, 1),
+                       step_ms=round(step * 1e3, 3), step_first_ms=round(step_all * 1e3, 3), ttft_s=round(t1, 3),
+                       mode=args.mode if budget else None)
             print("ROW", json.dumps(row), flush=True)
             rows.append(row)
     return {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}

@@ -102,3 +102,15 @@ def test_cuda_style_path_on_cpu():
     dense = sparse_decode_ref(q4[2:3], kv, bt4[2:3], seq4[2:3], scale=D ** -0.5)
     torch.testing.assert_close(out4[2].double(), dense[0], atol=3e-2, rtol=3e-2)
     assert bool(torch.isfinite(out4[3].float()).all())
+    # a mixed step (a new prompt prefilling beside the two decode rows): the decode rows take the same fused
+    # path on their subset and give the same output as the pure-decode step above
+    TABLE.set(0, sp(budget=32, sink=16, window=32, method="keynorm", mode="prior"), 40)
+    bt3 = torch.cat([bt, bt[:1]])
+    plan, dense_rows = A.plan_mixed_step(_cm([1, 1, 40], [L + 1, L + 1, 40], bt3, [1, 3, 0]), BS, "cpu", 20, 8)
+    assert dense_rows == [2] and plan.decode_rows.tolist() == [0, 1] and plan.decode_tokens.tolist() == [0, 1]
+    assert [p[4] for p in plan.prefill] == [0]
+    o = torch.zeros(2, HQ, D, dtype=torch.bfloat16)
+    store.cache.invalidate()
+    A.uniform_decode_forward(store, A.UniformDecodePlan(plan.fields, 2, plan.max_selected), q, kv, bt,
+                             seq4[:2], o, D ** -0.5, BS, decode)
+    torch.testing.assert_close(o.float(), out4[:2].float(), atol=0, rtol=0)
