@@ -99,6 +99,7 @@ class PrescoreCudaBuilder(BaseBuilder):
 _builds = [0]
 PLANS: dict = {}  # layer name -> the plan its builder made this step
 _paths: set = set()
+_eager = [0]
 
 
 def _log_path_once(msg: str) -> None:
@@ -147,6 +148,15 @@ class PrescoreCudaImpl(BaseImpl):
                                    output_block_scale)
         store = self.store_for(kv_cache)
         if isinstance(plan, UniformDecodePlan):
+            if not torch.cuda.is_current_stream_capturing():
+                _eager[0] += 1
+                if _eager[0] in (64, 4096):
+                    from vllm.forward_context import get_forward_context
+
+                    fc = get_forward_context()
+                    logger.info("prescore: %d decode-batch layer calls ran outside a FULL CUDA graph (runtime mode %s, "
+                                "batch %s)", _eager[0], getattr(fc, "cudagraph_runtime_mode", "?"),
+                                getattr(fc, "batch_descriptor", "?"))
             uniform_decode_forward(store, plan, query, kv_cache, attn_metadata.block_table,
                                    attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cuda_decode)
             return output
