@@ -206,13 +206,21 @@ def _row_fields(slot: int, p, ctx: int, block_size: int, scratch_row: int) -> tu
             MODES[p.mode], prior, TABLE.tag[slot], _label(p), int(sparse))
 
 
-def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers) -> bool:
+def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers, capture: bool = False) -> bool:
     """Fill ``bufs`` for a batch of single-token decode rows only (what a FULL decode CUDA graph replays).
-    Returns False (nothing written) when some row is a prefill or multi-token row."""
+    Returns False (nothing written) when some row is a prefill or multi-token row. ``capture``: a CUDA graph
+    capture's dummy batch: every row is padding whatever the request table holds (the sampler's warmup
+    requests may still sit in it), so the graph always records the fused decode path."""
     n = cm.num_reqs
     if n > bufs.max_rows:
         return False
     qsl = cm.query_start_loc_cpu[: n + 1].tolist()
+    if capture:
+        if any(qsl[i + 1] - qsl[i] > 1 for i in range(n)):
+            return False
+        scratch = max(TABLE.capacity, 1)
+        bufs.fill([(0, -1, 0, scratch + i, 0, 0, 0, 0, 0, 0, 0, 0) for i in range(n)])
+        return True
     seq = compat.host_seq_lens(cm).tolist()
     slots = TABLE.slots(n, compat.req_slots(cm))
     scratch = max(TABLE.capacity, 1)

@@ -50,6 +50,7 @@ class PrescoreCudaBuilder(BaseBuilder):
         self.bufs = DecodeBuffers(rows, device)
         defaults = P.load_defaults(compat.additional_config(vllm_config))
         self.capacity = defaults.capacity_blocks(self.block_size)
+        self._capturing = False
 
     def _uniform(self) -> bool:
         return os.environ.get("PRESCORE_UNIFORM_DECODE", "1") == "1"
@@ -64,7 +65,11 @@ class PrescoreCudaBuilder(BaseBuilder):
             kv = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
             if isinstance(layer.impl, PrescoreCudaImpl) and isinstance(kv, torch.Tensor) and kv.numel():
                 layer.impl.store_for(kv).selection_cache(self.capacity, self.bufs.max_rows)
-        return super().build_for_cudagraph_capture(common_attn_metadata)
+        self._capturing = True
+        try:
+            return super().build_for_cudagraph_capture(common_attn_metadata)
+        finally:
+            self._capturing = False
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = self._build(common_prefix_len, common_attn_metadata, fast_build)
@@ -81,7 +86,7 @@ class PrescoreCudaBuilder(BaseBuilder):
         if not self.enabled:
             return md
         cm = common_attn_metadata
-        if self._uniform() and plan_uniform_decode(cm, self.block_size, self.bufs):
+        if self._uniform() and plan_uniform_decode(cm, self.block_size, self.bufs, self._capturing):
             md.prescore = UniformDecodePlan(self.bufs, cm.num_reqs, self.capacity)
             _debug_build(cm, True)
             return md
