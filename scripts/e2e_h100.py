@@ -42,7 +42,7 @@ def run(args):
         prompts = [{"prompt_token_ids": [rng.randrange(0, 100000) for _ in range(plen)]} for _ in range(batch)]
         # warm-up at this shape (first-use compilations / allocations must not land in a timed pass)
         wx = {"prescore_budget": budgets[0], "prescore_mode": args.mode} if budgets[0] is not None else None
-        llm.generate(prompts, SamplingParams(max_tokens=4, ignore_eos=True, extra_args=wx), use_tqdm=False)
+        llm.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True, extra_args=wx), use_tqdm=False)
         for budget in budgets:
             xargs = {"prescore_budget": budget, "prescore_mode": args.mode} if budget is not None else None
 

@@ -121,7 +121,10 @@ def prepare(argv: list[str]):
 
 
 def main(argv: list[str] | None = None) -> None:
-    from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    try:  # vLLM 0.32
+        from vllm.entrypoints.serve.utils.api_utils import cli_env_setup
+    except ImportError:  # vLLM 0.33
+        from vllm.entrypoints.common.startup import cli_env_setup
     from vllm.logger import configure_logging_from_args
 
     cli_env_setup()
