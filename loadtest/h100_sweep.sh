@@ -70,7 +70,7 @@ grep -m2 -iE "attention backend|PRESCORE" "$LOG" || true
 
 # 4. the sweep
 mkdir -p "$(dirname "$RESULT")"
-python3 -m prescore.loadtest.generator --base-url "http://127.0.0.1:$PORT" --model dummy --budgets "$BUDGETS" \
+PYTHONSAFEPATH=1 python3 -m prescore.loadtest.generator --base-url "http://127.0.0.1:$PORT" --model dummy --budgets "$BUDGETS" \
   --requests "$REQUESTS" --warmup "$WARMUP" --concurrency "$CONCURRENCY" --prompt-tokens "$PROMPT_TOKENS" \
   --output-tokens "$OUTPUT_TOKENS" --duration-s "$PHASE_S" --timeout-s 300 --no-progress --out "$RESULT"
 rc=$?

@@ -8,12 +8,15 @@ import glob
 import json
 import re
 
-runs, seen = [], set()
+runs, seen, dropped = [], set(), []
 vllm = None
 for path in sorted(glob.glob("results/h100/e2e-*.log")):
     for line in open(path):
         if line.startswith("ROW "):
             row = json.loads(line[4:])
+            if row["step_ms"] <= 0:  # a workload's first timed pass absorbed one-off compilations: not a measurement
+                dropped.append(row)
+                continue
             key = json.dumps(row, sort_keys=True)
             if key not in seen:  # a timed-out run's log repeats its rows in the tail printout
                 seen.add(key)
@@ -25,7 +28,13 @@ res = {"vllm": vllm or "0.33.0", "device": "NVIDIA H100 80GB HBM3", "runs": runs
        # the issue's check: budget >= context vs TRITON_ATTN, real SmolLM2-135M-Instruct, greedy, 11 prompts
        "greedy_identical": ident["detail"]["ge_context"]["identical"] == ident["detail"]["ge_context"]["of"],
        "greedy_detail": ident["detail"],
-       "command": "scripts/e2e_h100.py per backend (see README Results), then python3 scripts/collect_e2e.py"}
+       "command": "scripts/e2e_h100.py per backend (see README Results), then python3 scripts/collect_e2e.py",
+       "notes": ("rows with step_first_ms use new_tokens 128: step_ms = steady-state decode step (tokens 65-128), "
+                 "step_first_ms = (t64 - t1)/63 (steps overlapping other prompts' chunked prefill); rows without "
+                 "it use new_tokens 64 and step_ms = (t64 - t1)/63. PRESCORE rows: commit after 'graph capture "
+                 "always records the fused decode path' (FA3 base for prefill/dense rows). greedy_identical was "
+                 "measured by scripts/identity_h100.py at commit 9624885 (Triton base) and not re-run since."),
+       "dropped_rows": dropped}
 json.dump(res, open("results/e2e-h100.json", "w"), indent=1)
 print(f"{len(runs)} rows, greedy_identical={res['greedy_identical']}")
 for r in runs:
