@@ -399,6 +399,7 @@ def _log_once(msg, *args) -> None:
 
 def log_start(vllm_config, backend_name: str) -> None:
     global _logged
+    compat.check_parallel(vllm_config)
     if _logged:
         return
     _logged = True

@@ -34,6 +34,18 @@ def check_version(version: str | None = None) -> str:
     return version
 
 
+def check_parallel(vllm_config) -> None:
+    """Tensor parallelism works unchanged (each rank scores and selects for its own KV heads; every rank's
+    sampler receives each request's params). Pipeline parallelism does not: vLLM hands requests' sampling
+    params only to the last stage's sampler, so earlier stages could not see a budget. Refuse it at start."""
+    pp = int(getattr(getattr(vllm_config, "parallel_config", None), "pipeline_parallel_size", 1) or 1)
+    if pp > 1:
+        raise ValueError(
+            f"prescore: --pipeline-parallel-size {pp} is not supported (per-request budgets reach only the last "
+            "pipeline stage in vLLM, so earlier stages would silently run dense). Use --tensor-parallel-size "
+            "(any size; multi-node through vLLM's Ray executor) or another --attention-backend.")
+
+
 def register_backend() -> bool:
     """Register ``PRESCORE`` in vLLM's AttentionBackendEnum (idempotent). True if newly registered."""
     from vllm.v1.attention.backends.registry import AttentionBackendEnum

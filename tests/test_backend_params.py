@@ -134,3 +134,14 @@ def test_v2_tracker_reads_staged_prefill_tokens():
     t = R.TABLE
     assert t.slots(3, np.array([0, 2, 3])) == [0, 2, 3]
     assert t.tag[0] == t.tag[2] != t.tag[3] and t.prefill_len[3] == 3 and t.params[0].budget == 8
+
+
+def test_pipeline_parallelism_is_refused_with_a_clear_message():
+    from types import SimpleNamespace
+
+    from prescore.backend import compat
+
+    compat.check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=1,
+                                                                          tensor_parallel_size=2)))
+    with pytest.raises(ValueError, match="pipeline-parallel-size 2 is not supported"):
+        compat.check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2)))
