@@ -21,6 +21,7 @@ from functools import partial
 
 import logging
 import os
+import time
 from dataclasses import dataclass, fields, replace
 
 import torch
@@ -300,9 +301,21 @@ def score_prefill_rows(store: "LayerStore", prefill: list, kv, block_table) -> N
         if _DEBUG and store.index == 0:
             logger.info("prescore debug: prefill row %d [%d, %d) final %s slot %d %s tag %d", row, start, end, final,
                         slot, method, tag)
+        p = TABLE.params[slot]
+        timed = kv.is_cuda and not torch.cuda.is_current_stream_capturing()
+        if timed:
+            ev = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            ev[0].record()
+        t0 = time.perf_counter()
         state = score_prefill(kv, store.summ[method], block_table[row], start, end, _METHOD_OBJS[method], tag, final)
         if state is not None:
             store.states[slot, :, : state.shape[1]] = state
+        if p is not None:
+            if timed:
+                ev[1].record()
+                metrics.add_scoring_time(p.method, p.mode, events=ev)
+            elif not kv.is_cuda:
+                metrics.add_scoring_time(p.method, p.mode, time.perf_counter() - t0)
 
 
 @dataclass

@@ -29,7 +29,8 @@ import torch
 
 ROW_COUNTERS = ("decode_rows_sparse", "decode_rows_dense", "prefill_rows", "prefill_tokens")
 LAYER_COUNTERS = ("selected_tokens", "context_tokens", "selected_blocks", "context_blocks")
-COUNTERS = ROW_COUNTERS + LAYER_COUNTERS
+TIME_COUNTERS = ("scoring_seconds",)  # prefill scoring time, summed over layers (GPU: device time by CUDA events)
+COUNTERS = ROW_COUNTERS + LAYER_COUNTERS + TIME_COUNTERS
 ENV_DIR = "PRESCORE_METRICS_DIR"
 ENV_INTERVAL = "PRESCORE_METRICS_INTERVAL"
 
@@ -47,6 +48,36 @@ def add(method: str, mode: str, **counts: float) -> None:
             d[k] += float(v)
 
 
+_pending: list = []  # (start event, end event, (method, mode)) of GPU scoring not yet read
+
+
+def add_scoring_time(method: str, mode: str, seconds: float | None = None, events=None) -> None:
+    """Prefill scoring time: host seconds (CPU, synchronous) or a (start, end) pair of recorded CUDA events,
+    read once they complete (never waits)."""
+    if events is None:
+        add(method, mode, scoring_seconds=seconds or 0.0)
+        return
+    with _lock:
+        _pending.append((events[0], events[1], (method, mode)))
+        big = len(_pending) > 512
+    if big:
+        _resolve()
+
+
+def _resolve() -> None:
+    with _lock:
+        todo = list(_pending)
+        _pending.clear()
+    keep = []
+    for start, end, lab in todo:
+        if end.query():
+            add(*lab, scoring_seconds=start.elapsed_time(end) / 1e3)
+        else:
+            keep.append((start, end, lab))
+    with _lock:
+        _pending[:0] = keep
+
+
 def device_accumulator(labels: list[tuple[str, str]], device) -> torch.Tensor:
     """A ``[len(labels), 4]`` float64 tensor the caller adds LAYER_COUNTERS into on its device (no host
     sync, CUDA-graph safe); read at snapshot time."""
@@ -58,6 +89,8 @@ def device_accumulator(labels: list[tuple[str, str]], device) -> torch.Tensor:
 
 def snapshot() -> dict:
     """{"counters": [{"method", "mode", <counter>: value, ...}], "pid": ...} for this process."""
+    if _pending:
+        _resolve()
     with _lock:
         merged = {k: dict(v) for k, v in _host.items()}
         device = list(_device)

@@ -123,6 +123,7 @@ def test_prescore_forward_ran_counters(runs):
         t = totals(m, method=x["prescore_method"], mode=x["prescore_mode"])
         assert t["decode_rows_sparse"] == NEW - 1, name
         assert t["prefill_rows"] >= 2 and t["prefill_tokens"] == PROMPT_LEN  # chunked: 512 + 88 at most
+        assert 0 < t["scoring_seconds"] < 60
         ctx = sum(PROMPT_LEN + i for i in range(1, NEW)) * n_layers
         assert t["context_tokens"] == ctx
         assert 0 < t["selected_tokens"] < 0.5 * ctx
