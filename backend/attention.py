@@ -488,6 +488,14 @@ class LayerStore:
         self.num_slots = num_slots
         self.cache: SelectionCache | None = None
         S = max(get_method(m).state_size(D) for m in P.METHOD_NAMES)
+        need = num_slots * H * S * 4
+        if kv_cache.is_cuda:
+            free = torch.cuda.mem_get_info(kv_cache.device)[0]
+            if need > free:
+                raise RuntimeError(
+                    f"prescore: the per-request scoring states need {need / 2**20:.0f} MiB per layer ({num_slots} "
+                    f"request slots x {H} KV heads x {S} floats) but only {free / 2**20:.0f} MiB are free after the "
+                    "KV cache: lower --max-num-seqs or --gpu-memory-utilization")
         self.states = torch.zeros(num_slots, H, S, dtype=torch.float32, device=kv_cache.device)
         self.acc = metrics.device_accumulator(_LABELS, kv_cache.device)
         self.index = _STORES[0]
