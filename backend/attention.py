@@ -29,7 +29,7 @@ from vllm.platforms import current_platform
 
 from prescore.kernels import (BlockSummaries, METHODS, MODES, SelectionCache, get_method, score_decode_tail, score_prefill,
                               select_blocks)
-from prescore.kernels.decode import sparse_decode, sparse_decode_ref
+from prescore.kernels.decode import sparse_decode_ref
 
 from . import compat, metrics
 from . import params as P
@@ -547,6 +547,18 @@ def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_tabl
             _capture(summ, g, q, kv, bt, sl, sel, out, scale, block_size, layer_name)
 
 
+def dense_rows_forward(base_forward, plan, layer, query, key, value, kv_cache, attn_metadata, output) -> None:
+    """vLLM's own kernel (``base_forward``) for the plan's dense rows: every token when no row left the dense
+    path, else the re-packed subset (``plan.dense_md`` over ``plan.dense_tokens``)."""
+    if plan.dense_md is None and plan.dense_tokens is None:
+        base_forward(layer, query, key, value, kv_cache, attn_metadata, output)
+    elif plan.dense_md is not None:
+        tok = plan.dense_tokens
+        o = output.new_empty((tok.numel(), *output.shape[1:]))
+        base_forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
+        output[tok] = o
+
+
 def _capture(summ, g, q, kv, bt, sl, sel, out, scale, BS, layer_name):
     """Copy what one layer's sparse rows attended: compact caches so a test can rerun the references."""
     for b in range(g.num_sparse):
@@ -625,13 +637,7 @@ class PrescoreCPUImpl(CPUImpl):
         if plan is None or self.attn_type != _DECODER or self.sliding_window != -1:
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
-        if plan.dense_md is None and plan.dense_tokens is None:
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-        elif plan.dense_md is not None:
-            tok = plan.dense_tokens
-            o = output.new_empty((tok.numel(), *output.shape[1:]))
-            super().forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
-            output[tok] = o
+        dense_rows_forward(super().forward, plan, layer, query, key, value, kv_cache, attn_metadata, output)
         store = self._store(kv_cache)
         n = attn_metadata.num_actual_tokens
         sparse_rows_forward(store, plan, query[:n], store.mirror, attn_metadata.block_table,

@@ -25,10 +25,9 @@ from prescore.kernels.decode import sparse_decode
 
 from . import compat, metrics
 from . import params as P
-from .attention import (attach_step_plan, DecodeBuffers, extra_page_bytes, LayerStore, log_start, logger, MixedPlan,
-                        plan_mixed_step, score_prefill_rows, subset_common_metadata,
-                        plan_uniform_decode, sparse_rows_forward, uniform_decode_forward, UniformDecodePlan,
-                        _DECODER)
+from .attention import (_DECODER, attach_step_plan, DecodeBuffers, dense_rows_forward, extra_page_bytes, LayerStore,
+                        log_start, logger, MixedPlan, plan_mixed_step, plan_uniform_decode, score_prefill_rows,
+                        sparse_rows_forward, subset_common_metadata, uniform_decode_forward, UniformDecodePlan)
 from .requests import TABLE
 
 _flash = compat.flash_attention() if os.environ.get("PRESCORE_DENSE_BACKEND", "flash") != "triton" else None
@@ -166,13 +165,7 @@ class PrescoreCudaImpl(BaseImpl):
                                    attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cuda_decode)
             return output
         if isinstance(plan, MixedPlan):
-            if plan.dense_md is None and plan.dense_tokens is None:
-                super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-            elif plan.dense_md is not None:
-                tok = plan.dense_tokens
-                o = output.new_empty((tok.numel(), *output.shape[1:]))
-                super().forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
-                output[tok] = o
+            dense_rows_forward(super().forward, plan, layer, query, key, value, kv_cache, attn_metadata, output)
             score_prefill_rows(store, plan.prefill, kv_cache, attn_metadata.block_table)
             if plan.fields is not None:
                 r, tok = plan.decode_rows, plan.decode_tokens
@@ -182,13 +175,7 @@ class PrescoreCudaImpl(BaseImpl):
                                        o, self.scale, kv_cache.shape[2], _cuda_decode)
                 output[tok] = o
             return output
-        if plan.dense_md is None and plan.dense_tokens is None:
-            super().forward(layer, query, key, value, kv_cache, attn_metadata, output)
-        elif plan.dense_md is not None:
-            tok = plan.dense_tokens
-            o = output.new_empty((tok.numel(), *output.shape[1:]))
-            super().forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
-            output[tok] = o
+        dense_rows_forward(super().forward, plan, layer, query, key, value, kv_cache, attn_metadata, output)
         n = attn_metadata.num_actual_tokens
         sparse_rows_forward(store, plan, query[:n], kv_cache, attn_metadata.block_table,
                             attn_metadata.seq_lens, output, self.scale, kv_cache.shape[2], _cuda_decode,
