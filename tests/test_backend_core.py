@@ -114,3 +114,21 @@ def test_cuda_style_path_on_cpu():
     A.uniform_decode_forward(store, A.UniformDecodePlan(plan.fields, 2, plan.max_selected), q, kv, bt,
                              seq4[:2], o, D ** -0.5, BS, decode)
     torch.testing.assert_close(o.float(), out4[:2].float(), atol=0, rtol=0)
+
+
+def test_capture_plans_every_row_as_padding():
+    """CUDA graph capture: whatever the request table holds (vLLM's sampler warmup leaves requests there), the
+    dummy decode batch is planned as padding so the graph records the fused decode path."""
+    from prescore.backend import attention as A
+    from prescore.backend import params as P
+    from prescore.backend.requests import TABLE
+
+    TABLE.configure(4, P.PrescoreParams())
+    TABLE.set(0, SimpleNamespace(extra_args=None), 16)  # a "warmup" request still prefilling per the table
+    bt = torch.zeros(3, 4, dtype=torch.int32)
+    bufs = A.DecodeBuffers(8, "cpu")
+    assert not A.plan_uniform_decode(_cm([1, 1, 1], [1, 1, 1], bt, [0, 1, 2]), BS, bufs)
+    assert A.plan_uniform_decode(_cm([1, 1, 1], [1, 1, 1], bt, [0, 1, 2]), BS, bufs, capture=True)
+    assert bufs.field("method", 3).tolist() == [-1, -1, -1] and bufs.field("budget", 3).tolist() == [0, 0, 0]
+    assert bufs.field("srow", 3).tolist() == [4, 5, 6]  # private scratch rows past the 4 slots
+    assert not A.plan_uniform_decode(_cm([2, 1, 1], [2, 1, 1], bt, [0, 1, 2]), BS, bufs, capture=True)
