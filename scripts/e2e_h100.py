@@ -28,7 +28,8 @@ def run(args):
 
     kw = dict(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               enforce_eager=not args.graphs, enable_prefix_caching=False, gpu_memory_utilization=0.90, seed=0,
-              attention_backend=args.backend, max_num_seqs=args.max_num_seqs)
+              attention_backend=args.backend, max_num_seqs=args.max_num_seqs,
+              tensor_parallel_size=args.tensor_parallel_size)
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
@@ -58,7 +59,8 @@ def run(args):
             t2n = min(timed(2 * args.gen) for _ in range(args.repeat))
             step = (t2n - tn) / args.gen  # steady state: every prompt prefilled, pure decode steps
             step_all = (tn - t1) / (args.gen - 1)  # first tokens: decode steps mixed with other prompts' prefill
-            row = dict(backend=args.backend, budget=budget, cuda_graphs=bool(args.graphs), batch=batch,
+            row = dict(backend=args.backend, budget=budget, cuda_graphs=bool(args.graphs), tp=args.tensor_parallel_size,
+                       batch=batch,
                        prompt_len=plen, new_tokens=2 * args.gen, decode_tok_s=round(batch / step, 1),
                        step_ms=round(step * 1e3, 3), step_first_ms=round(step_all * 1e3, 3), ttft_s=round(t1, 3),
                        mode=args.mode if budget else None)
@@ -96,6 +98,7 @@ def main():
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=131072 + 128)
     ap.add_argument("--max-num-seqs", type=int, default=16)
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out")
     ap.add_argument("--merge", nargs="+", metavar=("OUT", "PART"))
     args = ap.parse_args()

@@ -27,7 +27,8 @@ def run(args):
     from vllm import LLM, SamplingParams
 
     llm = LLM(model=args.model, attention_backend=args.backend, enforce_eager=args.eager, max_model_len=8192,
-              gpu_memory_utilization=0.5, enable_prefix_caching=False, seed=0)
+              gpu_memory_utilization=0.5, enable_prefix_caching=False, seed=0,
+              tensor_parallel_size=args.tensor_parallel_size)
     tok = llm.get_tokenizer()
     msgs = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
             for p in prompts()]
@@ -63,6 +64,7 @@ if __name__ == "__main__":
     ap.add_argument("--model")
     ap.add_argument("--backend")
     ap.add_argument("--eager", action="store_true")
+    ap.add_argument("--tensor-parallel-size", type=int, default=1)
     ap.add_argument("--out")
     ap.add_argument("--compare", nargs=2)
     a = ap.parse_args()
