@@ -3,6 +3,9 @@
     python -m prescore.kernels.bench --out results/kernels-h100.json            # full table (H100: ~4 min)
     python -m prescore.kernels.bench --quick                                    # small smoke run
     python -m prescore.kernels.bench --sweep                                    # tile/warp sweep only
+    python -m prescore.kernels.bench --only-scoring                             # scoring rows only (~1 min)
+    python -m prescore.kernels.bench --leverage-variants                        # leverage: every stage variant
+    python -m prescore.kernels.bench --profile                                  # torch.profiler of scoring
 
 Decode rows (Hq=32, Hkv=8, D=128, bf16, block 16, vLLM's GPU cache layout, shuffled physical blocks):
 ``dense_sdpa_ms``  torch SDPA (GQA) over contiguous K/V;
@@ -310,6 +313,12 @@ def scoring_rows(L: int, gen: torch.Generator) -> list[dict]:
     return rows
 
 
+def print_scoring(scoring: list[dict]):
+    print(f"\n{'method':>9} {'L':>6} {'score ms':>9} {'prefill attn ms':>15} {'ratio':>6}")
+    for r in scoring:
+        print(f"{r['method']:>9} {r['L']:>6} {r['score_ms']:>9.4f} {r['prefill_attn_ms']:>15.4f} {r['ratio']:>6.3f}")
+
+
 def profile_scoring(L: int, gen: torch.Generator):
     from torch.profiler import ProfilerActivity, profile
 
@@ -317,16 +326,17 @@ def profile_scoring(L: int, gen: torch.Generator):
 
     a = torch.randn(HKV, D, D, device="cuda", generator=gen)
     a = a @ a.transpose(1, 2) + D * torch.eye(D, device="cuda")
-    for nw in (4, 8):
-        ms = event_time_ms(lambda: inverse_triton(a, num_warps=nw), 10, 4)
-        err = float((inverse_triton(a, num_warps=nw) @ a - torch.eye(D, device="cuda")).abs().max())
-        print(f"sweep inverse num_warps={nw}: {ms * 1e3:.1f} us, max|A^-1 A - I| = {err:.1e}")
+    for blk, nw in ((0, 4), (16, 4), (16, 8), (16, 16), (32, 8)):
+        ms = graph_time_ms(lambda: inverse_triton(a, num_warps=nw, block=blk), 8)
+        err = float((inverse_triton(a, num_warps=nw, block=blk) @ a - torch.eye(D, device="cuda")).abs().max())
+        print(f"inverse (pivot block {blk or 'scalar'}, num_warps={nw}): {ms * 1e3:.1f} us, "
+              f"max|A^-1 A - I| = {err:.1e}")
 
     kv, bt = paged_cache(1, L, gen)
     summ = BlockSummaries.allocate(kv.shape[0], HKV, D, torch.bfloat16, "cuda")
     for name in ("leverage", "kmeans"):
         m = get_method(name)
-        for _ in range(2):
+        for _ in range(2):  # (the first call also picks the leverage kernels' configs)
             score_prefill(kv, summ, bt[0], 0, L, m, tag=1, final=True)
         torch.cuda.synchronize()
         with profile(activities=[ProfilerActivity.CPU, ProfilerActivity.CUDA]) as prof:
@@ -334,6 +344,147 @@ def profile_scoring(L: int, gen: torch.Generator):
             torch.cuda.synchronize()
         print(f"--- profile {name} L={L}")
         print(prof.key_averages().table(sort_by="cuda_time_total", row_limit=14, max_name_column_width=60))
+    print_tuned()
+
+
+def print_tuned():
+    from .leverage_triton import tuned_configs
+
+    for k, v in sorted(tuned_configs().items(), key=str):
+        print(f"leverage tuned {k[0]:5s} T<2^{k[1]} H={k[2]} D={k[3]} BS={k[4]} {str(k[5])[6:]} {k[7:]}: {v}")
+
+
+def leverage_keys(L: int, gen: torch.Generator, dt=torch.bfloat16):
+    """A paged cache for one L-token sequence (last block partial when BS does not divide L) whose keys look
+    like a model's: correlated, anisotropic, off-centre channels."""
+    kv, bt = paged_cache(1, -(-L // BS) * BS, gen)
+    kv = kv.to(dt) if dt != kv.dtype else kv
+    mix = torch.eye(D, device="cuda") + 0.3 * torch.randn(D, D, device="cuda", generator=gen) / D ** 0.5
+    scale = torch.logspace(-0.5, 0.5, D, device="cuda")
+    shift = torch.linspace(-2, 6, D, device="cuda")
+    kv[..., :D] = ((kv[..., :D].float() @ mix) * scale + shift).to(dt)
+    return kv, bt
+
+
+def _per_block(x: torch.Tensor) -> torch.Tensor:
+    """[H, T] key scores -> [n, H, BS] (zero padded), the layout summarize takes."""
+    H, T = x.shape
+    n = -(-T // BS)
+    return F.pad(x.float(), (0, n * BS - T)).view(H, n, BS).transpose(0, 1)
+
+
+def _rel(x, y) -> float:
+    return float((x.double() - y.double()).norm() / y.double().norm())
+
+
+def check_leverage(gen: torch.Generator) -> tuple[list[str], bool]:
+    """Triton leverage (every summaries path, tuned configs) against the float64 reference on the GPU."""
+    from .leverage_triton import fit_and_score_triton
+    from .scoring import Leverage, gather_keys
+    from .summarize import summarize_torch
+
+    lines, ok = [], True
+    for dt, L, modes in ((torch.bfloat16, 4099, ("gram", "quad", "separate")), (torch.bfloat16, 32768, ("gram",)),
+                         (torch.float16, 4099, ("gram",))):
+        kv, bt = leverage_keys(L, gen, dt)
+        phys = bt[0]
+        st_ref, lev_ref = Leverage().fit_and_score(gather_keys(kv, phys)[:, :L].double())
+        ref = BlockSummaries.allocate(kv.shape[0], HKV, D, dt, "cuda")
+        summarize_torch(kv, ref, phys, L, 3, _per_block(lev_ref))
+        for mode in modes:
+            summ = BlockSummaries.allocate(kv.shape[0], HKV, D, dt, "cuda")
+            st, lev = fit_and_score_triton(kv, phys, L, 1e-2, summ, 3, summaries=mode)
+            if lev is None:
+                lev = fit_and_score_triton(kv, phys, L, 1e-2)[1]
+            else:
+                summarize_torch(kv, summ, phys, L, 3, _per_block(lev))
+            errs = (_rel(st, st_ref), _rel(lev, lev_ref), _rel(summ.scores[phys.long()], ref.scores[phys.long()]))
+            same = torch.equal(summ.kmin, ref.kmin) and torch.equal(summ.kmax, ref.kmax) \
+                and torch.equal(summ.tags, ref.tags)
+            good = max(errs) < 1e-4 and same
+            ok = ok and good
+            lines.append(f"check leverage {str(dt)[6:]:8s} L={L:5d} {mode:8s} rel_err state={errs[0]:.1e} "
+                         f"scores={errs[1]:.1e} block scores={errs[2]:.1e}, min/max/tags "
+                         f"{'equal' if same else 'DIFFER'} {'ok' if good else 'FAIL'}")
+        del kv, bt
+    return lines, ok
+
+
+def leverage_variants(L: int, gen: torch.Generator):
+    """Device time of every variant of every leverage stage (median of CUDA-graph replays), its error against
+    float64, and the end-to-end paths; one table, so that one GPU run can decide the defaults."""
+    from . import leverage_triton as lt
+    from .scoring import Leverage, gather_keys
+    from .summarize import summarize_triton
+
+    kv, bt = leverage_keys(L, gen)
+    phys = bt[0]
+    keys = gather_keys(kv, phys)[:, :L].double()
+    st_ref, lev_ref = Leverage().fit_and_score(keys)
+    summ = BlockSummaries.allocate(kv.shape[0], HKV, D, torch.bfloat16, "cuda")
+    rows = []
+
+    def row(stage, variant, fn, err=None, graph=True):
+        try:
+            ms = graph_time_ms(fn, 8, 20) if graph else event_time_ms(fn, 30, 4)
+        except Exception as e:  # noqa: BLE001
+            print(f"  {stage} {variant}: {type(e).__name__}: {str(e)[:200]}", flush=True)
+            ms = float("inf")
+        rows.append((stage, variant, ms, err))
+        how = "" if graph else "  (eager: host + device)"
+        print(f"{stage:9s} {variant:45s} {ms * 1e3:9.1f} us" + (f"  rel_err {err:.1e}" if err is not None else "")
+              + how, flush=True)
+
+    print(f"--- leverage variants, L={L}, H={HKV}, D={D}, bf16, block {BS} (device us: CUDA-graph replays)")
+    for c in lt.GRAM_CONFIGS:
+        for ks in (False, True):
+            row("gram", f"{tuple(c)}{' +min/max' if ks else ''}",
+                lambda c=c, ks=ks: lt._gram_partials(kv, phys, L, c, summ if ks else None, 1))
+    pg, ps, P = lt._gram_partials(kv, phys, L, lt.GRAM_CONFIGS[0])
+    state = torch.empty(HKV, D + D * D, device="cuda")
+    row("reduce", f"P={P}", lambda: lt._reduce(pg, ps, P, L, state, D))
+    gc = lt._reduce(pg, ps, P, L, state, D)
+    for c in lt.FIT_CONFIGS:
+        def fit(c=c):
+            lt._fit_kernel[(HKV,)](gc, state, 1e-2, state.stride(0), HEAD_SIZE=D, D_PAD=D, SB=c.block,
+                                   num_warps=c.warps)
+        fit()
+        row("fit", f"pivot block {c.block or 'scalar'}, {c.warps} warps", fit, _rel(state[:, D:], st_ref[:, D:]))
+    lt._inverse_torch(gc, state, 1e-2, D)
+    row("fit", "torch cholesky_ex + cholesky_inverse", lambda: lt._inverse_torch(gc, state, 1e-2, D),
+        _rel(state[:, D:], st_ref[:, D:]), graph=False)
+    st = st_ref.float()
+    mu, ainv = st[:, :D], st[:, D:]
+    kc = keys - mu[:, None, :].double()
+    q_ref = ((kc @ ainv.double().view(HKV, D, D)) * kc).sum(-1)  # what the quad kernel should reproduce
+    del kc, keys
+    out = torch.empty(HKV, L, device="cuda")
+    for c in lt.QUAD_CONFIGS:
+        lt._quad_launch(kv, phys, L, mu, ainv, out, None, 1, True, c)
+        row("quad", f"{tuple(c)} keys", lambda c=c: lt._quad_launch(kv, phys, L, mu, ainv, out, None, 1, True, c),
+            _rel(out, q_ref))
+        row("quad", f"{tuple(c)} +block max",
+            lambda c=c: lt._quad_launch(kv, phys, L, mu, ainv, None, summ, 1, False, c))
+        row("quad", f"{tuple(c)} +block max +min/max",
+            lambda c=c: lt._quad_launch(kv, phys, L, mu, ainv, None, summ, 1, True, c))
+    ks = _per_block(out)
+    row("summ", "separate summarize pass", lambda: summarize_triton(kv, summ, phys, L, 1, ks))
+    row("summ", "torch.zeros_like (launch floor)", lambda: torch.zeros_like(mu))
+    # end to end with the tuned configs, as the backend calls it: device time, then host + device (eager)
+    for mode in ("gram", "quad", "separate"):
+        for inv in ("triton", "torch"):
+            m = Leverage(summaries=mode, inverse=inv)
+            fn = lambda m=m: score_prefill(kv, summ, bt[0], 0, L, m, tag=1, final=True)  # noqa: E731
+            fn()
+            if inv == "triton":
+                row("e2e", f"summaries={mode} inverse={inv}", fn)
+            row("e2e-eager", f"summaries={mode} inverse={inv}", fn, graph=False)
+    print_tuned()
+    print("\n--- best per stage")
+    for stage in ("gram", "fit", "quad", "e2e", "e2e-eager"):
+        r = min((r for r in rows if r[0] == stage), key=lambda r: r[2])
+        print(f"{stage:9s} {r[1]:45s} {r[2] * 1e3:9.1f} us")
+    return rows
 
 
 def sweep(gen: torch.Generator):
@@ -375,6 +526,9 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile the scoring methods and exit")
+    ap.add_argument("--only-scoring", action="store_true", help="leverage check + scoring rows only")
+    ap.add_argument("--leverage-variants", action="store_true", help="time every leverage stage variant and exit")
+    ap.add_argument("--scoring-len", type=int, default=32768)
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         sys.exit("this benchmark needs a CUDA GPU")
@@ -382,14 +536,36 @@ def main(argv=None):
     gen.manual_seed(int(time.time()))  # fresh inputs every run
     dev = torch.cuda.get_device_name()
     print(f"device: {dev}; torch {torch.__version__}", flush=True)
+    if args.leverage_variants:
+        leverage_variants(args.scoring_len, gen)
+        return
+    if args.only_scoring:
+        lines, ok = check_leverage(gen) if not args.no_check else ([], True)
+        for line in lines:
+            print(line, flush=True)
+        scoring = scoring_rows(args.scoring_len, gen)
+        print_scoring(scoring)
+        print_tuned()
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": dev, "torch": torch.__version__, "scoring": scoring, "leverage_check": lines},
+                          f, indent=1)
+        if not ok:
+            sys.exit("leverage check FAILED (see above)")
+        return
     if not args.no_check:
         for line in check(gen):
             print(line)
+        lines, ok = check_leverage(gen)
+        for line in lines:
+            print(line)
+        if not ok:
+            print("leverage check FAILED (see above); going on with the timings", flush=True)
     if args.sweep:
         sweep(gen)
         return
     if args.profile:
-        profile_scoring(32768, gen)
+        profile_scoring(args.scoring_len, gen)
         return
     gbps = copy_gbps()
     print(f"device-to-device copy: {gbps:.0f} GB/s (read + write)", flush=True)
@@ -403,7 +579,7 @@ def main(argv=None):
             decode += rows
             for r in rows:
                 print(json.dumps(r), flush=True)
-    scoring = scoring_rows(32768, gen)
+    scoring = scoring_rows(args.scoring_len, gen)
     hdr = f"{'B':>3} {'L':>7} {'budget':>6} {'sdpa ms':>8} {'paged ms':>9} {'sparse ms':>9} {'ideal ms':>8} " \
           f"{'bw frac':>7} {'x sdpa':>7} {'paged/sdpa':>10}"
     print("\n" + hdr)
@@ -411,9 +587,7 @@ def main(argv=None):
         print(f"{r['B']:>3} {r['L']:>7} {r['budget']:>6} {r['dense_sdpa_ms']:>8.4f} {r['dense_paged_ms']:>9.4f} "
               f"{r['sparse_ms']:>9.4f} {r['ideal_ms']:>8.4f} {r['bw_fraction']:>7.2f} {r['speedup_vs_sdpa']:>7.1f} "
               f"{r['dense_paged_vs_sdpa']:>10.3f}")
-    print(f"\n{'method':>9} {'L':>6} {'score ms':>9} {'prefill attn ms':>15} {'ratio':>6}")
-    for r in scoring:
-        print(f"{r['method']:>9} {r['L']:>6} {r['score_ms']:>9.4f} {r['prefill_attn_ms']:>15.4f} {r['ratio']:>6.3f}")
+    print_scoring(scoring)
     res = {"device": dev, "copy_gbps": round(gbps, 1), "torch": torch.__version__,
            "command": "python -m prescore.kernels.bench --out results/kernels-h100.json",
            "decode": decode, "scoring": scoring}

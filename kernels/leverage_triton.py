@@ -1,21 +1,154 @@
-"""Ridge leverage on the GPU in three Triton launches: Gram partials, fit (reduce + centre + ridge + inverse),
-fused quadratic form; keys read in place from the paged cache.
+"""Ridge leverage on the GPU: keys read in place from the paged cache, four Triton launches, no host sync.
 
-``fit_triton``: per KV head, partial sums of K^T K and of K over tiles of keys (bf16 operands, fp32
-accumulation), then one kernel that reduces them, centres, adds the ridge and inverts the SPD D x D matrix in
-registers (symmetric sweep, no pivoting needed: SPD, conditioned by the ridge; ``inverse_triton`` is the same
-inverse alone). ``quad_triton``: l_i = (k_i - mu)^T A^-1 (k_i - mu) in one pass over the keys. The torch code in :class:`prescore.kernels.scoring.Leverage` is the
-reference.
+``fit_triton`` (state row per KV head: ``[mu | A^-1]``, ``A = K_c^T K_c + lam I``, ``lam = ridge * tr / D``):
+
+1. ``_gram_kernel``: grid (KV head, chunk of tokens); partial sums of K^T K (tensor-core dot of the bf16/fp16
+   keys, exact operands, fp32 accumulation) and of K. Optionally also the per-block key min/max and tag of the
+   blocks it reads (the Quest half of the block summaries; no separate pass over the keys).
+2. ``_reduce_kernel``: grid (KV head, row stripe); sums the partials and centres them
+   (``K^T K - T mu mu^T``); writes ``mu`` into the state.
+3. ``_fit_kernel``: grid (KV head); adds the ridge and inverts in registers. Blocked symmetric sweep: for each
+   pivot block of SB rows, invert the SB x SB pivot block by the scalar sweep, then one rank-SB update of the
+   whole matrix (a ``tl.dot`` in 3xTF32: fp32-level accuracy on tensor cores; an IEEE fp32 dot that size
+   spills). D / SB dependent block steps instead of D scalar ones; SB=0 is the plain scalar sweep.
+   ``inverse="torch"`` uses cuSOLVER (Cholesky) instead.
+
+``quad_triton``: ``l_i = (k_i - mu)^T A^-1 (k_i - mu)``. The key tile is an exact dot operand in the cache dtype;
+A^-1 is split into hi + lo halves of that dtype (after an exact power-of-two scaling), so
+``y = k A^-1 - mu^T A^-1`` is two tensor-core dots with ~16-bit-mantissa accuracy on A^-1 (fp32 caches: one
+3xTF32 dot of the centred keys); ``l = sum((k - mu) * y)`` in fp32. Optionally writes the block summaries
+itself (block max score, and the key min/max + tag when the Gram pass did not).
+
+Configs (tile rows, warps, pipeline stages, programs per SM, pivot block) are chosen on the GPU by
+:func:`_pick`: on the first call for a (stage, shape bucket) every candidate is timed with CUDA events on the
+real inputs (all stages are idempotent) and the fastest is kept for the process. Never inside a CUDA-graph
+capture (the default is used there) nor in the interpreter; ``PRESCORE_LEVERAGE_TUNE=0`` disables it.
+The torch code in :class:`prescore.kernels.scoring.Leverage` is the reference.
 """
 
 from __future__ import annotations
+
+import os
+import statistics
+from typing import NamedTuple
 
 import torch
 import triton
 import triton.language as tl
 
-from .decode import _INTERPRET  # the interpreter's bf16 dot is wrong (triton 3.7): upcast there only
+# Triton's interpreter (CPU tests) computes bf16 dots wrongly (triton 3.7): upcast there, never on a GPU.
+_INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
+_TUNE = os.environ.get("PRESCORE_LEVERAGE_TUNE", "1") != "0"
 
+
+class GramCfg(NamedTuple):
+    block_t: int  # token rows per tile
+    warps: int
+    stages: int
+    waves: int  # programs per SM (sets the number of token chunks, i.e. of partial sums)
+
+
+class FitCfg(NamedTuple):
+    block: int  # pivot block SB of the blocked sweep; 0 = scalar sweep
+    warps: int
+
+
+class QuadCfg(NamedTuple):
+    block_t: int
+    warps: int
+    stages: int
+    waves: int
+
+
+# first = the default (interpreter, CUDA-graph capture, tuning off)
+GRAM_CONFIGS = [GramCfg(64, 8, 5, 1), GramCfg(64, 8, 5, 2), GramCfg(64, 8, 3, 2), GramCfg(128, 8, 5, 1),
+                GramCfg(64, 4, 5, 2), GramCfg(128, 8, 3, 1)]
+FIT_CONFIGS = [FitCfg(16, 8), FitCfg(32, 8), FitCfg(16, 16), FitCfg(16, 4), FitCfg(0, 4)]
+QUAD_CONFIGS = [QuadCfg(64, 4, 5, 2), QuadCfg(64, 4, 3, 2), QuadCfg(64, 8, 5, 2), QuadCfg(128, 8, 5, 1),
+                QuadCfg(128, 8, 3, 1), QuadCfg(64, 4, 5, 3)]
+# (stages: the paged key load hangs off a block-table load; the pipeliner double-buffers it from 5 stages up)
+
+_BEST: dict = {}  # (stage, shape key) -> config
+_SMS: dict = {}
+
+
+def _num_sms(device: torch.device) -> int:
+    if device.type != "cuda":
+        return 4  # interpreter: a few programs per head, so that chunking and reductions are exercised
+    n = _SMS.get(device.index)
+    if n is None:
+        n = _SMS[device.index] = torch.cuda.get_device_properties(device).multi_processor_count
+    return n
+
+
+def _time_ms(fn, reps: int = 7) -> float:
+    fn()  # compile
+    fn()
+    evs = []
+    for _ in range(reps):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        fn()
+        b.record()
+        evs.append((a, b))
+    torch.cuda.synchronize()
+    return statistics.median(a.elapsed_time(b) for a, b in evs)
+
+
+def _pick(stage: str, key: tuple, cands: list, run):
+    """The config of ``stage`` for shape ``key``: the first candidate unless tuning applies (see module doc)."""
+    if len(cands) == 1 or not _TUNE or _INTERPRET:
+        return cands[0]
+    k = (stage,) + key
+    best = _BEST.get(k)
+    if best is None:
+        if torch.cuda.is_current_stream_capturing():
+            return cands[0]
+        times = []
+        for c in cands:
+            try:
+                times.append(_time_ms(lambda: run(c)))
+            except Exception:  # noqa: BLE001 (a config that does not compile or fit: skipped)
+                times.append(float("inf"))
+        best = _BEST[k] = cands[min(range(len(cands)), key=times.__getitem__)]
+    return best
+
+
+def tuned_configs() -> dict:
+    """The configs chosen so far: {(stage, T bucket, H, D, BS, dtype, device, ...): config}."""
+    return dict(_BEST)
+
+
+def _shape_key(kv_cache: torch.Tensor, T: int) -> tuple:
+    NB, H, BS, D2 = kv_cache.shape
+    return (T.bit_length(), H, D2 // 2, BS, kv_cache.dtype, kv_cache.device.index)
+
+
+def _d_pad(D: int) -> int:
+    return max(16, triton.next_power_of_2(D))
+
+
+def _kv_args(kv_cache):
+    return (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
+
+
+def _summ_args(summ, dummy):
+    if summ is None:
+        return (dummy,) * 4 + (0,) * 5
+    mn = summ.kmin
+    return (summ.scores, mn, summ.kmax, summ.tags, summ.scores.stride(0), summ.scores.stride(-1), mn.stride(0),
+            mn.stride(1) if mn.dim() > 2 else 0, mn.stride(-1))
+
+
+def _fusable(kv_cache: torch.Tensor) -> bool:
+    """Block summaries can be written by the Triton passes (whole blocks per tile)."""
+    BS = kv_cache.shape[2]
+    return BS & (BS - 1) == 0 and BS <= 128
+
+
+# ----------------------------------------------------------------------------------------------------------
+# device helpers
+# ----------------------------------------------------------------------------------------------------------
 
 @triton.jit
 def _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS: tl.constexpr):
@@ -27,52 +160,30 @@ def _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS: tl.constexpr):
 
 
 @triton.jit
-def _gram_kernel(KV, PHYS, PG, PS, T, s_kb, s_kh, s_kt, s_kd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
-                 BS: tl.constexpr, BLOCK_T: tl.constexpr, TILES: tl.constexpr, UPCAST: tl.constexpr):
-    h = tl.program_id(0)
-    p = tl.program_id(1)
-    d = tl.arange(0, D_PAD)
-    dm = d < HEAD_SIZE
-    acc = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-    s = tl.zeros([D_PAD], dtype=tl.float32)
-    for tile in range(TILES):
-        t = (p * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
-        ptr, tm = _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS)
-        k = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0)
-        if UPCAST:
-            k = k.to(tl.float32)
-        acc += tl.dot(tl.trans(k), k)
-        s += tl.sum(k.to(tl.float32), 0)
-    base = (h * tl.num_programs(1) + p).to(tl.int64)
-    tl.store(PG + base * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :], acc)
-    tl.store(PS + base * D_PAD + d, s)
-
-
-def _kv_args(kv_cache):
-    return (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
-
-
-def _gram_partials(kv_cache: torch.Tensor, phys: torch.Tensor, T: int):
-    """Per-program partial sums of K^T K and of K over tokens [0, T) of the sequence in physical blocks
-    ``phys``, read in place from the paged cache -> (pg [H, P, D_PAD, D_PAD], ps [H, P, D_PAD], P)."""
-    NB, H, BS, D2 = kv_cache.shape
-    D = D2 // 2
-    D_PAD = triton.next_power_of_2(D)
-    BLOCK_T = 64
-    TILES = max(1, min(16, T // (BLOCK_T * 64)))
-    P = triton.cdiv(T, BLOCK_T * TILES)
-    pg = torch.empty(H, P, D_PAD, D_PAD, dtype=torch.float32, device=kv_cache.device)
-    ps = torch.empty(H, P, D_PAD, dtype=torch.float32, device=kv_cache.device)
-    _gram_kernel[(H, P)](kv_cache, phys, pg, ps, T, *_kv_args(kv_cache), HEAD_SIZE=D, D_PAD=D_PAD, BS=BS,
-                         BLOCK_T=BLOCK_T, TILES=TILES, num_warps=8,
-                         UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16)
-    return pg, ps, P
+def _block_minmax(kf, t0, h, d, dm, PHYS, KMIN, KMAX, TAGS, tag, T, s_mn_b, s_mn_h, s_mn_d,
+                  BS: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr):
+    """Per-channel key min/max (and tag) of the BLOCK_T // BS blocks of the tile of rows [t0, t0 + BLOCK_T)
+    (kf: the tile, fp32); only the valid rows count, blocks past T are not written."""
+    NBT: tl.constexpr = BLOCK_T // BS
+    blk = t0 // BS + tl.arange(0, NBT)
+    bm = blk * BS < T
+    phys = tl.load(PHYS + blk, mask=bm, other=0).to(tl.int64)
+    row = (blk[:, None] * BS + tl.arange(0, BS)[None, :]) < T
+    v3 = row[:, :, None] & dm[None, None, :]
+    k3 = tl.reshape(kf, (NBT, BS, D_PAD))
+    kmin = tl.min(tl.where(v3, k3, float("inf")), 1)
+    kmax = tl.max(tl.where(v3, k3, float("-inf")), 1)
+    mo = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
+    mm = bm[:, None] & dm[None, :]
+    tl.store(KMIN + mo, kmin.to(KMIN.dtype.element_ty), mask=mm)
+    tl.store(KMAX + mo, kmax.to(KMAX.dtype.element_ty), mask=mm)
+    tl.store(TAGS + phys, tl.zeros([NBT], dtype=tl.int64) + tag, mask=bm & (h == 0))
 
 
 @triton.jit
 def _sweep_all(a, i, HEAD_SIZE: tl.constexpr):
-    """Inverse of the SPD matrix ``a`` (registers, [D_PAD, D_PAD], identity padding) by sweeping every pivot:
-    the sweep maps A to -A^-1 and keeps it symmetric, so each step extracts one row (= column) and its pivot."""
+    """Inverse of the SPD matrix ``a`` (registers, identity padding) by sweeping every pivot: the sweep maps A
+    to -A^-1 and keeps it symmetric, so each step extracts one row (= column) and its pivot."""
     for k in range(HEAD_SIZE):
         row = tl.sum(tl.where(i[:, None] == k, a, 0.0), 0)  # a[k, :] == a[:, k]
         piv = tl.sum(tl.where(i == k, row, 0.0), 0)
@@ -86,125 +197,303 @@ def _sweep_all(a, i, HEAD_SIZE: tl.constexpr):
 
 
 @triton.jit
-def _sweep_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
-    """Inverse of one SPD matrix held in registers by the symmetric sweep operator: sweeping every pivot maps
-    A to -A^-1 and keeps the matrix symmetric, so each step extracts one row (= column) and its pivot."""
+def _block_sweep(a, D_PAD: tl.constexpr, SB: tl.constexpr):
+    """Inverse of the SPD matrix ``a`` ([D_PAD, D_PAD] registers, identity padding) by the blocked sweep: per
+    pivot block K of SB rows, W = A_KK^-1 (scalar sweep of SB x SB), then A_RR -= A_RK W A_KR (one dot),
+    A_KR = W A_KR, A_RK = its transpose, A_KK = -W. Sweeping every block maps A to -A^-1."""
+    NBK: tl.constexpr = D_PAD // SB
+    nb = tl.arange(0, NBK)
+    j = tl.arange(0, SB)
+    for kb in range(NBK):
+        on = nb == kb
+        p = tl.sum(tl.where(on[:, None, None], tl.reshape(a, (NBK, SB, D_PAD)), 0.0), 0)  # rows K: [SB, D_PAD]
+        w = _sweep_all(tl.sum(tl.where(on[None, :, None], tl.reshape(p, (SB, NBK, SB)), 0.0), 1), j, SB)
+        u = tl.dot(w, p, input_precision="ieee")  # W A_K:
+        a = tl.dot(tl.trans(p), -u, a, input_precision="tf32x3")  # (3xTF32: fp32-level, on tensor cores)
+        u = tl.reshape(tl.where(on[None, :, None], -w[:, None, :], tl.reshape(u, (SB, NBK, SB))), (SB, D_PAD))
+        a = tl.reshape(tl.where(on[:, None, None], u[None, :, :], tl.reshape(a, (NBK, SB, D_PAD))), (D_PAD, D_PAD))
+        a = tl.reshape(tl.where(on[None, :, None], tl.trans(u)[:, None, :], tl.reshape(a, (D_PAD, NBK, SB))),
+                       (D_PAD, D_PAD))
+    return -a
+
+
+@triton.jit
+def _invert(a, i, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, SB: tl.constexpr):
+    if SB == 0:
+        return _sweep_all(a, i, HEAD_SIZE)
+    else:
+        return _block_sweep(a, D_PAD, SB)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# fit: Gram partials -> reduce + centre -> ridge + inverse
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["tag", "T", "CHUNK"])  # one compile for every length
+def _gram_kernel(KV, PHYS, PG, PS, KMIN, KMAX, TAGS, tag, T, CHUNK, s_kb, s_kh, s_kt, s_kd, s_mn_b, s_mn_h,
+                 s_mn_d, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
+                 UPCAST: tl.constexpr, KSUMM: tl.constexpr):
+    h = tl.program_id(0)
+    p = tl.program_id(1)
+    d = tl.arange(0, D_PAD)
+    dm = d < HEAD_SIZE
+    acc = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
+    s = tl.zeros([D_PAD], dtype=tl.float32)
+    t_lo = p * CHUNK
+    t_hi = tl.minimum(t_lo + CHUNK, T)
+    for t0 in range(t_lo, t_hi, BLOCK_T):
+        t = t0 + tl.arange(0, BLOCK_T)
+        ptr, tm = _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS)
+        k = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0)
+        kf = k.to(tl.float32)
+        if UPCAST:
+            k = kf
+        acc = tl.dot(tl.trans(k), k, acc)
+        s += tl.sum(kf, 0)
+        if KSUMM:
+            _block_minmax(kf, t0, h, d, dm, PHYS, KMIN, KMAX, TAGS, tag, T, s_mn_b, s_mn_h, s_mn_d, BS, BLOCK_T,
+                          D_PAD)
+    base = (h * tl.num_programs(1) + p).to(tl.int64)
+    tl.store(PG + base * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :], acc)
+    tl.store(PS + base * D_PAD + d, s)
+
+
+@triton.jit(do_not_specialize=["P", "T"])  # one compile for every length
+def _reduce_kernel(PG, PS, GC, STATE, P, T, s_state, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+                   PB: tl.constexpr, RB: tl.constexpr):
+    """Rows [r * RB, (r + 1) * RB) of the centred Gram matrix of head h: sum of the P partials minus
+    T mu_r mu^T; the first stripe also writes mu into the state row."""
+    h = tl.program_id(0)
+    r = tl.program_id(1)
+    d = tl.arange(0, D_PAD)
+    rows = r * RB + tl.arange(0, RB)
+    pb = tl.arange(0, PB)
+    g = tl.zeros([RB, D_PAD], dtype=tl.float32)
+    s = tl.zeros([D_PAD], dtype=tl.float32)
+    sr = tl.zeros([RB], dtype=tl.float32)
+    for p0 in range(0, P, PB):
+        pp = p0 + pb
+        pm = pp < P
+        base = h.to(tl.int64) * P + pp
+        g += tl.sum(tl.load(PG + (base[:, None, None] * D_PAD + rows[None, :, None]) * D_PAD + d[None, None, :],
+                            mask=pm[:, None, None], other=0.0), 0)
+        s += tl.sum(tl.load(PS + base[:, None] * D_PAD + d[None, :], mask=pm[:, None], other=0.0), 0)
+        sr += tl.sum(tl.load(PS + base[:, None] * D_PAD + rows[None, :], mask=pm[:, None], other=0.0), 0)
+    mu = s / T
+    g = g - T * (sr / T)[:, None] * mu[None, :]
+    tl.store(GC + (h.to(tl.int64) * D_PAD + rows[:, None]) * D_PAD + d[None, :], g)
+    tl.store(STATE + h.to(tl.int64) * s_state + d, mu, mask=(d < HEAD_SIZE) & (r == 0))
+
+
+@triton.jit
+def _fit_kernel(GC, STATE, ridge, s_state, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, SB: tl.constexpr):
+    """One KV head: A = centred Gram + ridge * trace / D * I, inverted in registers, written as the state's
+    A^-1 (mu was written by the reduce kernel)."""
+    h = tl.program_id(0)
+    i = tl.arange(0, D_PAD)
+    dm = i < HEAD_SIZE
+    m2 = dm[:, None] & dm[None, :]
+    diag = i[:, None] == i[None, :]
+    a = tl.load(GC + h.to(tl.int64) * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :])
+    tr = tl.sum(tl.sum(tl.where(diag & m2, a, 0.0), 1), 0)
+    lam = ridge * tl.maximum(tr, 1e-12) / HEAD_SIZE
+    a = tl.where(m2, tl.where(diag, a + lam, a), tl.where(diag, 1.0, 0.0))  # identity padding
+    a = _invert(a, i, HEAD_SIZE, D_PAD, SB)
+    tl.store(STATE + h.to(tl.int64) * s_state + HEAD_SIZE + i[:, None] * HEAD_SIZE + i[None, :], a, mask=m2)
+
+
+def _gram_partials(kv_cache, phys, T, cfg: GramCfg, summ=None, tag: int = 0):
+    """Per-chunk partial sums of K^T K and of K over tokens [0, T) -> (pg [H, P, D_PAD, D_PAD], ps [H, P, D_PAD],
+    P); with ``summ``, also the key min/max and tag of every block of the range."""
+    NB, H, BS, D2 = kv_cache.shape
+    D = D2 // 2
+    D_PAD = _d_pad(D)
+    BLOCK_T = max(cfg.block_t, BS) if summ is not None else cfg.block_t
+    P = max(1, min(triton.cdiv(T, BLOCK_T), cfg.waves * _num_sms(kv_cache.device) // H))  # whole waves
+    CHUNK = triton.cdiv(triton.cdiv(T, P), BLOCK_T) * BLOCK_T
+    P = triton.cdiv(T, CHUNK)
+    ws = torch.empty(H * P * D_PAD * (D_PAD + 1), dtype=torch.float32, device=kv_cache.device)
+    pg = ws[: H * P * D_PAD * D_PAD].view(H, P, D_PAD, D_PAD)
+    ps = ws[H * P * D_PAD * D_PAD:].view(H, P, D_PAD)
+    sc, mn, mx, tg, _, _, s0, s1, s2 = _summ_args(summ, ps)
+    _gram_kernel[(H, P)](kv_cache, phys, pg, ps, mn, mx, tg, int(tag), T, CHUNK, *_kv_args(kv_cache), s0, s1, s2,
+                         HEAD_SIZE=D, D_PAD=D_PAD, BS=BS, BLOCK_T=BLOCK_T,
+                         UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16, KSUMM=summ is not None,
+                         num_warps=cfg.warps, num_stages=cfg.stages)
+    return pg, ps, P
+
+
+def _reduce(pg, ps, P, T, state, D):
+    H, _, D_PAD, _ = pg.shape
+    gc = torch.empty(H, D_PAD, D_PAD, dtype=torch.float32, device=pg.device)
+    PB = min(triton.next_power_of_2(P), 32)
+    RB = max(1, min(D_PAD, 64 // PB))
+    _reduce_kernel[(H, D_PAD // RB)](pg, ps, gc, state, P, T, state.stride(0), HEAD_SIZE=D, D_PAD=D_PAD, PB=PB, RB=RB,
+                                     num_warps=4)
+    return gc
+
+
+def _inverse_torch(gc, state, ridge, D):
+    """Ridge + inverse by cuSOLVER (Cholesky): the alternative to ``_fit_kernel`` (bench --leverage-variants)."""
+    g = gc[:, :D, :D]
+    lam = ridge * g.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D
+    a = g + lam[:, None, None] * torch.eye(D, device=g.device, dtype=g.dtype)
+    state[:, D:].view(-1, D, D).copy_(torch.cholesky_inverse(torch.linalg.cholesky_ex(a).L))
+
+
+def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float, summ=None, tag: int = 0,
+               inverse: str = "triton", gram_cfg: GramCfg | None = None, fit_cfg: FitCfg | None = None) -> torch.Tensor:
+    """Leverage state [H, D + D*D] = [mu | (K_c^T K_c + lam I)^-1] of tokens [0, T) (four launches). With
+    ``summ`` (BlockSummaries), the Gram pass also writes the key min/max and ``tag`` of every block."""
+    NB, H, BS, D2 = kv_cache.shape
+    D = D2 // 2
+    state = torch.empty(H, D + D * D, dtype=torch.float32, device=kv_cache.device)
+    key = _shape_key(kv_cache, T)
+    if gram_cfg is None:
+        gram_cfg = _pick("gram", key + (summ is not None,), GRAM_CONFIGS,
+                         lambda c: _gram_partials(kv_cache, phys, T, c, summ, tag))
+    pg, ps, P = _gram_partials(kv_cache, phys, T, gram_cfg, summ, tag)
+    gc = _reduce(pg, ps, P, T, state, D)
+    if inverse == "torch":
+        _inverse_torch(gc, state, float(ridge), D)
+        return state
+
+    def run(c):
+        _fit_kernel[(H,)](gc, state, float(ridge), state.stride(0), HEAD_SIZE=D, D_PAD=gc.shape[-1],
+                          SB=min(c.block, gc.shape[-1]), num_warps=c.warps)
+
+    run(fit_cfg or _pick("fit", key, FIT_CONFIGS, run))
+    return state
+
+
+@triton.jit
+def _inverse_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, SB: tl.constexpr):
     h = tl.program_id(0)
     i = tl.arange(0, D_PAD)
     m2 = (i < HEAD_SIZE)[:, None] & (i < HEAD_SIZE)[None, :]
     base = h.to(tl.int64) * HEAD_SIZE * HEAD_SIZE
     a = tl.load(A + base + i[:, None] * HEAD_SIZE + i[None, :], mask=m2, other=0.0)
     a = tl.where((i[:, None] == i[None, :]) & (i[:, None] >= HEAD_SIZE), 1.0, a)  # identity padding
-    tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], _sweep_all(a, i, HEAD_SIZE), mask=m2)
+    tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], _invert(a, i, HEAD_SIZE, D_PAD, SB), mask=m2)
 
 
-SWEEP_WARPS = 4
-
-
-@triton.jit
-def _fit_kernel(PG, PS, STATE, P, T, ridge, s_state, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr):
-    """One KV head: sum the Gram partials, centre (K^T K - T mu mu^T), add the ridge (ridge * trace / D),
-    invert in registers (symmetric sweep), and write the state row [mu | A^-1]. One launch, no host work."""
-    h = tl.program_id(0)
-    i = tl.arange(0, D_PAD)
-    dm = i < HEAD_SIZE
-    m2 = dm[:, None] & dm[None, :]
-    a = tl.zeros([D_PAD, D_PAD], dtype=tl.float32)
-    s = tl.zeros([D_PAD], dtype=tl.float32)
-    for p in range(P):
-        base = (h * P + p).to(tl.int64)
-        a += tl.load(PG + base * D_PAD * D_PAD + i[:, None] * D_PAD + i[None, :])
-        s += tl.load(PS + base * D_PAD + i)
-    mu = s / T
-    a = a - T * mu[:, None] * mu[None, :]
-    diag = i[:, None] == i[None, :]
-    tr = tl.sum(tl.sum(tl.where(diag & m2, a, 0.0), 1), 0)
-    lam = ridge * tl.maximum(tr, 1e-12) / HEAD_SIZE
-    a = tl.where(diag, a + lam, a)
-    a = tl.where(m2 | diag, a, 0.0)
-    a = tl.where(diag & (i[:, None] >= HEAD_SIZE), 1.0, a)
-    a = _sweep_all(a, i, HEAD_SIZE)
-    out = STATE + h.to(tl.int64) * s_state
-    tl.store(out + i, mu, mask=dm)
-    tl.store(out + HEAD_SIZE + i[:, None] * HEAD_SIZE + i[None, :], a, mask=m2)
-
-
-def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float) -> torch.Tensor:
-    """Leverage state [H, D + D*D] = [mu | (K_c^T K_c + lam I)^-1] of tokens [0, T): two launches."""
-    NB, H, BS, D2 = kv_cache.shape
-    D = D2 // 2
-    pg, ps, P = _gram_partials(kv_cache, phys, T)
-    state = torch.empty(H, D + D * D, dtype=torch.float32, device=kv_cache.device)
-    _fit_kernel[(H,)](pg, ps, state, P, T, float(ridge), state.stride(0), HEAD_SIZE=D, D_PAD=pg.shape[-1],
-                      num_warps=SWEEP_WARPS)
-    return state
-
-
-def inverse_triton(a: torch.Tensor, num_warps: int | None = None) -> torch.Tensor:
-    """[H, D, D] SPD float32 -> inverse (float32)."""
+def inverse_triton(a: torch.Tensor, num_warps: int | None = None, block: int | None = None) -> torch.Tensor:
+    """[H, D, D] SPD float32 -> inverse (float32), one program per matrix; ``block``: pivot block of the blocked
+    sweep (0: scalar sweep); defaults: the fit kernel's default config."""
     H, D, _ = a.shape
     a = a.contiguous()
     out = torch.empty_like(a)
-    _sweep_kernel[(H,)](a, out, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), num_warps=num_warps or SWEEP_WARPS)
+    D_PAD = _d_pad(D)
+    cfg = FIT_CONFIGS[0]
+    sb = cfg.block if block is None else block
+    _inverse_kernel[(H,)](a, out, HEAD_SIZE=D, D_PAD=D_PAD, SB=min(sb, D_PAD), num_warps=num_warps or cfg.warps)
     return out
 
 
-@triton.jit
-def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T, s_mu, s_ai, s_out,
+# ----------------------------------------------------------------------------------------------------------
+# quadratic form (+ block summaries)
+# ----------------------------------------------------------------------------------------------------------
+
+@triton.jit(do_not_specialize=["tag", "T", "NT"])  # one compile for every length
+def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T, NT, s_mu, s_ai, s_out,
                  s_kb, s_kh, s_kt, s_kd, s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d,
                  HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
-                 TILES: tl.constexpr, SUMMARIZE: tl.constexpr):
-    """Leverage of each key; with SUMMARIZE, also the block summaries (max score, key min/max, tag) of the
-    BLOCK_T // BS whole blocks of each tile, written in place of a separate summarize pass."""
+                 SPLIT: tl.constexpr, UPCAST: tl.constexpr, KEYS: tl.constexpr, BSCORES: tl.constexpr,
+                 KSUMM: tl.constexpr):
+    """Leverage of the keys of tiles p, p + NP, ... (NT tiles of BLOCK_T rows) of head h. KEYS: store each
+    key's score; BSCORES: the max score of each whole block of the tile; KSUMM: the blocks' key min/max + tag."""
     h = tl.program_id(0)
     p = tl.program_id(1)
+    NP = tl.num_programs(1)
     d = tl.arange(0, D_PAD)
     dm = d < HEAD_SIZE
     mu = tl.load(MU + h * s_mu + d, mask=dm, other=0.0)
     ainv = tl.load(AINV + h.to(tl.int64) * s_ai + d[:, None] * HEAD_SIZE + d[None, :],
                    mask=dm[:, None] & dm[None, :], other=0.0)
-    NBT: tl.constexpr = BLOCK_T // BS
-    for tile in range(TILES):
-        t = (p * TILES + tile) * BLOCK_T + tl.arange(0, BLOCK_T)
+    b = tl.sum(mu[:, None] * ainv, 0)  # mu^T A^-1
+    if SPLIT:  # A^-1 * 2^s = hi + lo in the cache dtype (|A^-1 * 2^s| < 2): the keys are exact dot operands
+        amax = tl.max(tl.max(tl.abs(ainv), 1), 0)
+        e = tl.minimum(tl.maximum((amax.to(tl.int32, bitcast=True) >> 23) & 0xFF, 1), 253)
+        up = ((254 - e) << 23).to(tl.float32, bitcast=True)  # 2^(127 - e)
+        down = (e << 23).to(tl.float32, bitcast=True)  # 2^(e - 127)
+        a_s = ainv * up
+        hi = a_s.to(KV.dtype.element_ty)
+        lo = (a_s - hi.to(tl.float32)).to(KV.dtype.element_ty)
+        if UPCAST:
+            hi = hi.to(tl.float32)
+            lo = lo.to(tl.float32)
+    for tile in range(p, NT, NP):
+        t0 = tile * BLOCK_T
+        t = t0 + tl.arange(0, BLOCK_T)
         ptr, tm = _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS)
-        raw = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-        x = tl.where(dm[None, :], raw - mu[None, :], 0.0)
-        y = tl.dot(x, ainv)
+        k = tl.load(ptr, mask=tm[:, None] & dm[None, :], other=0.0)
+        kf = k.to(tl.float32)
+        x = kf - mu[None, :]
+        if SPLIT:
+            if UPCAST:
+                k = kf
+            y = tl.dot(k, lo)
+            y = tl.dot(k, hi, y)
+            y = y * down - b[None, :]
+        else:
+            y = tl.dot(x, ainv, input_precision="tf32x3")
         lev = tl.sum(x * y, 1)
-        if SUMMARIZE:
-            blk = (p * TILES + tile) * NBT + tl.arange(0, NBT)
+        if KEYS:
+            tl.store(OUT + h * s_out + t, lev, mask=tm)
+        if BSCORES:
+            NBT: tl.constexpr = BLOCK_T // BS
+            blk = tile * NBT + tl.arange(0, NBT)
             bm = blk * BS < T
             phys = tl.load(PHYS + blk, mask=bm, other=0).to(tl.int64)
             sc = tl.max(tl.reshape(tl.where(tm, lev, float("-inf")), (NBT, BS)), 1)
-            v3 = tl.reshape(tm[:, None] & dm[None, :], (NBT, BS, D_PAD))
-            r3 = tl.reshape(raw, (NBT, BS, D_PAD))
-            kmin = tl.min(tl.where(v3, r3, float("inf")), 1)
-            kmax = tl.max(tl.where(v3, r3, float("-inf")), 1)
             tl.store(SCORES + phys * s_sc_b + h * s_sc_h, sc, mask=bm)
-            mo = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
-            mm = bm[:, None] & dm[None, :]
-            tl.store(KMIN + mo, kmin.to(KMIN.dtype.element_ty), mask=mm)
-            tl.store(KMAX + mo, kmax.to(KMAX.dtype.element_ty), mask=mm)
-            tl.store(TAGS + phys, tl.zeros([NBT], dtype=tl.int64) + tag, mask=bm & (h == 0))
-        else:
-            tl.store(OUT + h * s_out + t, lev, mask=tm)
+        if KSUMM:
+            _block_minmax(kf, t0, h, d, dm, PHYS, KMIN, KMAX, TAGS, tag, T, s_mn_b, s_mn_h, s_mn_d, BS, BLOCK_T,
+                          D_PAD)
+
+
+def _quad_launch(kv_cache, phys, T, mu, ainv, out, summ, tag, ksumm, cfg: QuadCfg):
+    NB, H, BS, D2 = kv_cache.shape
+    D = D2 // 2
+    BLOCK_T = max(cfg.block_t, BS) if summ is not None else cfg.block_t
+    NT = triton.cdiv(T, BLOCK_T)
+    NP = max(1, min(NT, cfg.waves * _num_sms(kv_cache.device) // H))
+    sc, mn, mx, tg, s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d = _summ_args(summ, mu)
+    _quad_kernel[(H, NP)](
+        kv_cache, phys, mu, ainv, out if out is not None else mu, sc, mn, mx, tg, int(tag), T, NT, mu.stride(0),
+        ainv.stride(0), out.stride(0) if out is not None else 0, *_kv_args(kv_cache), s_sc_b, s_sc_h, s_mn_b, s_mn_h,
+        s_mn_d, HEAD_SIZE=D, D_PAD=_d_pad(D), BS=BS, BLOCK_T=BLOCK_T,
+        SPLIT=kv_cache.dtype in (torch.bfloat16, torch.float16), UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16,
+        KEYS=out is not None, BSCORES=summ is not None, KSUMM=summ is not None and ksumm,
+        num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Tensor, ainv: torch.Tensor,
-                summ=None, tag: int = 0):
+                summ=None, tag: int = 0, ksumm: bool = True, cfg: QuadCfg | None = None):
     """Leverage of tokens [0, T) read in place from the paged cache; mu [H, D], ainv [H, D, D] (or their views
     of a state row: any head stride, rows contiguous) -> [H, T] f32. With ``summ`` (BlockSummaries), writes the
-    blocks' summaries and ``tag`` directly and returns None."""
+    blocks' summaries (max score; with ``ksumm`` also key min/max and ``tag``) directly and returns None."""
     NB, H, BS, D2 = kv_cache.shape
-    D = D2 // 2
-    BLOCK_T = max(64, BS)
-    TILES = max(1, min(16, T // (BLOCK_T * 128)))
     Tp = -(-T // BS) * BS  # rows padded to whole blocks (the tail is never written), so [H, n, BS] is a view
     out = torch.empty(H, Tp, dtype=torch.float32, device=kv_cache.device)[:, :T] if summ is None else None
-    sc, mn, mx, tg = (summ.scores, summ.kmin, summ.kmax, summ.tags) if summ is not None else (mu,) * 4
-    _quad_kernel[(H, triton.cdiv(T, BLOCK_T * TILES))](
-        kv_cache, phys, mu, ainv, out if out is not None else mu, sc, mn, mx, tg, tag, T, mu.stride(0),
-        ainv.stride(0), out.stride(0) if out is not None else 0, *_kv_args(kv_cache), sc.stride(0), sc.stride(-1), mn.stride(0), mn.stride(1) if mn.dim() > 1 else 0,
-        mn.stride(-1), HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), BS=BS, BLOCK_T=BLOCK_T, TILES=TILES,
-        SUMMARIZE=summ is not None, num_warps=8)
+    if cfg is None:
+        key = _shape_key(kv_cache, T) + (summ is not None, summ is not None and ksumm)
+        cfg = _pick("quad", key, QUAD_CONFIGS, lambda c: _quad_launch(kv_cache, phys, T, mu, ainv, out, summ, tag,
+                                                                     ksumm, c))
+    _quad_launch(kv_cache, phys, T, mu, ainv, out, summ, tag, ksumm, cfg)
     return out
+
+
+def fit_and_score_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float, summ=None, tag: int = 0,
+                         summaries: str = "gram", inverse: str = "triton"):
+    """State and scores of tokens [0, T): (state, [H, T] scores), or (state, None) when the block summaries of
+    ``summ`` were written here. ``summaries``: "gram" (key min/max + tag in the Gram pass, block max score in
+    the quadratic-form pass), "quad" (all of them in the quadratic-form pass), "separate" (per-key scores
+    returned; the caller summarises)."""
+    if summ is not None and (summaries == "separate" or not _fusable(kv_cache)):
+        summ = None
+    in_gram = summ is not None and summaries == "gram"
+    state = fit_triton(kv_cache, phys, T, ridge, summ if in_gram else None, tag, inverse=inverse)
+    D = kv_cache.shape[-1] // 2
+    scores = quad_triton(kv_cache, phys, T, state[:, :D], state[:, D:], summ, tag, ksumm=not in_gram)
+    return state, scores

@@ -94,15 +94,20 @@ class Leverage(ScoringMethod):
     ``lam = ridge * trace(K_c^T K_c) / D``; K_c are the prompt's keys minus their mean ``mu`` (per KV head),
     ``K_c^T K_c = K^T K - T mu mu^T``. State: ``mu`` and ``A^-1 = (K_c^T K_c + lam I)^-1``, ``S = D + D * D``
     floats per KV head; the prompt's own keys are scored with the same exact formula. On CUDA (D <= 128) the
-    Gram matrix, the inverse and the scores are three Triton launches (:mod:`.leverage_triton`); elsewhere
-    torch computes the same in float64 for the D x D algebra.
+    fit and the scores are Triton launches over the paged cache (:mod:`.leverage_triton`) that also write the
+    block summaries (``summaries``: "gram" = key min/max in the Gram pass, "quad" = all in the scoring pass,
+    "separate" = a separate summarize pass; ``inverse``: "triton" or "torch" = cuSOLVER); elsewhere torch
+    computes the same in float64 for the D x D algebra.
     """
 
     name = "leverage"
 
-    def __init__(self, ridge: float = 1e-2, use_triton: bool | None = None):
+    def __init__(self, ridge: float = 1e-2, use_triton: bool | None = None, summaries: str = "gram",
+                 inverse: str = "triton"):
         self.ridge = ridge
         self.use_triton = use_triton
+        self.summaries = summaries
+        self.inverse = inverse
 
     def state_size(self, head_size):
         return head_size + head_size * head_size
@@ -122,16 +127,12 @@ class Leverage(ScoringMethod):
         return torch.cat([mu, ainv.float().reshape(H, D * D)], -1), scores
 
     def fit_and_score_paged(self, kv_cache, phys, T, use_triton, summ=None, tag=0):
-        H, D = kv_cache.shape[1], kv_cache.shape[-1] // 2
-        if not (use_triton if self.use_triton is None else self.use_triton) or D > 128:
+        if not (use_triton if self.use_triton is None else self.use_triton) or kv_cache.shape[-1] > 256:
             return super().fit_and_score_paged(kv_cache, phys, T, use_triton)
-        from .leverage_triton import fit_triton, quad_triton
+        from .leverage_triton import fit_and_score_triton
 
-        state = fit_triton(kv_cache, phys, T, self.ridge)  # Gram partials + (centre, ridge, invert): 2 launches
-        # (the quad kernel can also write the block summaries itself, summ=summ: slower on the H100, 0.80 ms vs
-        # 0.51 ms per 32k-token layer, so the summaries stay a separate pass)
-        scores = quad_triton(kv_cache, phys, T, state[:, :D], state[:, D:])
-        return state, scores
+        # Gram partials (+ key min/max), reduce, inverse, scores (+ block max): four launches, no host sync
+        return fit_and_score_triton(kv_cache, phys, T, self.ridge, summ, tag, self.summaries, self.inverse)
 
     def fit(self, keys):
         return self.fit_and_score(keys)[0]

@@ -205,3 +205,169 @@ def test_leverage_triton_long_sequence_tiles():
     sa, la = Leverage().fit_and_score_paged(kv, phys, L, use_triton=False)
     sb, lb = Leverage().fit_and_score_paged(kv, phys, L, use_triton=True)
     assert rel_err(sb, sa) < 1e-3 and rel_err(lb, la) < 1e-3
+
+
+# ----------------------------------------------------------------------------------------------------------
+# leverage on Triton: every config / path against the float64 reference
+# ----------------------------------------------------------------------------------------------------------
+
+def _spd(H, D, gen, cond_scale=3.0):
+    x = torch.randn(H, 4 * D, D, generator=gen, dtype=torch.float64) * torch.logspace(0, cond_scale, D,
+                                                                                        dtype=torch.float64)
+    g = x.transpose(1, 2) @ x
+    return g + 1e-2 * g.diagonal(dim1=1, dim2=2).mean(-1)[:, None, None] * torch.eye(D, dtype=torch.float64)
+
+
+@pytest.mark.parametrize("block", [0, 16, 32])
+@pytest.mark.parametrize("D", [16, 80, 128])
+def test_inverse_triton_blocked_sweep(block, D):
+    from prescore.kernels.leverage_triton import inverse_triton
+
+    a = _spd(2, D, torch.Generator().manual_seed(D + block))
+    ref = torch.linalg.inv(a)
+    got = inverse_triton(a.float(), block=block)
+    assert rel_err(got, ref) < 1e-4
+    assert torch.allclose(got, got.transpose(1, 2), rtol=1e-4, atol=1e-6 * float(got.abs().max()))
+
+
+def _lev_cache(L, H, D, BS, dtype, seed, scale=1.0, layout="NHD"):
+    gen = torch.Generator().manual_seed(seed)
+    kv, bt, _ = make_paged([L], H, D, BS, dtype, layout, gen=gen)
+    # anisotropic, correlated, off-centre keys (a real model's keys are all three)
+    mix = torch.eye(D) + 0.3 * torch.randn(D, D, generator=gen) / D ** 0.5
+    k = (kv[..., :D].float() @ mix) * torch.linspace(0.3, 2, D) + torch.linspace(-1, 3, D)
+    kv[..., :D] = (k * scale).to(dtype)
+    return kv, bt[0, : -(-L // BS)]
+
+
+def _lev_ref(kv, phys, L):
+    """float64 state and key scores of the first L tokens."""
+    return Leverage().fit_and_score(gather_keys(kv, phys)[:, :L].double())
+
+
+CFG_CASES = {  # (gram, fit, quad) configs: every tile height, pivot block and warps the tuner may pick
+    "default": (0, 0, 0),
+    "t128-sb32": (3, 1, 3),
+    "w4-scalar": (4, 4, 1),
+}
+
+
+@pytest.mark.parametrize("cfgs", list(CFG_CASES))
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16, torch.float32], ids=["bf16", "fp16", "fp32"])
+@pytest.mark.parametrize("D", [64, 80])
+def test_leverage_triton_configs_match_float64(cfgs, dtype, D, monkeypatch):
+    import prescore.kernels.leverage_triton as lt
+
+    g, f, q = CFG_CASES[cfgs]
+    monkeypatch.setattr(lt, "GRAM_CONFIGS", [lt.GRAM_CONFIGS[g]])
+    monkeypatch.setattr(lt, "FIT_CONFIGS", [lt.FIT_CONFIGS[f]])
+    monkeypatch.setattr(lt, "QUAD_CONFIGS", [lt.QUAD_CONFIGS[q]])
+    L = 301  # odd, partial last block, several tiles and chunks
+    kv, phys = _lev_cache(L, 2, D, 16, dtype, seed=D)
+    st_ref, lev_ref = _lev_ref(kv, phys, L)
+    st, lev = Leverage().fit_and_score_paged(kv, phys, L, use_triton=True)
+    assert rel_err(st[:, :D], st_ref[:, :D]) < 1e-5  # mu
+    assert rel_err(st[:, D:], st_ref[:, D:]) < 1e-4  # A^-1
+    assert rel_err(lev, lev_ref) < 1e-4
+    assert lev.shape == (2, L)
+
+
+@pytest.mark.parametrize("summaries", ["gram", "quad", "separate"])
+@pytest.mark.parametrize("dtype,BS,layout", [(torch.bfloat16, 16, "NHD"), (torch.float16, 32, "HND")],
+                         ids=["bf16-16", "fp16-32"])
+def test_leverage_summaries_paths(summaries, dtype, BS, layout):
+    from prescore.kernels.summarize import summarize_torch
+
+    L, H, D = 203, 2, 64
+    kv, phys = _lev_cache(L, H, D, BS, dtype, seed=BS, layout=layout)
+    summ = BlockSummaries.allocate(kv.shape[0], H, D, dtype, "cpu")
+    summ.scores.fill_(-7.0)
+    m = Leverage(summaries=summaries)
+    full_row = torch.cat([phys, phys.new_zeros(1)])  # score_prefill slices the row itself
+    state = score_prefill(kv, summ, full_row, 0, L, m, tag=5, final=True, use_triton=True)
+    st_ref, lev_ref = _lev_ref(kv, phys, L)
+    ref = BlockSummaries.allocate(kv.shape[0], H, D, dtype, "cpu")
+    ref.scores.fill_(-7.0)
+    n = phys.numel()
+    ks = torch.nn.functional.pad(lev_ref.float(), (0, n * BS - L)).view(H, n, BS).transpose(0, 1)
+    summarize_torch(kv, ref, phys, L, 5, ks)
+    assert rel_err(state, st_ref) < 1e-4
+    assert rel_err(summ.scores[phys.long()], ref.scores[phys.long()]) < 1e-4
+    assert torch.equal(summ.kmin, ref.kmin) and torch.equal(summ.kmax, ref.kmax)
+    assert torch.equal(summ.tags, ref.tags)
+    others = torch.ones(kv.shape[0], dtype=torch.bool)
+    others[phys.long()] = False
+    assert (summ.scores[others] == -7.0).all()
+
+
+def test_leverage_quad_triton_writes_summaries_and_fp16_scaling():
+    """quad_triton's own summaries (public path), on fp16 keys large enough that A^-1 is below fp16's normal
+    range without the power-of-two scaling."""
+    from prescore.kernels.leverage_triton import fit_triton, quad_triton
+    from prescore.kernels.summarize import summarize_torch
+
+    L, H, D, BS = 77, 1, 32, 16
+    kv, phys = _lev_cache(L, H, D, BS, torch.float16, seed=11, scale=300.0)
+    st = fit_triton(kv, phys, L, 1e-2)
+    st_ref, lev_ref = _lev_ref(kv, phys, L)
+    assert float(st_ref[:, D:].abs().max()) < 6e-5
+    assert rel_err(st, st_ref) < 1e-4
+    assert rel_err(quad_triton(kv, phys, L, st[:, :D], st[:, D:]), lev_ref) < 1e-4
+    summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.float16, "cpu")
+    assert quad_triton(kv, phys, L, st[:, :D], st[:, D:], summ=summ, tag=3) is None
+    ref = BlockSummaries.allocate(kv.shape[0], H, D, torch.float16, "cpu")
+    n = phys.numel()
+    summarize_torch(kv, ref, phys, L, 3, torch.nn.functional.pad(lev_ref.float(), (0, n * BS - L)).view(H, n, BS)
+                    .transpose(0, 1))
+    assert rel_err(summ.scores, ref.scores) < 1e-4
+    assert torch.equal(summ.kmin, ref.kmin) and torch.equal(summ.kmax, ref.kmax) and torch.equal(summ.tags, ref.tags)
+
+
+def test_leverage_torch_inverse_variant():
+    L, D = 150, 32
+    kv, phys = _lev_cache(L, 2, D, 16, torch.bfloat16, seed=3)
+    st_ref, lev_ref = _lev_ref(kv, phys, L)
+    st, lev = Leverage(inverse="torch").fit_and_score_paged(kv, phys, L, use_triton=True)
+    assert rel_err(st, st_ref) < 1e-4 and rel_err(lev, lev_ref) < 1e-4
+
+
+def test_leverage_tuner_picks_fastest_and_never_tunes_in_capture(monkeypatch):
+    import prescore.kernels.leverage_triton as lt
+
+    monkeypatch.setattr(lt, "_INTERPRET", False)
+    monkeypatch.setattr(lt, "_TUNE", True)
+    monkeypatch.setattr(lt, "_BEST", {})
+    cost = {"a": 3.0, "b": 1.0, "c": float("nan")}
+    ran = []
+
+    def fake_time(fn):
+        fn()
+        return cost[ran[-1]]
+
+    def run(c):
+        ran.append(c)
+        if c == "c":
+            raise RuntimeError("out of resources")
+
+    monkeypatch.setattr(lt, "_time_ms", fake_time)
+    capturing = [True]
+    monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: capturing[0])
+    assert lt._pick("s", (1,), ["a", "b", "c"], run) == "a" and not ran  # capture: the default, nothing timed
+    capturing[0] = False
+    assert lt._pick("s", (1,), ["a", "b", "c"], run) == "b"
+    n = len(ran)
+    assert lt._pick("s", (1,), ["a", "b", "c"], run) == "b" and len(ran) == n  # cached
+    assert lt.tuned_configs() == {("s", 1): "b"}
+
+
+@pytest.mark.parametrize("L", [1, 5, 16, 17])
+def test_leverage_triton_tiny_prompts(L):
+    """One key (centred Gram 0: the ridge floor alone), fewer keys than channels, one exact block. With fewer
+    keys than channels only the ridge conditions A (cond ~1e3 here): fp32 gives ~1e-4..1e-3, as the torch
+    fp32 inverse would."""
+    kv, phys = _lev_cache(L, 2, 32, 16, torch.bfloat16, seed=L)
+    st_ref, lev_ref = _lev_ref(kv, phys, L)
+    st, lev = Leverage().fit_and_score_paged(kv, phys, L, use_triton=True)
+    assert torch.isfinite(st).all() and torch.isfinite(lev).all()
+    assert rel_err(st, st_ref) < 1e-3
+    assert float((lev.double() - lev_ref).abs().max()) < 5e-3  # leverage of a key is in [0, 1)
