@@ -21,6 +21,7 @@ selections each call), divided by R; the dense baseline is measured in the same 
 from __future__ import annotations
 
 import argparse
+import os
 import json
 import statistics
 import sys
@@ -520,6 +521,10 @@ def sweep(gen: torch.Generator):
 
 
 def main(argv=None):
+    from . import leverage_triton
+
+    # the benchmark tunes the leverage configs on this GPU (opt-in in a serving engine: PRESCORE_LEVERAGE_TUNE=1)
+    leverage_triton._TUNE = os.environ.get("PRESCORE_LEVERAGE_TUNE", "1") != "0"
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")

@@ -22,7 +22,9 @@ itself (block max score, and the key min/max + tag when the Gram pass did not).
 Configs (tile rows, warps, pipeline stages, programs per SM, pivot block) are chosen on the GPU by
 :func:`_pick`: on the first call for a (stage, shape bucket) every candidate is timed with CUDA events on the
 real inputs (all stages are idempotent) and the fastest is kept for the process. Never inside a CUDA-graph
-capture (the default is used there) nor in the interpreter; ``PRESCORE_LEVERAGE_TUNE=0`` disables it.
+capture (the default is used there) nor in the interpreter. Tuning is opt-in (``PRESCORE_LEVERAGE_TUNE=1``,
+and always in ``prescore.kernels.bench``): inside a serving engine the first call would otherwise compile and
+time every candidate (a stall of a minute or more on the first leverage request).
 The torch code in :class:`prescore.kernels.scoring.Leverage` is the reference.
 """
 
@@ -38,7 +40,7 @@ import triton.language as tl
 
 # Triton's interpreter (CPU tests) computes bf16 dots wrongly (triton 3.7): upcast there, never on a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_TUNE = os.environ.get("PRESCORE_LEVERAGE_TUNE", "1") != "0"
+_TUNE = os.environ.get("PRESCORE_LEVERAGE_TUNE", "0") == "1"
 
 
 class GramCfg(NamedTuple):
