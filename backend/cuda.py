@@ -71,15 +71,6 @@ class PrescoreCudaBuilder(BaseBuilder):
             self._capturing = False
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
-        md = self._build(common_prefix_len, common_attn_metadata, fast_build)
-        # side channel: some runner paths hand the impl a different metadata object than the one built here
-        # (our attribute would be lost and the layer would silently run dense); the impl falls back to this
-        plan = getattr(md, "prescore", None)
-        for name in self.layer_names:
-            PLANS[name] = plan
-        return md
-
-    def _build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
         metrics.maybe_dump()
         if not self.enabled:
@@ -101,7 +92,6 @@ class PrescoreCudaBuilder(BaseBuilder):
 
 
 _builds = [0]
-PLANS: dict = {}  # layer name -> the plan its builder made this step
 _paths: set = set()
 _eager = [0]
 
@@ -140,19 +130,15 @@ class PrescoreCudaImpl(BaseImpl):
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):
         plan = getattr(attn_metadata, "prescore", None)
-        if plan is None and attn_metadata is not None:
-            plan = PLANS.get(getattr(layer, "layer_name", None))
-            if plan is not None:
-                _log_path_once("prescore: the attention metadata reached the layer without the step plan; using "
-                               "the plan built for this layer this step")
-        if torch.cuda.is_current_stream_capturing():
+        capturing = torch.cuda.is_current_stream_capturing()
+        if capturing:
             _log_path_once(f"prescore: CUDA graph capture runs the {type(plan).__name__ if plan else 'dense'} path")
         if plan is None or self.attn_type != _DECODER or self.sliding_window != (-1, -1):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         store = self.store_for(kv_cache)
         if isinstance(plan, UniformDecodePlan):
-            if not torch.cuda.is_current_stream_capturing():
+            if not capturing:
                 _eager[0] += 1
                 if _eager[0] in (64, 4096):
                     from vllm.forward_context import get_forward_context
