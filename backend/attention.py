@@ -584,10 +584,15 @@ def attach_step_plan(md, cm, block_size: int, device, build_dense):
     builds vLLM's own metadata for the dense rows' subset (run by vLLM's kernel)."""
     plan, dense_rows = plan_step(cm, block_size, device)
     if plan.num_sparse:
-        sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
-        plan.dense_md = build_dense(sub) if dense_rows else None
+        restrict_dense(plan, cm, dense_rows, build_dense)
     md.prescore = plan
     return md
+
+
+def restrict_dense(plan, cm, dense_rows: list[int], build_dense) -> None:
+    """vLLM's kernel attends only ``dense_rows``: their re-packed metadata (``build_dense(sub)``) and tokens."""
+    sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
+    plan.dense_md = build_dense(sub) if dense_rows else None
 
 
 class PrescoreCPUBuilder(CPUBuilder):

@@ -27,7 +27,7 @@ from . import compat, metrics
 from . import params as P
 from .attention import (_DECODER, attach_step_plan, DecodeBuffers, dense_rows_forward, extra_page_bytes, LayerStore,
                         log_start, logger, MixedPlan, plan_mixed_step, plan_uniform_decode, score_prefill_rows,
-                        sparse_rows_forward, subset_common_metadata, uniform_decode_forward, UniformDecodePlan)
+                        restrict_dense, sparse_rows_forward, uniform_decode_forward, UniformDecodePlan)
 from .requests import TABLE
 
 _flash = compat.flash_attention() if os.environ.get("PRESCORE_DENSE_BACKEND", "flash") != "triton" else None
@@ -85,8 +85,7 @@ class PrescoreCudaBuilder(BaseBuilder):
             return attach_step_plan(md, cm, self.block_size, self.device, partial(super().build, 0))
         plan, dense_rows = plan_mixed_step(cm, self.block_size, self.device, self.capacity, self.bufs.max_rows)
         if plan.fields is not None:  # vLLM's kernel attends only the other rows
-            sub, plan.dense_tokens = subset_common_metadata(cm, dense_rows)
-            plan.dense_md = super().build(0, sub) if dense_rows else None
+            restrict_dense(plan, cm, dense_rows, partial(super().build, 0))
         md.prescore = plan
         return md
 
