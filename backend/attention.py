@@ -350,7 +350,11 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
     qkey = quest_bound_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size)
     select_blocks_triton(store.scores3, store.tags2, bt, sl, f("budget"), f("sink"), f("window"), mode, f("prior"),
                          f("tag"), plan.max_selected, block_size, qkey, cache, srow, cols=cols, overflow_dense=True)
-    output[:n] = decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow).to(output.dtype)
+    o = output[:n]
+    if o.dtype == q.dtype:  # straight into the layer's output (no temporary, no copy launch)
+        decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow, out=o)
+    else:
+        o.copy_(decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow))
     if _DEBUG and store.index == 0 and not (kv.is_cuda and torch.cuda.is_current_stream_capturing()):
         # eager-only diagnostics (host syncs), first layer
         nb = (sl.long() + block_size - 1) // block_size

@@ -168,8 +168,8 @@ class PrescoreCudaImpl(BaseImpl):
         return output
 
 
-def _cuda_decode(q, kv, bt, sl, ids, counts, scale, sel_rows=None):
-    return sparse_decode(q, kv, bt, sl, ids, counts, scale, sel_rows=sel_rows)
+def _cuda_decode(q, kv, bt, sl, ids, counts, scale, sel_rows=None, out=None):
+    return sparse_decode(q, kv, bt, sl, ids, counts, scale, sel_rows=sel_rows, out=out)
 
 
 class PrescoreCudaBackend(BaseBackend):

@@ -6,10 +6,12 @@
 
 One engine per (backend, CUDA graphs on/off) on Llama-3-8B-shaped dummy weights (``load_format="dummy"``,
 bf16, prefix caching off). For each workload (batch x prompt length), random-token prompts:
-t1 = time of a pass with max_tokens=1 (prefill), tN / t2N = times with max_tokens=N / 2N (N = --gen, 64);
-decode step ``step_ms`` = (t2N - tN) / N (steady state: tokens N+1..2N, pure decode batches), decode tok/s =
-batch / step; ``step_first_ms`` = (tN - t1) / (N - 1) (the first tokens, whose steps overlap the other
-prompts' chunked prefill); TTFT = t1 (the whole batch's prefill + first token).
+t1 = time of a pass with max_tokens=1 (TTFT: the whole batch's prefill + first token). Decode step
+``step_ms``: the batch goes in through ``llm_engine.add_request`` and the engine is stepped by hand; step =
+wall time from the output at which every request has 16 tokens to the one at which every request has
+16 + N (N = --gen, 64), divided by the tokens in between: pure decode steps, nothing else in the window.
+(Session 2 used (t2N - tN) / N, two runs each including a ~10 s 8 x 32k prefill, whose run-to-run noise
+lands in the step: kept as ``step_diff_ms`` for comparison.) decode tok/s = batch / step.
 PRESCORE budgets go per request (``SamplingParams.extra_args``), so one engine serves every budget.
 Rows: backend, budget, cuda_graphs, batch, prompt_len, new_tokens, decode_tok_s, step_ms, ttft_s.
 """
@@ -20,6 +22,8 @@ import argparse
 import json
 import random
 import time
+
+from profile_h100 import add_batch, drive, finish, step_ms  # same folder (scripts/)
 
 
 def run(args):
@@ -55,15 +59,24 @@ def run(args):
                 return time.perf_counter() - t
 
             t1 = min(timed(1) for _ in range(args.repeat))
-            tn = min(timed(args.gen) for _ in range(args.repeat))
-            t2n = min(timed(2 * args.gen) for _ in range(args.repeat))
-            step = (t2n - tn) / args.gen  # steady state: every prompt prefilled, pure decode steps
-            step_all = (tn - t1) / (args.gen - 1)  # first tokens: decode steps mixed with other prompts' prefill
+            steps = []
+            for _ in range(args.repeat):
+                sp = SamplingParams(max_tokens=16 + args.gen + 2, temperature=0.0, ignore_eos=True, extra_args=xargs)
+                add_batch(llm.llm_engine, prompts, sp)
+                marks = drive(llm.llm_engine, batch, 16 + args.gen)
+                finish(llm.llm_engine)
+                steps.append(step_ms(marks, 16, args.gen) / 1e3)
+            step = min(steps)  # steady state: every prompt prefilled, pure decode steps
+            if args.diff_timing:
+                tn, t2n = timed(args.gen), timed(2 * args.gen)
+                step_diff = (t2n - tn) / args.gen
             row = dict(backend=args.backend, budget=budget, cuda_graphs=bool(args.graphs), tp=args.tensor_parallel_size,
                        batch=batch,
-                       prompt_len=plen, new_tokens=2 * args.gen, decode_tok_s=round(batch / step, 1),
-                       step_ms=round(step * 1e3, 3), step_first_ms=round(step_all * 1e3, 3), ttft_s=round(t1, 3),
-                       mode=args.mode if budget else None)
+                       prompt_len=plen, new_tokens=16 + args.gen, decode_tok_s=round(batch / step, 1),
+                       step_ms=round(step * 1e3, 3), ttft_s=round(t1, 3), mode=args.mode if budget else None,
+                       timing="direct (pure decode steps 16..%d)" % (16 + args.gen))
+            if args.diff_timing:
+                row["step_diff_ms"] = round(step_diff * 1e3, 3)
             print("ROW", json.dumps(row), flush=True)
             rows.append(row)
     return {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}
@@ -99,6 +112,7 @@ def main():
     ap.add_argument("--max-model-len", type=int, default=131072 + 128)
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--diff-timing", action="store_true", help="also the old (t2N - tN) / N step")
     ap.add_argument("--out")
     ap.add_argument("--merge", nargs="+", metavar=("OUT", "PART"))
     args = ap.parse_args()
