@@ -335,10 +335,10 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
     2. ``quest_bound_triton`` (skips prior-mode rows) + ``select_blocks_triton`` on the row's method column
        into the per-slot selection cache (prior rows recompute only when their block count changes; a row
        whose must-attend blocks overflow the capacity turns dense);
-    3. one sparse decode over the cached selections (dense rows: count -1, every block);
-    4. the device counters (one atomic add per sparse row)."""
+    3. one sparse decode over the cached selections (dense rows: count -1, every block).
+    The device counters are added by the selection launch (atomic adds per sparse row and KV head)."""
     from prescore.kernels.select_triton import select_blocks_triton
-    from prescore.kernels.step_triton import quest_bound_triton, row_stats_triton, score_tail_triton
+    from prescore.kernels.step_triton import quest_bound_triton, score_tail_triton
 
     n, U = plan.num_rows, plan.bufs
     bt, sl, q = block_table[:n], seq_lens[:n], query[:n]
@@ -349,7 +349,8 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
                       store.states, srow, f("tag"), only_full=True)
     qkey = quest_bound_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size)
     select_blocks_triton(store.scores3, store.tags2, bt, sl, f("budget"), f("sink"), f("window"), mode, f("prior"),
-                         f("tag"), plan.max_selected, block_size, qkey, cache, srow, cols=cols, overflow_dense=True)
+                         f("tag"), plan.max_selected, block_size, qkey, cache, srow, cols=cols, overflow_dense=True,
+                         stats=(f("sparse"), f("label"), store.acc))
     o = output[:n]
     if o.dtype == q.dtype:  # straight into the layer's output (no temporary, no copy launch)
         decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow, out=o)
@@ -363,7 +364,6 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
         logger.info("prescore debug: seq %s kcounts %s fresh-tag blocks %s method %s budget %s",
                     sl.tolist(), cache.kcounts[srow.long(), 0].tolist(), fresh, f("method").tolist(),
                     f("budget").tolist())
-    row_stats_triton(cache.kcounts, srow, sl, f("sparse"), f("label"), store.acc, block_size)
 
 
 def subset_common_metadata(cm, rows: list[int]):

@@ -487,7 +487,7 @@ def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Te
 
 
 def fit_and_score_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float, summ=None, tag: int = 0,
-                         summaries: str = "gram", inverse: str = "triton"):
+                         summaries: str = "separate", inverse: str = "triton"):
     """State and scores of tokens [0, T): (state, [H, T] scores), or (state, None) when the block summaries of
     ``summ`` were written here. ``summaries``: "gram" (key min/max + tag in the Gram pass, block max score in
     the quadratic-form pass), "quad" (all of them in the quadratic-form pass), "separate" (per-key scores

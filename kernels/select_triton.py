@@ -6,6 +6,11 @@ query-aware key; -inf outside the context) as order-preserving int32 in a worksp
 search finds the ``total``-th largest key; a final pass writes the selected ids in ascending order (ties at the
 threshold taken in index order). ``hybrid`` runs the search twice: first ``forced + prior_blocks`` by the
 prior, then the rest of the budget by the query-aware key.
+
+With a selection cache (decode), a prior-mode row is recomputed only when its block count or controls change,
+and when the count grew by exactly one block since the cached result, the result is updated in place in
+O(selected) instead (``_select_incremental``: exact, the same ids as a full selection). In steady decode rows
+reach block boundaries at different steps, so without it nearly every step paid one full selection.
 """
 
 from __future__ import annotations
@@ -91,13 +96,14 @@ def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 @triton.jit
 def _select_kernel(
     SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, QKEY, WS,
-    IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL,
+    IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL, SPARSE, LABEL, ACC,
     stride_sc_b, stride_sc_h, stride_sc_m, stride_tg_m, stride_bt_b, stride_bt_n,
     stride_qk_b, stride_qk_h, stride_qk_n,
     stride_ws_b, stride_ws_h,
-    stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h,
-    MB, S, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
-    USE_CACHE: tl.constexpr, HAS_COL: tl.constexpr, OVERFLOW_DENSE: tl.constexpr,
+    stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h, stride_acc,
+    MB, S, H: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
+    USE_CACHE: tl.constexpr, HAS_COL: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, S_PAD: tl.constexpr,
+    STATS: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -119,12 +125,29 @@ def _select_kernel(
         packed = (nblk.to(tl.int64) | (budget.to(tl.int64) << 24) | (sink.to(tl.int64) << 40)
                   | (window.to(tl.int64) << 52))
         ck = CKEY + r * stride_ck_r + h * stride_ck_h
-        hit = (tl.load(ck) == rtag) & (tl.load(ck + 1) == packed) & (mode == 0)
+        old_packed = tl.load(ck + 1)
+        same = (tl.load(ck) == rtag) & (mode == 0)
+        hit = same & (old_packed == packed)
         if hit == 0:
-            _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
-                        sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
-                        stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
-                        stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE)
+            # one block more than the cached selection (the usual decode step at a block boundary): the block
+            # leaving the recent window, x, competes with the cached choice's weakest block; everything else is
+            # unchanged (see _select_incremental). Needs window >= 2 blocks (the block just filled and scored is
+            # still forced), x past the sink and freshly scored, and a cached sparse, uncapped selection.
+            x = nblk - 1 - window
+            kc_old = tl.load(KCOUNTS + r * stride_cn_b + h)
+            inc = (same & (old_packed == packed - 1) & (window >= 2) & (x >= sink) & (kc_old >= 0)
+                   & (kc_old < nblk - 1) & (kc_old < S))
+            phys_x = tl.load(BT + b * stride_bt_b + x * stride_bt_n, mask=inc, other=0).to(tl.int64)
+            inc = inc & (tl.load(TAGS + phys_x, mask=inc, other=-1) == rtag)
+            if inc:
+                _select_incremental(SCORES, TAGS, BT, IDS, b, h, r, nblk, sink, x, phys_x, kc_old, rtag,
+                                    stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_id_b, stride_id_h,
+                                    stride_id_s, S_PAD)
+            else:
+                _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                            sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
+                            stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
+                            stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE)
             tl.store(ck, rtag)
             tl.store(ck + 1, packed)
     else:
@@ -132,6 +155,51 @@ def _select_kernel(
                     sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
                     stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
                     stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE)
+    if STATS:  # device counters of sparse rows: this head's share of (selected tokens, context, blocks)
+        if USE_CACHE:
+            r_out = tl.load(ROW + b)
+        else:
+            r_out = b
+        kc = tl.load(KCOUNTS + r_out * stride_cn_b + h)
+        if (tl.load(SPARSE + b) != 0) & (kc >= 0):  # a head the selection turned dense counts as nothing
+            a = ACC + tl.load(LABEL + b).to(tl.int64) * stride_acc
+            # the tail block is always selected (recent window); its unfilled slots are not tokens
+            tl.atomic_add(a, (kc * BS - (nblk * BS - seq)).to(tl.float64) / H)
+            tl.atomic_add(a + 1, seq.to(tl.float64) / H)
+            tl.atomic_add(a + 2, kc.to(tl.float64) / H)
+            tl.atomic_add(a + 3, nblk.to(tl.float64) / H)
+
+
+@triton.jit
+def _select_incremental(SCORES, TAGS, BT, IDS, b, h, r, nblk, sink, x, phys_x, cnt, rtag, stride_sc_b,
+                        stride_sc_h, stride_bt_b, stride_bt_n, stride_id_b, stride_id_h, stride_id_s,
+                        S_PAD: tl.constexpr):
+    """Prior mode, block count n-1 -> n: the cached list (sorted, ``cnt`` ids) is forced blocks (sink, window
+    [x, n-1), stale) + the top candidates of [sink, x). Now x leaves the window and block n-1 joins it. The new
+    top candidates are the old ones plus x minus the weakest (key ascending, then index descending: the full
+    selection takes ties in index order); so either x or the weakest old candidate drops out of the list, and
+    n-1 is appended. Same result as :func:`_select_row` on the same keys; counts are unchanged."""
+    ids = IDS + r * stride_id_b + h * stride_id_h
+    p = tl.arange(0, S_PAD)
+    pm = p < cnt
+    j = tl.load(ids + p * stride_id_s, mask=pm, other=0)
+    cand = pm & (j >= sink) & (j < x)
+    phys = tl.load(BT + b * stride_bt_b + j * stride_bt_n, mask=cand, other=0).to(tl.int64)
+    sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=cand, other=0.0)
+    tg = tl.load(TAGS + phys, mask=cand, other=0)
+    key = _sortable(tl.where(tg != rtag, MUST, sc))
+    key = tl.where(cand, key, 2147483647)
+    kmin = tl.min(key, 0)
+    weakest = tl.max(tl.where(cand & (key == kmin), j, -1), 0)
+    key_x = _sortable(tl.load(SCORES + phys_x * stride_sc_b + h * stride_sc_h))
+    x_in = (weakest >= 0) & (key_x > kmin)
+    rm = tl.where(x_in, weakest, x)
+    pos_rm = tl.sum((pm & (j < rm)).to(tl.int32), 0)
+    nxt = tl.load(ids + (p + 1) * stride_id_s, mask=(p + 1) < cnt, other=0)
+    new = tl.where(p < pos_rm, j, nxt)
+    new = tl.where(p == cnt - 1, nblk - 1, new)
+    tl.debug_barrier()  # every old id is read before any is overwritten
+    tl.store(ids + p * stride_id_s, new, mask=pm)
 
 
 @triton.jit
@@ -207,7 +275,7 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                          prior_blocks, req_tags, max_selected, block_size, qkey=None, cache=None, rows=None,
-                         cols=None, overflow_dense=False):
+                         cols=None, overflow_dense=False, stats=None):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
@@ -217,7 +285,11 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
 
     ``cols [B]`` (per-row scoring method): ``scores`` is ``[NB, M, H]`` and ``tags`` ``[M, NB]`` and row b reads
     column ``cols[b]``. ``overflow_dense``: a row whose forced blocks + budget exceed ``max_selected`` is
-    returned dense (count -1) instead of dropping must-attend blocks."""
+    returned dense (count -1) instead of dropping must-attend blocks.
+
+    ``stats = (sparse [B], labels [B], acc [L, 4] float64)``: also add each sparse row's (selected tokens,
+    context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (what
+    :func:`prescore.kernels.step_triton.row_stats_triton` does, without its own launch)."""
     import torch
 
     # per-row controls are indexed by row without strides (contiguous() is free when they already are)
@@ -250,13 +322,20 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     has_q = qkey is not None
     qk = qkey if has_q else scores.new_empty(1, 1, 1)
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
+    if stats is not None:
+        sparse, labels, acc = stats
+        sparse, labels = sparse.contiguous(), labels.contiguous()
+    else:
+        sparse = labels = seq_lens
+        acc = torch.empty(1, 4, dtype=torch.float64, device=dev)
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
-        req_tags, qk, ws, ids, counts, kcounts, dense, rows, ckey, cols,
+        req_tags, qk, ws, ids, counts, kcounts, dense, rows, ckey, cols, sparse, labels, acc,
         scores.stride(0), scores.stride(-1), s_sc_m, s_tg_m, block_table.stride(0), block_table.stride(1),
         qk.stride(0), qk.stride(1), qk.stride(2), ws.stride(0), ws.stride(1),
-        ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0), ckey.stride(0), ckey.stride(1),
-        MB, S, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
-        HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, num_warps=8 if CH >= 4096 else 4,
+        ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0), ckey.stride(0), ckey.stride(1), acc.stride(0),
+        MB, S, H, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
+        HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, S_PAD=max(16, triton.next_power_of_2(S)),
+        STATS=stats is not None, num_warps=8 if CH >= 4096 else 4,
     )
     return ids, counts, kcounts, dense

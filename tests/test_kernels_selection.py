@@ -170,3 +170,66 @@ def test_selection_cache_is_exact_across_decode_steps():
             a = sparse_decode(qb, kvb, bt, s, sel.ids, sel.kernel_counts(), sel_rows=sel.rows)
             b = sparse_decode(qb, kvb, bt, s, fresh.ids, fresh.kernel_counts())
             assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_incremental_selection_equals_full_every_step(seed):
+    """Decode rows reach block boundaries at different steps; a cached prior-mode selection that gained one
+    block is updated in place (the block leaving the window against the weakest chosen block). Step after step
+    it equals a fresh full selection: blocks scored as they fill, tied scores, sinks 0..2, windows 2..4, a
+    quest row beside them, rows that turn from dense to sparse."""
+    from prescore.kernels import SelectionCache
+
+    BS, H = 16, 2
+    lens = [300, 517, 170, 401, 60]
+    kv, bt, _, summ, tags, q = build([L + 48 for L in lens], H=H, seed=seed)  # room to grow, own blocks
+    seq = torch.tensor(lens, dtype=torch.int32)
+    for b, L in enumerate(lens):  # blocks past the prompt: not scored yet
+        summ.tags[bt[b, -(-L // BS):].long()] = -5
+    gen = torch.Generator().manual_seed(seed + 7)
+    summ.scores.copy_(torch.randint(0, 5, summ.scores.shape, generator=gen).float() / 5)  # many ties
+    t = torch.tensor
+    cache = SelectionCache.allocate(8, H, 30, "cpu")
+    rows = t([5, 0, 3, 1, 2], dtype=torch.int32)
+    modes = t([0, 0, 0, 1, 0])
+    budgets, sinks, windows = t([6, 5, 3, 4, 3]), t([1, 0, 2, 1, 1]), t([2, 3, 2, 4, 2])
+    for step in range(40):
+        s = seq + step
+        for b in range(len(s)):  # the tail kernel scores a block when the token that fills it is written
+            if int(s[b]) % BS == 0:
+                phys = bt[b, int(s[b]) // BS - 1].long()
+                summ.tags[phys] = tags[b]
+                summ.scores[phys] = torch.randint(0, 5, (H,), generator=gen).float() / 5
+        args = (summ, bt, s, budgets, sinks, windows, modes, t([0] * 5), tags, 30)
+        fresh = select_blocks(*args, q=q, block_size=BS, use_triton=True)
+        cached = select_blocks(*args, q=q, block_size=BS, use_triton=True, cache=cache, rows=rows).per_row()
+        assert torch.equal(fresh.counts, cached.counts) and torch.equal(fresh.kernel_counts(), cached.kernel_counts())
+        for b in range(len(s)):
+            for h in range(H):
+                n = int(fresh.counts[b, h])
+                assert fresh.ids[b, h, :n].tolist() == cached.ids[b, h, :n].tolist(), (step, b, h)
+
+
+def test_incremental_selection_is_taken():
+    """The in-place update really runs: it assumes candidate scores outside the window do not change between
+    steps (true in decode: only the block that just filled, inside the window, is scored), so a score changed
+    behind its back is not seen by it -- but is by a full selection."""
+    from prescore.kernels import SelectionCache
+
+    BS, H = 16, 2
+    kv, bt, seq, summ, tags, q = build([320], H=H, seed=3)  # 20 blocks, all scored
+    t = torch.tensor
+    cache = SelectionCache.allocate(2, H, 30, "cpu")
+    args = lambda s: (summ, bt, s, t([3]), t([1]), t([2]), t([0]), t([0]), tags, 30)  # noqa: E731
+    s = t([320], dtype=torch.int32)
+    select_blocks(*args(s), q=q, block_size=BS, use_triton=True, cache=cache, rows=t([0], dtype=torch.int32))
+    s2 = t([321], dtype=torch.int32)  # block 20 starts: x = 21 - 1 - 2 = 18 leaves the window
+    summ.tags[bt[0, 20].long()] = tags[0]
+    loser = [j for j in range(1, 18) if j not in cache.ids[0, 0, :int(cache.counts[0, 0])].tolist()][0]
+    summ.scores[bt[0, loser].long()] = 10.0  # behind the cache's back
+    inc = select_blocks(*args(s2), q=q, block_size=BS, use_triton=True, cache=cache,
+                        rows=t([0], dtype=torch.int32)).per_row()
+    full = select_blocks(*args(s2), q=q, block_size=BS, use_triton=True)
+    assert loser in full.ids[0, 0, :int(full.counts[0, 0])].tolist()
+    assert loser not in inc.ids[0, 0, :int(inc.counts[0, 0])].tolist()
+    assert int(inc.counts[0, 0]) == int(full.counts[0, 0])

@@ -163,3 +163,28 @@ def test_quest_bound_kernel_matches_torch(G):
     for b in range(2):  # row 2 is prior mode: skipped
         n = int(nblk[b])
         assert torch.allclose(out[b, :, :n], ref[b, :, :n], atol=1e-4, rtol=1e-4)
+
+
+def test_selection_launch_adds_the_row_stats():
+    """``select_blocks_triton(stats=...)`` adds the same device counters as ``row_stats_triton`` run after it."""
+    from prescore.kernels import SelectionCache
+
+    BS, H = 16, 2
+    kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols = _setup([700, 333, 90], ["kmeans", "keynorm", "leverage"], H=H)
+    t = torch.tensor
+    cache = SelectionCache.allocate(6, H, 40, "cpu")
+    rows = srows.to(torch.int32)
+    sparse, labels = t([1, 1, 0]), t([2, 0, 1])
+    acc = torch.zeros(4, 4, dtype=torch.float64)
+    for step in range(3):  # full, cached and one-block-more steps
+        s = seq + 16 * step
+        select_blocks_triton(scores, tags, bt, s, t([4, 3, 2]), t([1, 1, 1]), t([2, 2, 2]), t([0, 0, 0]), t([0, 0, 0]),
+                             t([0, 1, 2]), 40, BS, cache=cache, rows=rows, cols=cols, overflow_dense=True,
+                             stats=(sparse, labels, acc))
+        exp = torch.zeros(4, 4, dtype=torch.float64)
+        row_stats_triton(cache.kcounts, rows, s, sparse, labels, exp, BS)
+        got = torch.zeros(4, 4, dtype=torch.float64)
+        select_blocks_triton(scores, tags, bt, s, t([4, 3, 2]), t([1, 1, 1]), t([2, 2, 2]), t([0, 0, 0]), t([0, 0, 0]),
+                             t([0, 1, 2]), 40, BS, cache=cache, rows=rows, cols=cols, overflow_dense=True,
+                             stats=(sparse, labels, got))
+        assert torch.allclose(got, exp) and got.abs().sum() > 0
