@@ -29,11 +29,13 @@ res = {"vllm": vllm or "0.33.0", "device": "NVIDIA H100 80GB HBM3", "runs": runs
        "greedy_identical": ident["detail"]["ge_context"]["identical"] == ident["detail"]["ge_context"]["of"],
        "greedy_detail": ident["detail"],
        "command": "scripts/e2e_h100.py per backend (see README Results), then python3 scripts/collect_e2e.py",
-       "notes": ("rows with step_first_ms use new_tokens 128: step_ms = steady-state decode step (tokens 65-128), "
-                 "step_first_ms = (t64 - t1)/63 (steps overlapping other prompts' chunked prefill); rows without "
-                 "it use new_tokens 64 and step_ms = (t64 - t1)/63. PRESCORE rows: commit after 'graph capture "
-                 "always records the fused decode path' (FA3 base for prefill/dense rows). greedy_identical was "
-                 "measured by scripts/identity_h100.py at commit 9624885 (Triton base) and not re-run since."),
+       "notes": ("Rows with timing 'direct' (session 3, commit 5d33caf: FA3 base, fused FULL-graph decode with the "
+                 "incremental prior selection): step_ms = wall time of pure decode steps 16..80 measured on the engine's "
+                 "outputs (scripts/e2e_h100.py), FLASH_ATTN and PRESCORE graphs rows from the same lease. Rows without "
+                 "'timing' are the session-1/2 eager rows (FLASH_ATTN, TRITON_ATTN; step_ms = (t64 - t1)/63 or "
+                 "(t2N - tN)/N, which carry the run-to-run noise of a ~10 s prefill) kept for reference, not re-run. "
+                 "greedy_identical: scripts/identity_h100.py at commit 9624885 (Triton base) -- see the README for what "
+                 "was re-run since."),
        "dropped_rows": dropped}
 json.dump(res, open("results/e2e-h100.json", "w"), indent=1)
 print(f"{len(runs)} rows, greedy_identical={res['greedy_identical']}")
