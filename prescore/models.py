@@ -10,6 +10,11 @@ No model hub is needed. Two entry points:
     ``$PRESCORE_CACHE/models/SmolLM2-135M-Instruct`` (default ``~/.cache/prescore``); a second call returns
     at once.
 
+``convert_gguf_file(gguf, out, source=None) -> Path``
+    The same conversion from an explicit GGUF file into the folder ``out`` (used where the GGUF was carried
+    by hand, e.g. to an offline GPU machine: scripts/devgpu_models.sh). Idempotent: a complete ``out`` made
+    from the same GGUF (sha256 in its marker) is returned at once.
+
 ``build_tiny_llama(path, seed=0, ...) -> Path``
     A tiny random-weight Llama folder with a local byte-level BPE tokenizer, built without transformers
     in well under a second (after imports), byte-for-byte deterministic for a given seed and shape.
@@ -17,6 +22,7 @@ No model hub is needed. Two entry points:
 CLI::
 
     python -m prescore.models smollm2            # prints the folder
+    python -m prescore.models convert GGUF OUT [--source TEXT]   # prints OUT
     python -m prescore.models tiny PATH [--seed N]
 
 This module does not import vLLM.
@@ -41,6 +47,7 @@ __all__ = [
     "cache_root",
     "smollm2_dir",
     "smollm2_cached",
+    "convert_gguf_file",
     "build_tiny_llama",
 ]
 
@@ -259,6 +266,30 @@ def install_converted(gguf: Path, final: Path, marker: dict) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
+def convert_gguf_file(gguf: str | os.PathLike, out: str | os.PathLike, source: str | None = None) -> Path:
+    """Convert the GGUF file ``gguf`` into a plain bf16 HF folder ``out`` (as :func:`smollm2_dir` does) and
+    return ``out``. A complete ``out`` whose marker records the same GGUF sha256 is returned unchanged; an
+    incomplete or different one is replaced."""
+    gguf, final = Path(gguf).resolve(), Path(out).resolve()
+    if not gguf.is_file():
+        raise FileNotFoundError(gguf)
+    with open(gguf, "rb") as f:
+        if f.read(4) != b"GGUF":
+            raise RuntimeError(f"{gguf}: not a GGUF file (bad magic)")
+    digest = _sha256(gguf)
+    old = _read_marker(final)
+    if old is not None and old.get("gguf_sha256") == digest:
+        return final
+    if old is not None:  # complete, but from another GGUF: install_converted keeps complete folders
+        shutil.rmtree(final)
+    final.parent.mkdir(parents=True, exist_ok=True)
+    t0 = time.perf_counter()
+    install_converted(gguf, final, {"source": source or gguf.name, "gguf_sha256": digest,
+                                     "gguf_size": gguf.stat().st_size})
+    _log(f"{gguf.name} -> {final} ({time.perf_counter() - t0:.1f}s)")
+    return final
+
+
 # --------------------------------------------------------------------------------------------------
 # Tiny random Llama
 # --------------------------------------------------------------------------------------------------
@@ -470,6 +501,10 @@ def main(argv: list[str] | None = None) -> int:
     sub = ap.add_subparsers(dest="cmd", required=True)
     s = sub.add_parser("smollm2", help="convert (once) and print the SmolLM2-135M-Instruct folder")
     s.add_argument("--cache-dir", default=None, help="cache root (default $PRESCORE_CACHE or ~/.cache/prescore)")
+    c = sub.add_parser("convert", help="convert an explicit GGUF file into the HF folder OUT and print it")
+    c.add_argument("gguf")
+    c.add_argument("out")
+    c.add_argument("--source", default=None, help="provenance recorded in the folder's marker file")
     t = sub.add_parser("tiny", help="write a tiny random Llama folder to PATH and print it")
     t.add_argument("path")
     t.add_argument("--seed", type=int, default=0)
@@ -483,6 +518,8 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     if args.cmd == "smollm2":
         print(smollm2_dir(args.cache_dir))
+    elif args.cmd == "convert":
+        print(convert_gguf_file(args.gguf, args.out, args.source))
     else:
         print(build_tiny_llama(args.path, seed=args.seed, num_layers=args.num_layers, hidden=args.hidden,
                                heads=args.heads, kv_heads=args.kv_heads, head_dim=args.head_dim,

@@ -149,3 +149,24 @@ def test_smollm2_in_vllm():
     d = _smollm2_or_skip()
     line = _vllm_generate(d, 4096, 1 << 30, "The capital of France is")
     assert "Paris" in line
+
+
+def test_convert_gguf_file_checks_and_is_idempotent(tmp_path, monkeypatch):
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"NOPE" + bytes(60))
+    with pytest.raises(RuntimeError, match="bad magic"):
+        models.convert_gguf_file(bad, tmp_path / "out")
+    g = tmp_path / "m.gguf"
+    g.write_bytes(b"GGUF" + bytes(60))
+    out = tmp_path / "out"
+    out.mkdir()
+    marker = {"format": models._FORMAT, "gguf_sha256": models._sha256(g)}
+    (out / models.MARKER).write_text(json.dumps(marker))
+    monkeypatch.setattr(models, "install_converted", lambda *a: pytest.fail("converted again"))
+    assert models.convert_gguf_file(g, out) == out.resolve()  # same GGUF: returned at once
+    calls = []
+    monkeypatch.setattr(models, "install_converted", lambda gguf, final, m: calls.append((gguf, final, m)))
+    (out / models.MARKER).write_text(json.dumps({**marker, "gguf_sha256": "0" * 64}))
+    models.convert_gguf_file(g, out, source="test")  # another GGUF: the old folder goes, then converts
+    assert not out.exists() and calls[0][1] == out.resolve() and calls[0][2]["source"] == "test"
+    assert calls[0][2]["gguf_sha256"] == models._sha256(g)
