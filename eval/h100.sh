@@ -19,7 +19,9 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
-$PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD/.eval-path:${PYTHONPATH:-}"
+if ! $PY -c "import prescore.eval" 2>/dev/null; then
+  $PY -m pip install -q --no-deps --no-build-isolation -e . >/dev/null 2>&1 || export PYTHONPATH="$PWD/.eval-path:${PYTHONPATH:-}"
+fi
 if ! $PY -c "import prescore.eval" 2>/dev/null; then  # no pip: map the package folders by hand
   mkdir -p .eval-path/prescore && cp -r prescore/* .eval-path/prescore/ && ln -sfn "$PWD/kernels" .eval-path/prescore/kernels \
     && ln -sfn "$PWD/eval" .eval-path/prescore/eval
@@ -28,9 +30,12 @@ OUT=${RESULTS:-results}
 COMMON=(--device cuda --dtype bfloat16 --block-size 16 --sink 64 --window 256 --budgets 512,1024,2048
         --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
 SMOL=${SMOLLM2_DIR:-smollm2}
-$PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 \
-    --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
-if [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; then
+MODELS=${MODELS:-smollm2 qwen}  # MODELS=qwen: the Qwen table only (e.g. while SmolLM2's ran earlier)
+if [[ " $MODELS " == *" smollm2 "* ]]; then
+  $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 \
+      --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
+fi
+if [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
   QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}
   $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" --ppl-context 32640 --ppl-decode 128 --ppl-trials 4 \
       --passkey-contexts 8192,16384,32768 --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b.json"

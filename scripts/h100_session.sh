@@ -1,0 +1,45 @@
+#!/usr/bin/env bash
+# One single-GPU lease (H100): the kernels benchmark (issue 2), then the quality tables (issue 5) on real
+# models whose GGUF pieces arrive one device call at a time (scripts/devgpu_models.sh). Run it in the
+# background from a copy of the repo on the GPU machine, with the package installed into /tmp/site:
+#
+#   cp -r . /tmp/repo && cd /tmp/repo && python3 -m pip install -q --no-deps --no-build-isolation \
+#       --target /tmp/site . && setsid nohup bash scripts/h100_session.sh /tmp/res > /tmp/res.log 2>&1 &
+#   # then, one call per piece: bash scripts/devgpu_models.sh stash .devgpu/s00 (s01, q00 .. q07)
+#
+# Writes under RES: kernels-h100.json + kernels-bench.log, quality-smollm2.json, quality-qwen2.5-coder-0.5b.json,
+# eval-*.log, assemble.log, DONE. Env: SKIP_BENCH=1, SKIP_QWEN=1, SWEEP=1 (hybrid prior-share sweep at 8k).
+set -uo pipefail
+RES=${1:-/tmp/res}
+mkdir -p "$RES"
+cd "$(dirname "$0")/.."
+export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
+log() { echo "[h100_session $(date +%T)] $*"; }
+if [ -z "${SKIP_BENCH:-}" ]; then
+  log "kernels bench"
+  (cd /tmp && python3 -m prescore.kernels.bench --out "$RES/kernels-h100.json") > "$RES/kernels-bench.log" 2>&1
+  log "bench rc=$?"
+fi
+wait_pieces() {  # model n
+  until bash scripts/devgpu_models.sh status 2>/dev/null | grep -q "^$1: $2/$2 pieces"; do sleep 3; done
+}
+log "waiting for the SmolLM2 pieces"
+wait_pieces smollm2 2
+S=$(bash scripts/devgpu_models.sh assemble smollm2 2>>"$RES/assemble.log" | tail -1)
+log "smollm2 at $S; quality run"
+RESULTS=$RES SMOLLM2_DIR=$S MODELS=smollm2 bash eval/h100.sh > "$RES/eval-smollm2.log" 2>&1
+log "smollm2 quality rc=$?"
+if [ -z "${SKIP_QWEN:-}" ]; then
+  log "waiting for the Qwen pieces"
+  wait_pieces qwen 8
+  Q=$(bash scripts/devgpu_models.sh assemble qwen 2>>"$RES/assemble.log" | tail -1)
+  log "qwen at $Q; quality run"
+  RESULTS=$RES QWEN_DIR=$Q MODELS=qwen bash eval/h100.sh > "$RES/eval-qwen.log" 2>&1
+  log "qwen quality rc=$?"
+fi
+if [ -n "${SWEEP:-}" ]; then
+  RESULTS=$RES SMOLLM2_DIR=$S MODELS=none SWEEP=1 bash eval/h100.sh > "$RES/eval-sweep.log" 2>&1
+  log "sweep rc=$?"
+fi
+touch "$RES/DONE"
+log done
