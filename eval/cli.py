@@ -93,6 +93,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--passkey-contexts", default="1024,2048", type=_ints)
     ap.add_argument("--passkey-depths", default="0.1,0.5,0.9", type=_floats)
     ap.add_argument("--passkey-trials", type=int, default=2, help="trials per (context, depth)")
+    ap.add_argument("--passkey-question", default="prefill", choices=("prefill", "decode"),
+                    help="prefill: the question is part of the dense prefill, as in serving (its last token is "
+                         "the first decode step); decode: the question is decoded sparsely too (stricter)")
     ap.add_argument("--trial-batch", type=int, default=8, help="trials decoded together (rows = trials x configs)")
     ap.add_argument("--text-dir", default=None, help="folder of *.txt (default: the excerpts shipped in eval/data)")
     ap.add_argument("--seed", type=int, default=0)
@@ -195,7 +198,8 @@ def main(argv: list[str] | None = None) -> int:
         for ctx in args.passkey_contexts:
             t0 = time.perf_counter()
             r, tm = passkey_task(engine, tok, texts, configs, ctx, args.passkey_depths, args.passkey_trials,
-                                 seed=args.seed, trial_batch=args.trial_batch, log=_log)
+                                 seed=args.seed, trial_batch=args.trial_batch, log=_log,
+                                 question=args.passkey_question)
             rows += r
             timings[f"passkey@{ctx}"] = {**{k: round(v, 1) for k, v in tm.items()},
                                          "total_s": round(time.perf_counter() - t0, 1)}
@@ -217,7 +221,7 @@ def main(argv: list[str] | None = None) -> int:
                                 "backend prescore_budget = budget - sink - window",
             "ppl": {"context": args.ppl_context, "decode": args.ppl_decode, "trials": args.ppl_trials},
             "passkey": {"contexts": args.passkey_contexts, "depths": args.passkey_depths,
-                        "trials_per_depth": args.passkey_trials},
+                        "trials_per_depth": args.passkey_trials, "question": args.passkey_question},
             "texts": args.text_dir or "eval/data (shipped excerpts)", "seed": args.seed,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         },

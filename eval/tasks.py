@@ -108,26 +108,37 @@ def ppl_task(engine: SparseEvalEngine, tok, texts, configs, context: int, decode
 
 
 def passkey_prompt(tok, corpus: Corpus, context: int, depth: float, key: int, doc: int, rng: random.Random,
-                   block_size: int):
-    """-> (prefix ids [N], decode ids [q + a], len(answer)). N is a block multiple; the question and the
-    answer are scored in decode mode."""
+                   block_size: int, question: str = "prefill"):
+    """-> (prefix ids [N], decode ids, len(answer)); N is a block multiple.
+
+    ``question="prefill"`` (default, as serving does it): the prompt (haystack + question) is prefilled
+    densely except its last token, which is the first decode step (in vLLM the prompt's last token is computed
+    in the dense prefill: this is one sparse token stricter); decode ids = [last question token] + answer.
+    ``question="decode"``: the question is decoded sparsely too (stricter; the CPU tables of session 2)."""
     q = _ids(tok, QUESTION)
     qa = _ids(tok, QUESTION + ANSWER.format(key=key))
     a = qa[len(q):] if qa[:len(q)] == q else _ids(tok, ANSWER.format(key=key))
-    N = (context - len(q) - len(a)) // block_size * block_size
     intro, needle = _ids(tok, INTRO), _ids(tok, NEEDLE.format(key=key))
-    n_hay = N - len(intro) - len(needle)
+    if question == "decode":
+        N = (context - len(q) - len(a)) // block_size * block_size
+        head, tail, dec = [], [], q + a
+    elif question == "prefill":
+        N = (context - 1 - len(a)) // block_size * block_size
+        head, tail, dec = [], q[:-1], q[-1:] + a
+    else:
+        raise ValueError(f"question must be 'prefill' or 'decode', got {question!r}")
+    n_hay = N - len(intro) - len(needle) - len(head) - len(tail)
     if n_hay < 16:
         raise ValueError(f"context {context} too short for the passkey prompt")
     _, hay = corpus.window(doc, n_hay, rng)
     at = int(round(depth * n_hay))
-    prefix = intro + hay[:at] + needle + hay[at:]
+    prefix = intro + hay[:at] + needle + hay[at:] + tail
     assert len(prefix) == N
-    return prefix, q + a, len(a)
+    return prefix, dec, len(a)
 
 
 def passkey_task(engine: SparseEvalEngine, tok, texts, configs, context: int, depths, trials: int, seed: int = 0,
-                 trial_batch: int = 8, log=print) -> tuple[list, dict]:
+                 trial_batch: int = 8, log=print, question: str = "prefill") -> tuple[list, dict]:
     """``trials`` per depth; all prompts of one context have the same length (one batch per ``trial_batch``)."""
     corpus = Corpus(tok, texts, context)
     rng = random.Random(seed * 1000003 + context)
@@ -135,7 +146,7 @@ def passkey_task(engine: SparseEvalEngine, tok, texts, configs, context: int, de
     for d in depths:
         for t in range(trials):
             key = rng.randrange(10000, 100000)
-            prompts.append((d, *passkey_prompt(tok, corpus, context, d, key, t, rng, engine.BS)))
+            prompts.append((d, *passkey_prompt(tok, corpus, context, d, key, t, rng, engine.BS, question)))
     lens = {(len(p[1]), len(p[2]), p[3]) for p in prompts}
     if len(lens) != 1:
         raise ValueError(f"passkey prompts differ in shape: {lens}")
@@ -157,5 +168,5 @@ def passkey_task(engine: SparseEvalEngine, tok, texts, configs, context: int, de
         by_depth = {f"{d:g}": float(hit[dep == d, i].mean()) for d in depths}
         rows.append({"task": "passkey", "method": c.method, "mode": c.mode, "budget": c.budget,
                      "value": float(hit[:, i].mean()), "trials": len(prompts), "context": N + QA,
-                     "prefill": N, "decode_tokens": QA - 1, "by_depth": by_depth})
+                     "prefill": N, "decode_tokens": QA - 1, "question": question, "by_depth": by_depth})
     return rows, timing

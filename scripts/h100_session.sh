@@ -8,28 +8,35 @@
 #   # then, one call per piece: bash scripts/devgpu_models.sh stash .devgpu/s00 (s01, q00 .. q07)
 #
 # Writes under RES: kernels-h100.json + kernels-bench.log, quality-smollm2.json, quality-qwen2.5-coder-0.5b.json,
-# eval-*.log, assemble.log, DONE. Env: SKIP_BENCH=1, SKIP_QWEN=1, SWEEP=1 (hybrid prior-share sweep at 8k).
+# eval-*.log, assemble.log, DONE. Env: STEPS (default "bench smollm2 qwen", in that order), SWEEP=1 (hybrid
+# prior-share sweep at 8k, last).
 set -uo pipefail
 RES=${1:-/tmp/res}
 mkdir -p "$RES"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 log() { echo "[h100_session $(date +%T)] $*"; }
-if [ -z "${SKIP_BENCH:-}" ]; then
+STEPS=" ${STEPS:-bench smollm2 qwen} "
+if [[ $STEPS == *" bench "* ]]; then
   log "kernels bench"
   (cd /tmp && python3 -m prescore.kernels.bench --out "$RES/kernels-h100.json") > "$RES/kernels-bench.log" 2>&1
   log "bench rc=$?"
 fi
-wait_pieces() {  # model n
-  until bash scripts/devgpu_models.sh status 2>/dev/null | grep -q "^$1: $2/$2 pieces"; do sleep 3; done
+wait_pieces() {  # model n  (no grep -q: with pipefail its early exit would fail the pipeline)
+  until bash scripts/devgpu_models.sh status 2>/dev/null | grep "^$1: $2/$2 pieces" >/dev/null; do sleep 3; done
 }
-log "waiting for the SmolLM2 pieces"
-wait_pieces smollm2 2
-S=$(bash scripts/devgpu_models.sh assemble smollm2 2>>"$RES/assemble.log" | tail -1)
-log "smollm2 at $S; quality run"
-RESULTS=$RES SMOLLM2_DIR=$S MODELS=smollm2 bash eval/h100.sh > "$RES/eval-smollm2.log" 2>&1
-log "smollm2 quality rc=$?"
-if [ -z "${SKIP_QWEN:-}" ]; then
+S=/tmp/models/smollm2
+if [[ $STEPS == *" smollm2 "* || -n "${SWEEP:-}" ]]; then
+  log "waiting for the SmolLM2 pieces"
+  wait_pieces smollm2 2
+  S=$(bash scripts/devgpu_models.sh assemble smollm2 2>>"$RES/assemble.log" | tail -1)
+fi
+if [[ $STEPS == *" smollm2 "* ]]; then
+  log "smollm2 at $S; quality run"
+  RESULTS=$RES SMOLLM2_DIR=$S MODELS=smollm2 bash eval/h100.sh > "$RES/eval-smollm2.log" 2>&1
+  log "smollm2 quality rc=$?"
+fi
+if [[ $STEPS == *" qwen "* ]]; then
   log "waiting for the Qwen pieces"
   wait_pieces qwen 8
   Q=$(bash scripts/devgpu_models.sh assemble qwen 2>>"$RES/assemble.log" | tail -1)
