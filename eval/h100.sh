@@ -44,6 +44,6 @@ fi
 if [ -n "${SWEEP:-}" ]; then
   for f in 0.125 0.25; do
     $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" --modes quest,hybrid --hybrid-prior-fraction $f \
-        --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 --passkey-contexts 8192 --out "$OUT/quality-smollm2-hybrid$f.json"
+        --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 --passkey-contexts 8192 --out "$OUT/sweeps/quality-smollm2-hybrid$f.json"
   done
 fi

@@ -359,7 +359,7 @@ def scoring_rows(L: int, gen: torch.Generator) -> list[dict]:
 
 def print_scoring(scoring: list[dict]):
     print(f"\n{'method':>9} {'L':>6} {'score ms':>9} {'eager ms':>9} {'prefill attn ms':>15} {'ratio':>6}"
-          "   (score ms: device time, CUDA-graph replay; eager: host launches + device)")
+          "   (score ms: device time, calls queued behind a GPU sleep; eager: host launches + device)")
     for r in scoring:
         print(f"{r['method']:>9} {r['L']:>6} {r['score_ms']:>9.4f} {r.get('score_eager_ms', float('nan')):>9.4f} "
               f"{r['prefill_attn_ms']:>15.4f} {r['ratio']:>6.3f}")
