@@ -161,7 +161,22 @@ def _label(method: str, mode: str) -> str:
     return f"{mode}:{method}"
 
 
+def report(paths: list[str]) -> int:
+    """``prescore-eval report FILE.json ...``: the tables of written result files (no model, no GPU)."""
+    for p in paths:
+        d = json.loads(Path(p).read_text())
+        s = d.get("settings", {})
+        print(f"== {p}: {d['model']}, {s.get('device_name', '?')}, sink {s.get('sink')} window {s.get('window')}, "
+              f"hybrid prior share {s.get('hybrid_prior_fraction')}, passkey question "
+              f"{s.get('passkey', {}).get('question', 'decode')}\n")
+        print(format_table(d["rows"], d.get("fidelity", [])))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["report"]:
+        return report(argv[1:])
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     if args.threads:

@@ -533,6 +533,59 @@ def leverage_variants(L: int, gen: torch.Generator):
     return rows
 
 
+def quest_rows(gen: torch.Generator) -> list[dict]:
+    """Query-aware selection on the GPU: the Triton Quest bound against the torch reference, then device time of
+    the bound alone, of hybrid selection + sparse decode (bound recomputed every step), and of dense SDPA."""
+    from .selection import quest_bound
+    from .step_triton import quest_bound_triton
+
+    rows = []
+    for B, L, budget in ((32, 32768, 4096), (8, 131072, 2048), (8, 32768, 2048), (1, 131072, 2048)):
+        kv, bt = paged_cache(B, L, gen)
+        NB = kv.shape[0]
+        seq = torch.full((B,), L, dtype=torch.int32, device="cuda")
+        seq[0] = L - 1000  # one shorter row: the splits past its context exit at once
+        q = torch.randn(B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
+        kmin = kv[..., :D].amin(2)
+        kmax = kv[..., :D].amax(2)
+        hyb = torch.full((B,), MODES["hybrid"], device="cuda")
+        got = quest_bound_triton(q, kmin, kmax, bt, seq, hyb, BS)
+        nblk = (seq.long() + BS - 1) // BS
+        in_ctx = torch.arange(bt.shape[1], device="cuda")[None, :] < nblk[:, None]
+        ref = quest_bound(q.float().view(B, HKV, HQ // HKV, D), kmin[bt.long()].transpose(1, 2),
+                          kmax[bt.long()].transpose(1, 2), in_ctx)
+        m = in_ctx[:, None, :].expand_as(ref)
+        err = float((got[m] - ref[m]).abs().max())
+        summ = BlockSummaries(scores=torch.rand(NB, HKV, device="cuda", generator=gen), kmin=kmin, kmax=kmax,
+                              tags=torch.zeros(NB, dtype=torch.int64, device="cuda"))
+        zeros = torch.zeros(B, dtype=torch.long, device="cuda")
+        bb = torch.full((B,), budget // BS, device="cuda")
+        sink = torch.full((B,), SINK // BS, device="cuda")
+        win = torch.full((B,), WINDOW // BS, device="cuda")
+        share = torch.full((B,), budget // BS // 2, device="cuda")
+        cap = budget // BS + SINK // BS + WINDOW // BS
+        out = torch.empty_like(q)
+        k_c = kv[..., :D][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+        v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+        sdpa = graph_time_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], k_c, v_c, enable_gqa=True), 4)
+        del k_c, v_c
+        bound_ms = graph_time_ms(lambda: quest_bound_triton(q, kmin, kmax, bt, seq, hyb, BS), 4)
+
+        def hybrid():
+            sel = select_blocks(summ, bt, seq, bb, sink, win, hyb, share, zeros, cap, q=q, block_size=BS,
+                                need_query=True)
+            sparse_decode(q, kv, bt, seq, sel.ids, sel.kcounts, out=out)
+
+        hyb_ms = graph_time_ms(hybrid, 4)
+        rows.append(dict(B=B, L=L, budget=budget, quest_bound_max_abs_err=err, quest_bound_ms=round(bound_ms, 5),
+                         sparse_hybrid_ms=round(hyb_ms, 5), dense_sdpa_ms=round(sdpa, 5),
+                         speedup_vs_sdpa=round(sdpa / hyb_ms, 2)))
+        print(json.dumps(rows[-1]), flush=True)
+        del kv, bt, summ, kmin, kmax
+        torch.cuda.empty_cache()
+    return rows
+
+
 def sweep(gen: torch.Generator):
     print("sweep: dense paged kernel, (blocks_per_iter, num_warps, num_stages) -> ms", flush=True)
     for B, L in ((1, 32768), (8, 32768), (32, 32768), (8, 131072)):
@@ -576,6 +629,7 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile the scoring methods and exit")
+    ap.add_argument("--quest", action="store_true", help="query-aware selection only (check + timings) and exit")
     ap.add_argument("--only-scoring", action="store_true", help="leverage check + scoring rows only")
     ap.add_argument("--leverage-variants", action="store_true", help="time every leverage stage variant and exit")
     ap.add_argument("--scoring-len", type=int, default=32768)
@@ -588,6 +642,19 @@ def main(argv=None):
     print(f"device: {dev}; torch {torch.__version__}", flush=True)
     if args.leverage_variants:
         leverage_variants(args.scoring_len, gen)
+        return
+    if args.quest:
+        rows = quest_rows(gen)
+        print(f"\n{'B':>3} {'L':>7} {'budget':>6} {'bound err':>9} {'bound ms':>9} {'hybrid ms':>9} {'sdpa ms':>8} "
+              f"{'x sdpa':>6}")
+        for r in rows:
+            print(f"{r['B']:>3} {r['L']:>7} {r['budget']:>6} {r['quest_bound_max_abs_err']:>9.1e} "
+                  f"{r['quest_bound_ms']:>9.4f} {r['sparse_hybrid_ms']:>9.4f} {r['dense_sdpa_ms']:>8.4f} "
+                  f"{r['speedup_vs_sdpa']:>6.1f}")
+        if args.out:
+            with open(args.out, "w") as f:
+                json.dump({"device": dev, "torch": torch.__version__, "quest": rows,
+                           "command": "python -m prescore.kernels.bench --quest --out " + args.out}, f, indent=1)
         return
     if args.only_scoring:
         lines, ok = check_leverage(gen) if not args.no_check else ([], True)
