@@ -170,48 +170,36 @@ def _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s
 
 
 @triton.jit
-def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, BEST, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
-                  s_mn_d, s_o_b, s_o_h, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr,
-                  G_PAD: tl.constexpr, BS: tl.constexpr, CHB: tl.constexpr, CHUNKS: tl.constexpr,
-                  PHASE: tl.constexpr):
-    """Program (row b, KV head h, split s) covers logical blocks [s * CHUNKS * CHB, (s + 1) * CHUNKS * CHB).
-    PHASE 0: each query head's best bound over the row's context, atomically max-reduced into BEST [B, H, G_PAD]
-    (-inf on entry). PHASE 1: key = logsumexp over the group of (bound - best), stored into OUT."""
+def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d,
+                  s_o_b, s_o_h, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                  BS: tl.constexpr, CHB: tl.constexpr):
     b = tl.program_id(0)
     h = tl.program_id(1)
-    sp = tl.program_id(2)
     mode = tl.load(MODE + b)
-    seq = tl.load(SEQ + b).to(tl.int32)
-    nblk = (seq + BS - 1) // BS
-    lo = sp * (CHUNKS * CHB)
-    if (mode != 0) & (lo < nblk):
+    if mode != 0:
+        seq = tl.load(SEQ + b).to(tl.int32)
+        nblk = (seq + BS - 1) // BS
         offs_g = tl.arange(0, G_PAD)
         gm = offs_g < G
         d = tl.arange(0, D_PAD)
         dm = d < HEAD_SIZE
-        hi = tl.minimum(lo + CHUNKS * CHB, nblk)
-        best_ptr = BEST + (b * tl.num_programs(1) + h) * G_PAD + offs_g
-        if PHASE == 0:
-            best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-            for c in range(lo, hi, CHB):
-                j = c + tl.arange(0, CHB)
-                jm = j < hi
-                bnd = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b,
-                                   s_bt_n, s_mn_b, s_mn_h, s_mn_d, h, G)
-                best = tl.maximum(best, tl.max(tl.where(jm[None, :], bnd, float("-inf")), 1))
-            tl.atomic_max(best_ptr, best, mask=gm)
-        else:
-            best = tl.load(best_ptr, mask=gm, other=0.0)
-            best = tl.where(gm, best, 0.0)
-            for c in range(lo, hi, CHB):
-                j = c + tl.arange(0, CHB)
-                jm = j < hi
-                rel = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b,
-                                   s_bt_n, s_mn_b, s_mn_h, s_mn_d, h, G) - best[:, None]
-                rel = tl.where(gm[:, None], rel, float("-inf"))
-                m = tl.max(rel, 0)
-                key = m + tl.log(tl.sum(tl.exp(rel - m[None, :]), 0))
-                tl.store(OUT + b * s_o_b + h * s_o_h + j, key, mask=jm)
+        best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        for c in range(0, nblk, CHB):
+            j = c + tl.arange(0, CHB)
+            jm = j < nblk
+            bnd = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n,
+                               s_mn_b, s_mn_h, s_mn_d, h, G)
+            best = tl.maximum(best, tl.max(tl.where(jm[None, :], bnd, float("-inf")), 1))
+        best = tl.where(gm, best, 0.0)
+        for c in range(0, nblk, CHB):
+            j = c + tl.arange(0, CHB)
+            jm = j < nblk
+            rel = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n,
+                               s_mn_b, s_mn_h, s_mn_d, h, G) - best[:, None]
+            rel = tl.where(gm[:, None], rel, float("-inf"))
+            m = tl.max(rel, 0)
+            key = m + tl.log(tl.sum(tl.exp(rel - m[None, :]), 0))
+            tl.store(OUT + b * s_o_b + h * s_o_h + j, key, mask=jm)
 
 
 def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
@@ -230,28 +218,11 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
     seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
 
     D_PAD = triton.next_power_of_2(D)
-    G_PAD = max(16, triton.next_power_of_2(G))
-    CHB = 64
-    # split each row's context over enough programs to fill the GPU (fixed grid for a given shape: graph-safe);
-    # splits past a row's context exit at once
-    nchunks = triton.cdiv(MB, CHB)
-    target = 4 * _num_sms(q.device)
-    splits = max(1, min(nchunks, triton.cdiv(target, B * H)))
-    chunks = triton.cdiv(nchunks, splits)
-    splits = triton.cdiv(nchunks, chunks)
-    best = torch.full((B, H, G_PAD), float("-inf"), dtype=torch.float32, device=q.device)
-    for phase in (0, 1):
-        _quest_kernel[(B, H, splits)](
-            q, kmin, kmax, block_table, seq_lens, mode, out, best, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
-            block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
-            out.stride(0), out.stride(1),
-            HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=G_PAD, BS=block_size, CHB=CHB, CHUNKS=chunks, PHASE=phase,
-            num_warps=4,
-        )
+    _quest_kernel[(B, H)](
+        q, kmin, kmax, block_table, seq_lens, mode, out, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
+        block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
+        out.stride(0), out.stride(1),
+        HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size, CHB=64,
+        num_warps=4,
+    )
     return out
-
-
-def _num_sms(device) -> int:
-    if device.type != "cuda":
-        return 4
-    return torch.cuda.get_device_properties(device).multi_processor_count
