@@ -10,7 +10,8 @@ Per request: ``SamplingParams.extra_args`` (HTTP ``vllm_xargs``) keys
 
 Server-wide defaults: JSON in the env var ``PRESCORE_CONFIG`` and/or ``--additional-config
 '{"prescore": {...}}'`` (the latter wins), keys without the ``prescore_`` prefix plus
-``hybrid_prior_fraction`` (share of a hybrid budget spent on the prior, default 0.5) and ``max_selected``
+``hybrid_prior_fraction`` (share of a hybrid budget spent on the prior, default 0.125: the best share of the
+H100 sweep in results/QUALITY.md) and ``max_selected``
 (tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
 sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated). Token counts are
 rounded up to whole KV blocks. Any unknown ``prescore_*`` key or bad value is an error naming the field.
@@ -36,7 +37,7 @@ class PrescoreParams:
     mode: str = "hybrid"
     sink: int = 64
     window: int = 256
-    hybrid_prior_fraction: float = 0.5
+    hybrid_prior_fraction: float = 0.125
     max_selected: int = 8192
 
     def capacity_blocks(self, block_size: int) -> int:

@@ -28,6 +28,7 @@ if ! $PY -c "import prescore.eval" 2>/dev/null; then  # no pip: map the package 
 fi
 OUT=${RESULTS:-results}
 COMMON=(--device cuda --dtype bfloat16 --block-size 16 --sink 64 --window 256 --budgets 512,1024,2048
+        --hybrid-prior-fraction ${HYBRID_SHARE:-0.5}
         --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
 SMOL=${SMOLLM2_DIR:-smollm2}
 MODELS=${MODELS:-smollm2 qwen}  # MODELS=qwen: the Qwen table only (e.g. while SmolLM2's ran earlier)
