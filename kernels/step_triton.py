@@ -202,8 +202,64 @@ def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b
             tl.store(OUT + b * s_o_b + h * s_o_h + j, key, mask=jm)
 
 
+@triton.jit
+def _quest_head_bound(Q, kmin, kmax, b, qh, s_q_b, s_q_h, d, dm, scale):
+    """[CHB] scaled Quest bound of query head qh on the [CHB, D_PAD] min/max tiles (no dot: elementwise + sum)."""
+    qv = tl.load(Q + b * s_q_b + qh * s_q_h + d, mask=dm, other=0.0).to(tl.float32)
+    return tl.sum(tl.maximum(qv[None, :] * kmin, qv[None, :] * kmax), 1) * scale
+
+
+@triton.jit
+def _quest_kernel_ew(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
+                     s_mn_d, s_o_b, s_o_h, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr,
+                     G_PAD: tl.constexpr, BS: tl.constexpr, CHB: tl.constexpr):
+    """Variant of ``_quest_kernel``: block-major [CHB, D] min/max tiles (each block's D channels contiguous),
+    per-query-head elementwise bound + row sum instead of fp32 dots, group logsumexp computed online."""
+    b = tl.program_id(0)
+    h = tl.program_id(1)
+    mode = tl.load(MODE + b)
+    if mode != 0:
+        seq = tl.load(SEQ + b).to(tl.int32)
+        nblk = (seq + BS - 1) // BS
+        offs_g = tl.arange(0, G_PAD)
+        d = tl.arange(0, D_PAD)
+        dm = d < HEAD_SIZE
+        best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+        for c in range(0, nblk, CHB):
+            j = c + tl.arange(0, CHB)
+            jm = j < nblk
+            phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
+            base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d  # [CHB, D_PAD]
+            kmin = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            kmax = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            for g in tl.static_range(G):
+                bg = _quest_head_bound(Q, kmin, kmax, b, h * G + g, s_q_b, s_q_h, d, dm, scale)
+                mg = tl.max(tl.where(jm, bg, float("-inf")), 0)
+                best = tl.where(offs_g == g, tl.maximum(best, mg), best)
+        for c in range(0, nblk, CHB):
+            j = c + tl.arange(0, CHB)
+            jm = j < nblk
+            phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
+            base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
+            kmin = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            kmax = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            m = tl.full([CHB], float("-inf"), dtype=tl.float32)
+            acc = tl.zeros([CHB], dtype=tl.float32)
+            for g in tl.static_range(G):
+                bg = _quest_head_bound(Q, kmin, kmax, b, h * G + g, s_q_b, s_q_h, d, dm, scale)
+                r = bg - tl.sum(tl.where(offs_g == g, best, 0.0), 0)
+                m_new = tl.maximum(m, r)
+                acc = acc * tl.exp(m - m_new) + tl.exp(r - m_new)
+                m = m_new
+            tl.store(OUT + b * s_o_b + h * s_o_h + j, m + tl.log(acc), mask=jm)
+
+
+QUEST_VARIANTS = ("dot", "ew")  # the kernel quest_bound_triton runs: PRESCORE_QUEST_KERNEL (default "dot")
+
+
 def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
-                       seq_lens: torch.Tensor, mode: torch.Tensor, block_size: int) -> torch.Tensor:
+                       seq_lens: torch.Tensor, mode: torch.Tensor, block_size: int, variant: str | None = None,
+                       chb: int | None = None, num_warps: int = 4) -> torch.Tensor:
     """The query-aware key of :func:`prescore.kernels.selection.quest_bound` (the torch reference), per row
     and KV head over the row's context blocks only; rows in ``prior`` mode (0) are skipped (their key is
     never read). ``q [B, Hq, D]``, ``kmin/kmax [NB, H, D]`` (physical blocks) -> ``[B, H, MB]`` float32."""
@@ -217,12 +273,18 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
 
     seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
 
+    import os
+
+    variant = variant or os.environ.get("PRESCORE_QUEST_KERNEL", "dot")
+    if variant not in QUEST_VARIANTS:
+        raise ValueError(f"quest kernel variant must be one of {QUEST_VARIANTS}, got {variant!r}")
     D_PAD = triton.next_power_of_2(D)
-    _quest_kernel[(B, H)](
+    kernel = _quest_kernel if variant == "dot" else _quest_kernel_ew
+    kernel[(B, H)](
         q, kmin, kmax, block_table, seq_lens, mode, out, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
         block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         out.stride(0), out.stride(1),
-        HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size, CHB=64,
-        num_warps=4,
+        HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size,
+        CHB=chb or (64 if variant == "dot" else 32), num_warps=num_warps,
     )
     return out

@@ -142,7 +142,8 @@ def test_row_stats_kernel_matches_torch():
 
 
 @pytest.mark.parametrize("G", [1, 3, 4])
-def test_quest_bound_kernel_matches_torch(G):
+@pytest.mark.parametrize("variant", ["dot", "ew"])
+def test_quest_bound_kernel_matches_torch(G, variant):
     from prescore.kernels.selection import quest_bound
     from prescore.kernels.step_triton import quest_bound_triton
 
@@ -154,7 +155,7 @@ def test_quest_bound_kernel_matches_torch(G):
     kmax = kv[..., :D].amax(2)
     q = torch.randn(3, H * G, D, generator=gen) * 3
     mode = torch.tensor([1, 2, 0])
-    out = quest_bound_triton(q, kmin, kmax, bt, seq, mode, BS)
+    out = quest_bound_triton(q, kmin, kmax, bt, seq, mode, BS, variant=variant)
     MB = bt.shape[1]
     nblk = (seq.long() + BS - 1) // BS
     in_ctx = torch.arange(MB)[None, :] < nblk[:, None]
