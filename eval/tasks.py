@@ -121,13 +121,13 @@ def passkey_prompt(tok, corpus: Corpus, context: int, depth: float, key: int, do
     intro, needle = _ids(tok, INTRO), _ids(tok, NEEDLE.format(key=key))
     if question == "decode":
         N = (context - len(q) - len(a)) // block_size * block_size
-        head, tail, dec = [], [], q + a
+        tail, dec = [], q + a
     elif question == "prefill":
         N = (context - 1 - len(a)) // block_size * block_size
-        head, tail, dec = [], q[:-1], q[-1:] + a
+        tail, dec = q[:-1], q[-1:] + a
     else:
         raise ValueError(f"question must be 'prefill' or 'decode', got {question!r}")
-    n_hay = N - len(intro) - len(needle) - len(head) - len(tail)
+    n_hay = N - len(intro) - len(needle) - len(tail)
     if n_hay < 16:
         raise ValueError(f"context {context} too short for the passkey prompt")
     _, hay = corpus.window(doc, n_hay, rng)

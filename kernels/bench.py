@@ -544,7 +544,7 @@ def quest_rows(gen: torch.Generator) -> list[dict]:
         kv, bt = paged_cache(B, L, gen)
         NB = kv.shape[0]
         seq = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        seq[0] = L - 1000  # one shorter row: the splits past its context exit at once
+        seq[0] = L - 1000  # one shorter row: blocks past its context are neither read nor written
         q = torch.randn(B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
         kmin = kv[..., :D].amin(2)
         kmax = kv[..., :D].amax(2)
@@ -589,6 +589,7 @@ def quest_rows(gen: torch.Generator) -> list[dict]:
         hyb_ms = graph_time_ms(hybrid, 4)
         best = min(variants, key=lambda k: variants[k]["ms"])
         os.environ["PRESCORE_QUEST_KERNEL"] = best.split("/")[0]  # hybrid with the fastest variant's kernel
+        # (at that kernel's default CHB / warps: select_blocks does not pass them)
         hyb_best = graph_time_ms(hybrid, 4)
         del os.environ["PRESCORE_QUEST_KERNEL"]
         rows.append(dict(B=B, L=L, budget=budget, quest_bound_max_abs_err=err, quest_bound_ms=round(bound_ms, 5),

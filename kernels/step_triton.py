@@ -14,6 +14,9 @@ blocks per counter label) from the selection counts, one atomic add per row.
 
 from __future__ import annotations
 
+import math
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -170,9 +173,29 @@ def _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s
 
 
 @triton.jit
+def _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d):
+    """Block-major [CHB, D_PAD] float32 min/max tiles of KV head h on logical blocks j (each block's D contiguous)."""
+    phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
+    base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
+    kmin = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    kmax = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+    return kmin, kmax
+
+
+@triton.jit
+def _quest_head_bound(Q, kmin, kmax, b, qh, s_q_b, s_q_h, d, dm, scale):
+    """[CHB] scaled Quest bound of query head qh on the [CHB, D_PAD] min/max tiles (no dot: elementwise + sum)."""
+    qv = tl.load(Q + b * s_q_b + qh * s_q_h + d, mask=dm, other=0.0).to(tl.float32)
+    return tl.sum(tl.maximum(qv[None, :] * kmin, qv[None, :] * kmax), 1) * scale
+
+
+@triton.jit
 def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d,
                   s_o_b, s_o_h, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                  BS: tl.constexpr, CHB: tl.constexpr):
+                  BS: tl.constexpr, CHB: tl.constexpr, EW: tl.constexpr):
+    """Two passes over the row's context: each query head's best bound, then the group's logsumexp of the
+    bounds relative to it. ``EW`` (variant "ew"): block-major [CHB, D] min/max tiles, per-query-head
+    elementwise bound + row sum instead of fp32 dots, group logsumexp computed online."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     mode = tl.load(MODE + b)
@@ -187,71 +210,40 @@ def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b
         for c in range(0, nblk, CHB):
             j = c + tl.arange(0, CHB)
             jm = j < nblk
-            bnd = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n,
-                               s_mn_b, s_mn_h, s_mn_d, h, G)
-            best = tl.maximum(best, tl.max(tl.where(jm[None, :], bnd, float("-inf")), 1))
+            if EW:
+                kmin, kmax = _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
+                                          s_mn_d)
+                for g in tl.static_range(G):
+                    bg = _quest_head_bound(Q, kmin, kmax, b, h * G + g, s_q_b, s_q_h, d, dm, scale)
+                    mg = tl.max(tl.where(jm, bg, float("-inf")), 0)
+                    best = tl.where(offs_g == g, tl.maximum(best, mg), best)
+            else:
+                bnd = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b,
+                                   s_bt_n, s_mn_b, s_mn_h, s_mn_d, h, G)
+                best = tl.maximum(best, tl.max(tl.where(jm[None, :], bnd, float("-inf")), 1))
         best = tl.where(gm, best, 0.0)
         for c in range(0, nblk, CHB):
             j = c + tl.arange(0, CHB)
             jm = j < nblk
-            rel = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n,
-                               s_mn_b, s_mn_h, s_mn_d, h, G) - best[:, None]
-            rel = tl.where(gm[:, None], rel, float("-inf"))
-            m = tl.max(rel, 0)
-            key = m + tl.log(tl.sum(tl.exp(rel - m[None, :]), 0))
+            if EW:
+                kmin, kmax = _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
+                                          s_mn_d)
+                m = tl.full([CHB], float("-inf"), dtype=tl.float32)
+                acc = tl.zeros([CHB], dtype=tl.float32)
+                for g in tl.static_range(G):
+                    bg = _quest_head_bound(Q, kmin, kmax, b, h * G + g, s_q_b, s_q_h, d, dm, scale)
+                    r = bg - tl.sum(tl.where(offs_g == g, best, 0.0), 0)
+                    m_new = tl.maximum(m, r)
+                    acc = acc * tl.exp(m - m_new) + tl.exp(r - m_new)
+                    m = m_new
+                key = m + tl.log(acc)
+            else:
+                rel = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b,
+                                   s_bt_n, s_mn_b, s_mn_h, s_mn_d, h, G) - best[:, None]
+                rel = tl.where(gm[:, None], rel, float("-inf"))
+                m = tl.max(rel, 0)
+                key = m + tl.log(tl.sum(tl.exp(rel - m[None, :]), 0))
             tl.store(OUT + b * s_o_b + h * s_o_h + j, key, mask=jm)
-
-
-@triton.jit
-def _quest_head_bound(Q, kmin, kmax, b, qh, s_q_b, s_q_h, d, dm, scale):
-    """[CHB] scaled Quest bound of query head qh on the [CHB, D_PAD] min/max tiles (no dot: elementwise + sum)."""
-    qv = tl.load(Q + b * s_q_b + qh * s_q_h + d, mask=dm, other=0.0).to(tl.float32)
-    return tl.sum(tl.maximum(qv[None, :] * kmin, qv[None, :] * kmax), 1) * scale
-
-
-@triton.jit
-def _quest_kernel_ew(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
-                     s_mn_d, s_o_b, s_o_h, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr,
-                     G_PAD: tl.constexpr, BS: tl.constexpr, CHB: tl.constexpr):
-    """Variant of ``_quest_kernel``: block-major [CHB, D] min/max tiles (each block's D channels contiguous),
-    per-query-head elementwise bound + row sum instead of fp32 dots, group logsumexp computed online."""
-    b = tl.program_id(0)
-    h = tl.program_id(1)
-    mode = tl.load(MODE + b)
-    if mode != 0:
-        seq = tl.load(SEQ + b).to(tl.int32)
-        nblk = (seq + BS - 1) // BS
-        offs_g = tl.arange(0, G_PAD)
-        d = tl.arange(0, D_PAD)
-        dm = d < HEAD_SIZE
-        best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-        for c in range(0, nblk, CHB):
-            j = c + tl.arange(0, CHB)
-            jm = j < nblk
-            phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
-            base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d  # [CHB, D_PAD]
-            kmin = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            kmax = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            for g in tl.static_range(G):
-                bg = _quest_head_bound(Q, kmin, kmax, b, h * G + g, s_q_b, s_q_h, d, dm, scale)
-                mg = tl.max(tl.where(jm, bg, float("-inf")), 0)
-                best = tl.where(offs_g == g, tl.maximum(best, mg), best)
-        for c in range(0, nblk, CHB):
-            j = c + tl.arange(0, CHB)
-            jm = j < nblk
-            phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
-            base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
-            kmin = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            kmax = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            m = tl.full([CHB], float("-inf"), dtype=tl.float32)
-            acc = tl.zeros([CHB], dtype=tl.float32)
-            for g in tl.static_range(G):
-                bg = _quest_head_bound(Q, kmin, kmax, b, h * G + g, s_q_b, s_q_h, d, dm, scale)
-                r = bg - tl.sum(tl.where(offs_g == g, best, 0.0), 0)
-                m_new = tl.maximum(m, r)
-                acc = acc * tl.exp(m - m_new) + tl.exp(r - m_new)
-                m = m_new
-            tl.store(OUT + b * s_o_b + h * s_o_h + j, m + tl.log(acc), mask=jm)
 
 
 QUEST_VARIANTS = ("dot", "ew")  # the kernel quest_bound_triton runs: PRESCORE_QUEST_KERNEL (default "dot")
@@ -269,22 +261,16 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
     out = torch.empty(B, H, MB, dtype=torch.float32, device=q.device)
     if B == 0:
         return out
-    import math
-
     seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
-
-    import os
-
     variant = variant or os.environ.get("PRESCORE_QUEST_KERNEL", "dot")
     if variant not in QUEST_VARIANTS:
         raise ValueError(f"quest kernel variant must be one of {QUEST_VARIANTS}, got {variant!r}")
     D_PAD = triton.next_power_of_2(D)
-    kernel = _quest_kernel if variant == "dot" else _quest_kernel_ew
-    kernel[(B, H)](
+    _quest_kernel[(B, H)](
         q, kmin, kmax, block_table, seq_lens, mode, out, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
         block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         out.stride(0), out.stride(1),
         HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size,
-        CHB=chb or (64 if variant == "dot" else 32), num_warps=num_warps,
+        CHB=chb or (64 if variant == "dot" else 32), EW=variant == "ew", num_warps=num_warps,
     )
     return out

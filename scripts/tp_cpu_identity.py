@@ -61,6 +61,8 @@ def main(argv=None) -> int:
     ap.add_argument("--model", default=None, help="HF folder (default: prescore.eval.qwen's converted Qwen)")
     ap.add_argument("--out", default="results/tp-cpu-qwen.json")
     a = ap.parse_args(argv)
+    from prescore.backend.metrics import totals
+
     if a.model is None:
         from prescore.eval.qwen import qwen_coder_dir
 
@@ -89,11 +91,10 @@ def main(argv=None) -> int:
             print(p.stdout[-3000:], p.stderr[-6000:], file=sys.stderr)
             raise SystemExit(f"{backend} TP={tp} failed ({p.returncode})")
         ranks = []
-        for f in sorted(glob.glob(str(mdir / "prescore-*.json"))):
-            rows = json.loads(Path(f).read_text()).get("counters", [])
-            tot = {k: sum(r.get(k, 0) for r in rows) for k in ("decode_rows_sparse", "decode_rows_dense",
-                                                                  "selected_tokens", "context_tokens")}
-            ranks.append({"file": Path(f).name, **tot})
+        for f in sorted(glob.glob(str(mdir / "prescore-*.json"))):  # one counter file per worker = per rank
+            tot = totals(json.loads(Path(f).read_text()))
+            ranks.append({"file": Path(f).name, **{k: tot[k] for k in ("decode_rows_sparse", "decode_rows_dense",
+                                                                        "selected_tokens", "context_tokens")}})
         runs.append({"backend": backend, "tp": tp, "budget": (xargs or {}).get("prescore_budget"),
                      "xargs": xargs, "tokens": json.loads(line[0][7:]), "seconds": round(time.time() - t0, 1),
                      "workers": ranks})

@@ -56,8 +56,7 @@ def _greedy(srv, model, prompt, xargs=None):
             "return_token_ids": True}
     if xargs is not None:
         body["vllm_xargs"] = xargs
-    r = httpx.post(srv["base"] + "/v1/completions", json=body, timeout=300)
-    return r
+    return httpx.post(srv["base"] + "/v1/completions", json=body, timeout=300)
 
 
 def _token_ids(r):
@@ -81,20 +80,10 @@ def tp_runs(tiny_model, tmp_path_factory):
         res["bad"] = _greedy(srv, tiny_model, _prompts()[0], {"prescore_mode": "everything"})
         time.sleep(1.0)  # counter files are rewritten every PRESCORE_METRICS_INTERVAL (0.2 s here)
     res["files"] = {f.name: json.loads(f.read_text()) for f in sorted((work / "metrics").glob("prescore-*.json"))}
-    res["log"] = (work / "serve.log").read_text()
     work = tmp_path_factory.mktemp("tp-control")
     with _serve(tiny_model, "CPU_ATTN", work) as srv:
         res["control"] = [_token_ids(_greedy(srv, tiny_model, p)) for p in _prompts()]
     return res
-
-
-def _totals(snapshot):
-    tot = {}
-    for row in snapshot.get("counters", []):
-        for k, v in row.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool):
-                tot[k] = tot.get(k, 0) + v
-    return tot
 
 
 def test_tp2_budget_at_least_context_equals_the_dense_backend(tp_runs):
@@ -102,7 +91,9 @@ def test_tp2_budget_at_least_context_equals_the_dense_backend(tp_runs):
 
 
 def test_tp2_sparse_decode_runs_on_both_ranks(tp_runs):
-    workers = {name: _totals(s) for name, s in tp_runs["files"].items()}
+    from prescore.backend.metrics import totals
+
+    workers = {name: totals(s) for name, s in tp_runs["files"].items()}
     sparse = {name: t for name, t in workers.items() if t.get("decode_rows_sparse", 0) > 0}
     assert len(sparse) == 2, workers  # one file per worker process = per TP rank
     a, b = sparse.values()
