@@ -347,7 +347,7 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
     cache = store.selection_cache(plan.max_selected, U.max_rows)
     score_tail_triton(kv, store.scores3, store.kmin, store.kmax, store.tags2, bt, sl, f("method"), cols,
                       store.states, srow, f("tag"), only_full=True)
-    qkey = quest_bound_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size)
+    qkey = quest_bound_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size, beta=TABLE.defaults.quest_beta)
     select_blocks_triton(store.scores3, store.tags2, bt, sl, f("budget"), f("sink"), f("window"), mode, f("prior"),
                          f("tag"), plan.max_selected, block_size, qkey, cache, srow, cols=cols, overflow_dense=True,
                          stats=(f("sparse"), f("label"), store.acc))
@@ -536,7 +536,8 @@ def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_tabl
         bt, sl = block_table[g.sparse_rows], seq_lens[g.sparse_rows]
         q = query[g.sparse_tokens]
         sel = select_blocks(summ, bt, sl, g.budget, g.sink, g.window, g.mode, g.prior, g.tags, plan.max_selected,
-                            q=q, block_size=block_size, need_query=g.need_query)
+                            q=q, block_size=block_size, need_query=g.need_query,
+                            quest_beta=TABLE.defaults.quest_beta)
         out = decode_fn(q, kv, bt, sl, sel.ids, sel.kernel_counts(), scale)
         output[g.sparse_tokens] = out.to(output.dtype)
         # counters (device-side, no sync)

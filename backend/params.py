@@ -11,7 +11,8 @@ Per request: ``SamplingParams.extra_args`` (HTTP ``vllm_xargs``) keys
 Server-wide defaults: JSON in the env var ``PRESCORE_CONFIG`` and/or ``--additional-config
 '{"prescore": {...}}'`` (the latter wins), keys without the ``prescore_`` prefix plus
 ``hybrid_prior_fraction`` (share of a hybrid budget spent on the prior, default 0.125: the best share of the
-H100 sweep in results/QUALITY.md) and ``max_selected``
+H100 sweep in results/QUALITY.md), ``quest_beta`` (the query-aware key q.c + beta * |q|.r of a block with key
+midpoint c and half range r: 1 = Quest's upper bound, default 0.5, see results/QUALITY.md) and ``max_selected``
 (tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
 sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated). Token counts are
 rounded up to whole KV blocks. Any unknown ``prescore_*`` key or bad value is an error naming the field.
@@ -38,6 +39,7 @@ class PrescoreParams:
     sink: int = 64
     window: int = 256
     hybrid_prior_fraction: float = 0.125
+    quest_beta: float = 0.5
     max_selected: int = 8192
 
     def capacity_blocks(self, block_size: int) -> int:
@@ -54,7 +56,7 @@ class PrescoreParams:
 
 
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
-CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "max_selected")
+CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "quest_beta", "max_selected")
 
 
 def _err(msg: str, field: str, value):
@@ -79,7 +81,7 @@ def _check(field: str, value, shown: str):
         if value not in MODE_NAMES:
             raise _err(f"{shown} must be one of {', '.join(MODE_NAMES)}; got {value!r}", shown, value)
         return value
-    if field == "hybrid_prior_fraction":
+    if field in ("hybrid_prior_fraction", "quest_beta"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise _err(f"{shown} must be a number in [0, 1], got {value!r}", shown, value)
         return float(value)

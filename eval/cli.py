@@ -70,6 +70,8 @@ def _floats(s: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from prescore.backend.params import PrescoreParams
+
     ap = argparse.ArgumentParser(prog="prescore-eval", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 | qwen-coder | tiny | HF folder")
@@ -85,9 +87,13 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--block-size", type=int, default=16)
     ap.add_argument("--sink", type=int, default=16)
     ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--hybrid-prior-fraction", type=float, default=0.125,
+    ap.add_argument("--hybrid-prior-fraction", type=float, default=PrescoreParams().hybrid_prior_fraction,
                     help="share of a hybrid budget spent on the prior (the backend default; the session-4 H100 "
                          "tables ran at 0.5, see their settings)")
+    ap.add_argument("--quest-beta", type=float, default=PrescoreParams().quest_beta,
+                    help="query-aware key q.c + beta*|q|.r (1 = Quest's bound; default: the backend's)")
+    ap.add_argument("--quest-betas", default="", type=_floats,
+                    help="extra quest rows at these quest_beta values (sweep), e.g. 1,0.75,0.25")
     ap.add_argument("--ppl-context", type=int, default=2048, help="dense prefill tokens before the decode steps")
     ap.add_argument("--ppl-decode", type=int, default=32, help="tokens scored one decode step at a time")
     ap.add_argument("--ppl-trials", type=int, default=2, help="document windows")
@@ -126,19 +132,19 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
         lines.append(f"  {'method':<18}" + "".join(f"{b:>16}" for b in budgets))
         labels = []
         for r in sub:
-            if r["budget"] is not None and (r["method"], r["mode"]) not in labels:
-                labels.append((r["method"], r["mode"]))
-        for m, md in labels:
+            if r["budget"] is not None and _key(r) not in labels:
+                labels.append(_key(r))
+        for m, md, v in labels:
             cells = []
             for b in budgets:
-                x = [r for r in sub if (r["method"], r["mode"], r["budget"]) == (m, md, b)]
+                x = [r for r in sub if _key(r) == (m, md, v) and r["budget"] == b]
                 if not x:
                     cells.append(f"{'-':>16}")
                 elif task == "ppl":
                     cells.append(f"{x[0]['value']:>9.3f} {x[0]['ratio_to_dense']:>5.3f}x")
                 else:
                     cells.append(f"{x[0]['value']:>16.2f}")
-            lines.append(f"  {_label(m, md):<18}" + "".join(cells))
+            lines.append(f"  {_label(m, md, v):<18}" + "".join(cells))
         lines.append("")
     if fid_rows:
         budgets = sorted({r["budget"] for r in fid_rows})
@@ -146,21 +152,24 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
         lines.append(f"  {'method':<18}" + "".join(f"{b:>10}" for b in budgets))
         labels = []
         for r in fid_rows:
-            if (r["method"], r["mode"]) not in labels:
-                labels.append((r["method"], r["mode"]))
-        for m, md in labels:
-            cells = [next((f"{r['value']:>10.4f}" for r in fid_rows if (r["method"], r["mode"], r["budget"]) ==
-                           (m, md, b)), f"{'-':>10}") for b in budgets]
-            lines.append(f"  {_label(m, md):<18}" + "".join(cells))
+            if _key(r) not in labels:
+                labels.append(_key(r))
+        for m, md, v in labels:
+            cells = [next((f"{r['value']:>10.4f}" for r in fid_rows if _key(r) == (m, md, v) and r["budget"] == b),
+                          f"{'-':>10}") for b in budgets]
+            lines.append(f"  {_label(m, md, v):<18}" + "".join(cells))
     return "\n".join(lines)
 
 
-def _label(method: str, mode: str) -> str:
+def _key(r: dict) -> tuple:
+    return r["method"], r["mode"], r.get("variant")
+
+
+def _label(method: str, mode: str, variant: str | None = None) -> str:
     if mode == "static":
         return "sink+window"
-    if mode == "quest":
-        return "quest"
-    return f"{mode}:{method}"
+    base = "quest" if mode == "quest" else f"{mode}:{method}"
+    return base if variant is None else f"{base}({variant})"
 
 
 def report(paths: list[str]) -> int:
@@ -169,7 +178,8 @@ def report(paths: list[str]) -> int:
         d = json.loads(Path(p).read_text())
         s = d.get("settings", {})
         print(f"== {p}: {d['model']}, {s.get('device_name', '?')}, sink {s.get('sink')} window {s.get('window')}, "
-              f"hybrid prior share {s.get('hybrid_prior_fraction')}, passkey question "
+              f"hybrid prior share {s.get('hybrid_prior_fraction')}, quest_beta {s.get('quest_beta', 1.0)}, "
+              f"passkey question "
               f"{s.get('passkey', {}).get('question', 'decode')}\n")
         print(format_table(d["rows"], d.get("fidelity", [])))
     return 0
@@ -193,8 +203,10 @@ def main(argv: list[str] | None = None) -> int:
     use_triton = False if args.no_triton else None
     engine = SparseEvalEngine(model, block_size=args.block_size, sink=args.sink, window=args.window,
                               hybrid_prior_fraction=args.hybrid_prior_fraction, use_triton=use_triton,
-                              ref_dtype=getattr(torch, args.ref_dtype), decode_impl=args.decode_impl)
-    configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")))
+                              ref_dtype=getattr(torch, args.ref_dtype), decode_impl=args.decode_impl,
+                              quest_beta=args.quest_beta)
+    configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")),
+                           quest_betas=args.quest_betas)
     for c in configs:
         engine.controls(c)  # validate budgets early
     texts = load_texts(args.text_dir)
@@ -233,7 +245,8 @@ def main(argv: list[str] | None = None) -> int:
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "dtype": str(dtype).replace("torch.", ""), "selection": "triton" if engine.use_triton else "torch", "decode_impl": engine.decode_impl,
             "block_size": args.block_size, "sink": args.sink, "window": args.window,
-            "hybrid_prior_fraction": args.hybrid_prior_fraction, "budgets": args.budgets,
+            "hybrid_prior_fraction": args.hybrid_prior_fraction, "quest_beta": args.quest_beta,
+            "budgets": args.budgets,
             "budget_semantics": "total key tokens attended per KV head = sink + window + selected (whole blocks); "
                                 "backend prescore_budget = budget - sink - window",
             "ppl": {"context": args.ppl_context, "decode": args.ppl_decode, "trials": args.ppl_trials},

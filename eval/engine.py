@@ -59,6 +59,11 @@ class Config:
     method: str
     mode: str
     budget: int | None
+    beta: float | None = None  # quest_beta of this config (None: the engine's); a sweep variant when set
+
+    @property
+    def variant(self) -> str | None:
+        return None if self.beta is None else f"beta={self.beta:g}"
 
     @property
     def label(self) -> str:
@@ -66,9 +71,8 @@ class Config:
             return "dense"
         if self.mode == "static":
             return "sink+window"
-        if self.mode == "quest":
-            return "quest"
-        return f"{self.mode}:{self.method}"
+        base = "quest" if self.mode == "quest" else f"{self.mode}:{self.method}"
+        return base if self.beta is None else f"{base}({self.variant})"
 
     @property
     def summ_method(self) -> str:
@@ -76,7 +80,10 @@ class Config:
         return self.method if self.method in PRIOR_METHODS else "keynorm"
 
 
-def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "quest", "hybrid")) -> list[Config]:
+def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "quest", "hybrid"),
+                 quest_betas=()) -> list[Config]:
+    """Dense, then per budget every mode (prior/hybrid once per method); ``quest_betas``: extra quest rows at
+    those ``quest_beta`` values (a sweep; the plain quest row runs at the engine's)."""
     out = [Config("dense", "dense", None)]
     for b in budgets:
         if "static" in modes:
@@ -85,6 +92,7 @@ def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "ques
             out += [Config(m, "prior", int(b)) for m in methods]
         if "quest" in modes:
             out.append(Config("quest", "quest", int(b)))
+        out += [Config("quest", "quest", int(b), float(x)) for x in quest_betas]
         if "hybrid" in modes:
             out += [Config(m, "hybrid", int(b)) for m in methods]
     return out
@@ -104,7 +112,7 @@ class SparseEvalEngine:
     def __init__(self, model, block_size: int = 16, sink: int = 16, window: int = 64,
                  hybrid_prior_fraction: float = 0.5, use_triton: bool | None = None,
                  ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None,
-                 decode_impl: str | None = None):
+                 decode_impl: str | None = None, quest_beta: float | None = None):
         register()
         self.model = model
         cfg = model.config
@@ -114,6 +122,11 @@ class SparseEvalEngine:
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.BS = block_size
         self.sink, self.window, self.frac = sink, window, hybrid_prior_fraction
+        if quest_beta is None:
+            from prescore.backend.params import PrescoreParams
+
+            quest_beta = PrescoreParams().quest_beta
+        self.quest_beta = quest_beta
         p = next(model.parameters())
         self.device, self.dtype = p.device, cache_dtype or p.dtype
         self.use_triton = (self.device.type == "cuda") if use_triton is None else use_triton
@@ -239,10 +252,10 @@ class SparseEvalEngine:
         for i, (c, k) in enumerate(zip(configs, ctl)):
             if k is None:
                 continue
-            key = (c.summ_method, k.cap if c.mode == "static" else None)
+            key = (c.summ_method, k.cap if c.mode == "static" else None, self.beta_of(c))
             groups.setdefault(key, []).append(i)
         self.groups = []
-        for (m, static_cap), cfg_ids in groups.items():
+        for (m, static_cap, _), cfg_ids in groups.items():
             rows = torch.tensor([t * C + i for t in range(self.T) for i in cfg_ids], dtype=torch.long)
             self.groups.append(self._group(m, cfg_ids, rows))
         self.Smax = max([g["cap"] for g in self.groups] + [1])
@@ -255,6 +268,14 @@ class SparseEvalEngine:
                     self.fid_groups.append((i, self._group(configs[i].summ_method, [i] * self.T, drows,
                                                           per_row=True)))
 
+    def beta_of(self, c: Config) -> float:
+        return self.quest_beta if c.beta is None else c.beta
+
+    def row_fields(self, c: Config) -> dict:
+        """Extra keys of a result row: the quest_beta a query-aware config ran with, and its sweep variant."""
+        out = {"quest_beta": self.beta_of(c)} if c.mode in ("quest", "hybrid") else {}
+        return {**out, "variant": c.variant} if c.variant else out
+
     def _group(self, m, cfg_ids, rows, per_row=False):
         dev = self.device
         ks = [self.ctl[i] for i in cfg_ids]
@@ -264,7 +285,8 @@ class SparseEvalEngine:
         modes = [k.mode for k in ks]
         return {"method": m, "rows": rows.to(dev), "budget": col("budget"), "sink": col("sink"),
                 "window": col("window"), "mode": col("mode"), "prior": col("prior"),
-                "cap": max(k.cap for k in ks), "need_query": any(x != MODES["prior"] for x in modes)}
+                "cap": max(k.cap for k in ks), "need_query": any(x != MODES["prior"] for x in modes),
+                "beta": self.beta_of(self.configs[cfg_ids[0]])}
 
     # ------------------------------------------------------------------ attention
     def attend(self, module, q, k, v, scaling):
@@ -347,7 +369,8 @@ class SparseEvalEngine:
         rows = g["rows"]
         return select_blocks(self.summ[layer][g["method"]], self.bt[rows], seq[rows], g["budget"], g["sink"],
                              g["window"], g["mode"], g["prior"], self.tags[rows], g["cap"], q=q[rows],
-                             block_size=self.BS, need_query=g["need_query"], use_triton=self.use_triton)
+                             block_size=self.BS, need_query=g["need_query"], use_triton=self.use_triton,
+                             quest_beta=g["beta"])
 
     def _decode(self, layer, q, k, v, scale):
         R, Hq, _, D = q.shape

@@ -16,6 +16,8 @@
 #   The device tool carries at most 64 MiB per call: split the folders into <60 MiB chunks, carry one per call
 #   into /tmp on a warm machine (it keeps /tmp between calls while warm), then `cat` them back together.
 # Budgets are TOTAL attended tokens per KV head (sink 64 + window 256 + selected, here).
+# Env: MODELS, SWEEPS, QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
+# per depth, 4), RESULTS (output folder, default results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -27,24 +29,41 @@ if ! $PY -c "import prescore.eval" 2>/dev/null; then  # no pip: map the package 
     && ln -sfn "$PWD/eval" .eval-path/prescore/eval
 fi
 OUT=${RESULTS:-results}
-COMMON=(--device cuda --dtype bfloat16 --block-size 16 --sink 64 --window 256 --budgets 512,1024,2048
-        --hybrid-prior-fraction ${HYBRID_SHARE:-0.5}
+# Main tables at the backend defaults (quest_beta, hybrid prior share, sink 64, window 256) unless overridden.
+# The session-4 tables ran with HYBRID_SHARE=0.5 QUEST_BETA=1 and 8 / 4 ppl windows.
+COMMON=(--device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048
+        ${HYBRID_SHARE:+--hybrid-prior-fraction $HYBRID_SHARE} ${QUEST_BETA:+--quest-beta $QUEST_BETA}
         --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
+SW=(--sink 64 --window 256)
 SMOL=${SMOLLM2_DIR:-smollm2}
+SMOL_PPL=(--ppl-context 8064 --ppl-decode 128 --ppl-trials ${SMOL_PPL_TRIALS:-16})
+QWEN_PPL=(--ppl-context 32640 --ppl-decode 128 --ppl-trials ${QWEN_PPL_TRIALS:-8})
 MODELS=${MODELS:-smollm2 qwen}  # MODELS=qwen: the Qwen table only (e.g. while SmolLM2's ran earlier)
+# SWEEPS="beta sw": quest_beta sweep (1, 0.75, 0.25, 0 next to the default) and a 16/64 sink/window run, quest
+# rows only, ppl + passkey at the longest context -> $OUT/sweeps/
+SWEEPS=${SWEEPS:-}
+sweeps() {  # model-name model-dir ppl-args... -- passkey-context
+  local name=$1 dir=$2; shift 2
+  local ppl=() ctx
+  while [ "$1" != "--" ]; do ppl+=("$1"); shift; done; ctx=$2
+  mkdir -p "$OUT/sweeps"
+  if [[ " $SWEEPS " == *" beta "* ]]; then
+    $PY -m prescore.eval.cli --model "$dir" "${COMMON[@]}" "${SW[@]}" --modes quest --quest-betas 1,0.75,0.25,0 \
+        "${ppl[@]}" --passkey-contexts "$ctx" --out "$OUT/sweeps/quality-$name-beta.json"
+  fi
+  if [[ " $SWEEPS " == *" sw "* ]]; then
+    $PY -m prescore.eval.cli --model "$dir" "${COMMON[@]}" --sink 16 --window 64 --modes static,quest \
+        --quest-betas 1 "${ppl[@]}" --passkey-contexts "$ctx" --out "$OUT/sweeps/quality-$name-sink16-window64.json"
+  fi
+}
 if [[ " $MODELS " == *" smollm2 "* ]]; then
-  $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 \
+  sweeps smollm2 "$SMOL" "${SMOL_PPL[@]}" -- 8192
+  $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" "${SW[@]}" "${SMOL_PPL[@]}" \
       --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
 fi
 if [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
   QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}
-  $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" --ppl-context 32640 --ppl-decode 128 --ppl-trials 4 \
+  sweeps qwen2.5-coder-0.5b "$QW" "${QWEN_PPL[@]}" --trial-batch ${QWEN_TRIAL_BATCH:-5} -- 32768
+  $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" "${SW[@]}" "${QWEN_PPL[@]}" \
       --passkey-contexts 8192,16384,32768 --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b.json"
-fi
-# Optional: hybrid prior-share sweep at 8k (SWEEP=1), quest + hybrid only.
-if [ -n "${SWEEP:-}" ]; then
-  for f in 0.125 0.25; do
-    $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" --modes quest,hybrid --hybrid-prior-fraction $f \
-        --ppl-context 8064 --ppl-decode 128 --ppl-trials 8 --passkey-contexts 8192 --out "$OUT/sweeps/quality-smollm2-hybrid$f.json"
-  done
 fi

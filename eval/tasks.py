@@ -93,7 +93,7 @@ def ppl_task(engine: SparseEvalEngine, tok, texts, configs, context: int, decode
         rows.append({"task": "ppl", "method": c.method, "mode": c.mode, "budget": c.budget, "value": ppl,
                      "trials": trials, "context": N + decode, "prefill": N, "decode_tokens": decode,
                      "ratio_to_dense": ppl / math.exp(dense) if d else None, "nll": float(mean[i]),
-                     "per_trial": per_trial, "docs": [w[0] for w in wins]})
+                     "per_trial": per_trial, "docs": [w[0] for w in wins], **engine.row_fields(c)})
     fid_rows = []
     if fidelity_steps:
         for i, c in enumerate(configs):
@@ -101,6 +101,7 @@ def ppl_task(engine: SparseEvalEngine, tok, texts, configs, context: int, decode
                 continue
             per_layer = [float(x) for x in fid[i]]
             fid_rows.append({"task": "fidelity", "method": c.method, "mode": c.mode, "budget": c.budget,
+                             **engine.row_fields(c),
                              "value": float(sum(per_layer) / len(per_layer)), "per_layer": per_layer,
                              "trials": min(trials, trial_batch), "steps": min(fidelity_steps, decode),
                              "context": N + decode, "metric": "mean over layers of ||o_sparse-o_dense||/||o_dense||"})
@@ -168,5 +169,6 @@ def passkey_task(engine: SparseEvalEngine, tok, texts, configs, context: int, de
         by_depth = {f"{d:g}": float(hit[dep == d, i].mean()) for d in depths}
         rows.append({"task": "passkey", "method": c.method, "mode": c.mode, "budget": c.budget,
                      "value": float(hit[:, i].mean()), "trials": len(prompts), "context": N + QA,
-                     "prefill": N, "decode_tokens": QA - 1, "question": question, "by_depth": by_depth})
+                     "prefill": N, "decode_tokens": QA - 1, "question": question, "by_depth": by_depth,
+                     **engine.row_fields(c)})
     return rows, timing

@@ -12,7 +12,8 @@ then the ``budget_blocks`` best remaining blocks by the mode's key:
 
 - ``prior``: the pre-score (query-independent).
 - ``quest``: Quest's upper bound sum_d max(q_d * kmin_d, q_d * kmax_d) per query head, combined over the GQA
-  group by a log-sum-exp of the heads' scaled bounds relative to their best block (see ``quest_bound``).
+  group by a log-sum-exp of the heads' scaled bounds relative to their best block (see ``quest_bound``);
+  ``quest_beta`` < 1 shrinks the bound towards the block midpoint's score (an estimate, no longer a bound).
 - ``hybrid``: ``prior_blocks`` by the pre-score, the rest of the budget by the Quest bound.
 
 A row is dense (``dense[b]`` True, every block attended) when its budget is 0 or the context fits in
@@ -82,14 +83,24 @@ class SelectionCache:
         self.key.fill_(-1)
 
 
-def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_ctx: torch.Tensor) -> torch.Tensor:
+def quest_bound(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, in_ctx: torch.Tensor,
+                beta: float = 1.0) -> torch.Tensor:
     """q [B, Hkv, G, D]; kmin/kmax [B, Hkv, MB, D]; in_ctx [B, MB] -> [B, Hkv, MB].
 
     Per query head, Quest's bound scaled by 1/sqrt(D) and taken relative to the head's best block in the
     context is an upper bound on the block's log attention weight relative to the best block; the group's
-    key is the log-sum-exp over its heads (the most attention mass the block can take from the group)."""
+    key is the log-sum-exp over its heads (the most attention mass the block can take from the group).
+
+    ``beta`` scales the bound's spread: with c = (kmin + kmax) / 2 and r = (kmax - kmin) / 2 the per-head key
+    is q.c + beta * |q|.r (beta 1 = Quest's bound, 0 = the midpoint's score). Below 1 it is an estimate of the
+    block's best score rather than a bound: the bound over-rates blocks with wide key ranges (measured in
+    results/QUALITY.md)."""
     qf = q.float()
-    bound = qf.clamp_min(0) @ kmax.float().transpose(-1, -2) + qf.clamp_max(0) @ kmin.float().transpose(-1, -2)
+    kmin, kmax = kmin.float(), kmax.float()
+    if beta != 1.0:
+        hi, lo = 0.5 + 0.5 * beta, 0.5 - 0.5 * beta
+        kmin, kmax = kmin * hi + kmax * lo, kmax * hi + kmin * lo
+    bound = qf.clamp_min(0) @ kmax.transpose(-1, -2) + qf.clamp_max(0) @ kmin.transpose(-1, -2)
     best = torch.where(in_ctx[:, None, None, :], bound, float("-inf")).amax(-1, keepdim=True)
     rel = (bound - best) / math.sqrt(q.shape[-1])
     return torch.logsumexp(rel, dim=2)
@@ -101,7 +112,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                   q: torch.Tensor | None = None, block_size: int | None = None,
                   need_query: bool | None = None, use_triton: bool | None = None,
                   cache: SelectionCache | None = None, rows: torch.Tensor | None = None,
-                  overflow_dense: bool = False) -> Selection:
+                  overflow_dense: bool = False, quest_beta: float = 1.0) -> Selection:
     """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode
     (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
     (:mod:`.select_triton`); otherwise this torch implementation runs. ``cache`` + ``rows`` (Triton only): keep
@@ -115,7 +126,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     if use_triton:
         return _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows,
-                              overflow_dense)
+                              overflow_dense, quest_beta)
     if cache is not None:
         raise ValueError("the selection cache needs the Triton implementation")
     B, MB = block_table.shape
@@ -156,7 +167,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
         G = q.shape[1] // H
         kmin = summ.kmin[phys].transpose(1, 2)  # [B, H, MB, D]
         kmax = summ.kmax[phys].transpose(1, 2)
-        bound = quest_bound(q.view(B, H, G, -1), kmin, kmax, in_ctx)
+        bound = quest_bound(q.view(B, H, G, -1), kmin, kmax, in_ctx, quest_beta)
         n_prior = torch.where(mode == MODES["hybrid"], n_forced + prior_blocks.long().clamp_max(budget),
                               n_forced)
         first = topk_mask(key, torch.where(mode == MODES["prior"], total, n_prior))
@@ -181,7 +192,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
 
 def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tag_ok: torch.Tensor,
                       seq_len: int, block_size: int, budget: int, sink: int, window: int, mode: str,
-                      prior_share: int, q: torch.Tensor | None) -> list[list[int]] | None:
+                      prior_share: int, q: torch.Tensor | None, beta: float = 1.0) -> list[list[int]] | None:
     """One row, pure python over logical blocks. scores [nblk, H]; kmin/kmax [nblk, H, D]; tag_ok [nblk];
     q [Hq, D]. Returns per KV head the sorted selected block ids, or None for a dense row. Ties in the
     ranking key are broken arbitrarily, so tests compare sets only where keys are distinct."""
@@ -202,8 +213,9 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
             rel = []
             for g in range(G):
                 qq = q[h * G + g].double()
-                b = [float(torch.maximum(qq * kmin[i, h].double(), qq * kmax[i, h].double()).sum())
-                     for i in range(nblk)]
+                c = [(kmin[i, h].double() + kmax[i, h].double()) / 2 for i in range(nblk)]
+                r = [(kmax[i, h].double() - kmin[i, h].double()) / 2 for i in range(nblk)]
+                b = [float((qq * c[i]).sum() + beta * (qq.abs() * r[i]).sum()) for i in range(nblk)]
                 rel.append([(x - max(b)) / math.sqrt(q.shape[-1]) for x in b])
             bound = [math.log(sum(math.exp(r[i]) for r in rel)) for i in range(nblk)]
             remaining = [j for j in rest if j not in chosen]
@@ -214,7 +226,7 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
 
 def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
                    req_tags, max_selected, q, block_size, need_query, cache=None, rows=None,
-                   overflow_dense=False) -> Selection:
+                   overflow_dense=False, quest_beta=1.0) -> Selection:
     from .select_triton import select_blocks_triton
 
     qkey = None
@@ -223,7 +235,7 @@ def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, wind
             raise ValueError("query-aware selection needs q")
         from .step_triton import quest_bound_triton
 
-        qkey = quest_bound_triton(q, summ.kmin, summ.kmax, block_table, seq_lens, mode, block_size)
+        qkey = quest_bound_triton(q, summ.kmin, summ.kmax, block_table, seq_lens, mode, block_size, beta=quest_beta)
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
         prior_blocks, req_tags, max_selected, block_size, qkey, cache, rows, overflow_dense=overflow_dense)

@@ -157,8 +157,16 @@ def row_stats_triton(kcounts: torch.Tensor, state_rows: torch.Tensor, seq_lens: 
 
 
 @triton.jit
-def _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
-                 s_mn_d, h, G: tl.constexpr):
+def _blend(kmin, kmax, beta):
+    """min/max moved towards their midpoint: c -/+ beta * r (c = midpoint, r = half range); beta 1 = unchanged."""
+    hi = 0.5 + 0.5 * beta
+    lo = 0.5 - 0.5 * beta
+    return kmin * hi + kmax * lo, kmax * hi + kmin * lo
+
+
+@triton.jit
+def _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, beta, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b,
+                 s_mn_h, s_mn_d, h, G: tl.constexpr):
     """[G_PAD, CHB] scaled Quest bounds of the query heads of KV head h on logical blocks j."""
     q = tl.load(Q + b * s_q_b + (h * G + offs_g)[:, None] * s_q_h + d[None, :], mask=gm[:, None] & dm[None, :],
                 other=0.0).to(tl.float32)
@@ -166,6 +174,7 @@ def _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s
     base = phys[None, :] * s_mn_b + h * s_mn_h + d[:, None] * s_mn_d  # [D_PAD, CHB]
     kmin = tl.load(KMIN + base, mask=dm[:, None] & jm[None, :], other=0.0).to(tl.float32)
     kmax = tl.load(KMAX + base, mask=dm[:, None] & jm[None, :], other=0.0).to(tl.float32)
+    kmin, kmax = _blend(kmin, kmax, beta)
     # sum_d max(q_d kmin_d, q_d kmax_d) = q+ . kmax + q- . kmin
     bound = (tl.dot(tl.maximum(q, 0.0), kmax, input_precision="ieee")
              + tl.dot(tl.minimum(q, 0.0), kmin, input_precision="ieee"))
@@ -173,13 +182,13 @@ def _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s
 
 
 @triton.jit
-def _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d):
+def _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, beta, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d):
     """Block-major [CHB, D_PAD] float32 min/max tiles of KV head h on logical blocks j (each block's D contiguous)."""
     phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
     base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
     kmin = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
     kmax = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-    return kmin, kmax
+    return _blend(kmin, kmax, beta)
 
 
 @triton.jit
@@ -190,7 +199,7 @@ def _quest_head_bound(Q, kmin, kmax, b, qh, s_q_b, s_q_h, d, dm, scale):
 
 
 @triton.jit
-def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d,
+def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, beta, s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d,
                   s_o_b, s_o_h, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                   BS: tl.constexpr, CHB: tl.constexpr, EW: tl.constexpr):
     """Two passes over the row's context: each query head's best bound, then the group's logsumexp of the
@@ -211,14 +220,14 @@ def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b
             j = c + tl.arange(0, CHB)
             jm = j < nblk
             if EW:
-                kmin, kmax = _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
+                kmin, kmax = _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, beta, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
                                           s_mn_d)
                 for g in tl.static_range(G):
                     bg = _quest_head_bound(Q, kmin, kmax, b, h * G + g, s_q_b, s_q_h, d, dm, scale)
                     mg = tl.max(tl.where(jm, bg, float("-inf")), 0)
                     best = tl.where(offs_g == g, tl.maximum(best, mg), best)
             else:
-                bnd = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b,
+                bnd = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, beta, s_q_b, s_q_h, s_bt_b,
                                    s_bt_n, s_mn_b, s_mn_h, s_mn_d, h, G)
                 best = tl.maximum(best, tl.max(tl.where(jm[None, :], bnd, float("-inf")), 1))
         best = tl.where(gm, best, 0.0)
@@ -226,7 +235,7 @@ def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b
             j = c + tl.arange(0, CHB)
             jm = j < nblk
             if EW:
-                kmin, kmax = _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
+                kmin, kmax = _quest_tiles(KMIN, KMAX, BT, b, h, j, jm, d, dm, beta, s_bt_b, s_bt_n, s_mn_b, s_mn_h,
                                           s_mn_d)
                 m = tl.full([CHB], float("-inf"), dtype=tl.float32)
                 acc = tl.zeros([CHB], dtype=tl.float32)
@@ -238,7 +247,7 @@ def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, s_q_b, s_q_h, s_bt_b
                     m = m_new
                 key = m + tl.log(acc)
             else:
-                rel = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, s_q_b, s_q_h, s_bt_b,
+                rel = _quest_bound(Q, KMIN, KMAX, BT, offs_g, gm, d, dm, j, jm, b, scale, beta, s_q_b, s_q_h, s_bt_b,
                                    s_bt_n, s_mn_b, s_mn_h, s_mn_d, h, G) - best[:, None]
                 rel = tl.where(gm[:, None], rel, float("-inf"))
                 m = tl.max(rel, 0)
@@ -251,10 +260,10 @@ QUEST_VARIANTS = ("dot", "ew")  # the kernel quest_bound_triton runs: PRESCORE_Q
 
 def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
                        seq_lens: torch.Tensor, mode: torch.Tensor, block_size: int, variant: str | None = None,
-                       chb: int | None = None, num_warps: int = 4) -> torch.Tensor:
+                       chb: int | None = None, num_warps: int = 4, beta: float = 1.0) -> torch.Tensor:
     """The query-aware key of :func:`prescore.kernels.selection.quest_bound` (the torch reference), per row
     and KV head over the row's context blocks only; rows in ``prior`` mode (0) are skipped (their key is
-    never read). ``q [B, Hq, D]``, ``kmin/kmax [NB, H, D]`` (physical blocks) -> ``[B, H, MB]`` float32."""
+    never read). ``beta``: see ``quest_bound``. ``q [B, Hq, D]``, ``kmin/kmax [NB, H, D]`` (physical blocks) -> ``[B, H, MB]`` float32."""
     B, MB = block_table.shape
     NB, H, D = kmin.shape
     G = q.shape[1] // H
@@ -267,7 +276,7 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
         raise ValueError(f"quest kernel variant must be one of {QUEST_VARIANTS}, got {variant!r}")
     D_PAD = triton.next_power_of_2(D)
     _quest_kernel[(B, H)](
-        q, kmin, kmax, block_table, seq_lens, mode, out, 1.0 / math.sqrt(D), q.stride(0), q.stride(1),
+        q, kmin, kmax, block_table, seq_lens, mode, out, 1.0 / math.sqrt(D), float(beta), q.stride(0), q.stride(1),
         block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         out.stride(0), out.stride(1),
         HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size,

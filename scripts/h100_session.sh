@@ -8,8 +8,8 @@
 #   # then, one call per piece: bash scripts/devgpu_models.sh stash .devgpu/s00 (s01, q00 .. q07)
 #
 # Writes under RES: kernels-h100.json + kernels-bench.log, quality-smollm2.json, quality-qwen2.5-coder-0.5b.json,
-# eval-*.log, assemble.log, DONE. Env: STEPS (default "bench smollm2 qwen", in that order), SWEEP=1 (hybrid
-# prior-share sweep at 8k, last).
+# eval-*.log, assemble.log, DONE. Env: STEPS (default "bench smollm2 qwen"; also "questbench": bench --quest),
+# in that order; SWEEPS (passed to eval/h100.sh: "beta sw" runs the quest_beta and sink/window sweeps).
 set -uo pipefail
 RES=${1:-/tmp/res}
 mkdir -p "$RES"
@@ -26,7 +26,12 @@ wait_pieces() {  # model n  (no grep -q: with pipefail its early exit would fail
   until bash scripts/devgpu_models.sh status 2>/dev/null | grep "^$1: $2/$2 pieces" >/dev/null; do sleep 3; done
 }
 S=/tmp/models/smollm2
-if [[ $STEPS == *" smollm2 "* || -n "${SWEEP:-}" ]]; then
+if [[ $STEPS == *" questbench "* ]]; then
+  log "quest bound variants"
+  (cd /tmp && timeout 300 python3 -m prescore.kernels.bench --quest --out "$RES/quest-bench.json") > "$RES/quest-bench.log" 2>&1
+  log "questbench rc=$?"
+fi
+if [[ $STEPS == *" smollm2 "* ]]; then
   log "waiting for the SmolLM2 pieces"
   wait_pieces smollm2 2
   S=$(bash scripts/devgpu_models.sh assemble smollm2 2>>"$RES/assemble.log" | tail -1)
@@ -43,10 +48,6 @@ if [[ $STEPS == *" qwen "* ]]; then
   log "qwen at $Q; quality run"
   RESULTS=$RES QWEN_DIR=$Q MODELS=qwen bash eval/h100.sh > "$RES/eval-qwen.log" 2>&1
   log "qwen quality rc=$?"
-fi
-if [ -n "${SWEEP:-}" ]; then
-  RESULTS=$RES SMOLLM2_DIR=$S MODELS=none SWEEP=1 bash eval/h100.sh > "$RES/eval-sweep.log" 2>&1
-  log "sweep rc=$?"
 fi
 touch "$RES/DONE"
 log done

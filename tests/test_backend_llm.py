@@ -132,6 +132,7 @@ def test_prescore_forward_ran_counters(runs):
 
 def test_sparse_rows_attend_what_the_spec_says(runs):
     from prescore.kernels.decode import sparse_decode_ref
+    from prescore.backend.params import PrescoreParams
     from prescore.kernels.selection import select_blocks_ref
 
     cap = runs["capture"]
@@ -149,7 +150,8 @@ def test_sparse_rows_attend_what_the_spec_says(runs):
             assert set(range(nblk - c["window"], nblk)) <= ids[h]
             assert len(ids[h]) == c["sink"] + c["window"] + c["budget"] < nblk
         ref = select_blocks_ref(c["scores"], c["kmin"], c["kmax"], c["tag_ok"], c["seq_len"], BS, c["budget"],
-                                c["sink"], c["window"], modes[c["mode"]], c["prior"], c["q"])
+                                c["sink"], c["window"], modes[c["mode"]], c["prior"], c["q"],
+                                PrescoreParams().quest_beta)  # the server default
         for h, (r, s) in enumerate(zip(ref, ids)):
             diff = set(r) ^ s
             # ranking ties are broken arbitrarily: a difference must be between equally scored blocks

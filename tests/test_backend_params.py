@@ -50,6 +50,11 @@ def test_server_defaults_env_then_additional_config():
         P.load_defaults({}, env={P.ENV_CONFIG: "{not json"})
     with pytest.raises(ValueError, match="bogus"):
         P.load_defaults({"prescore": {"bogus": 1}}, env={})
+    assert P.load_defaults({"prescore": {"quest_beta": 1}}, env={}).quest_beta == 1.0
+    with pytest.raises(ValueError, match="additional_config.prescore.quest_beta"):
+        P.load_defaults({"prescore": {"quest_beta": 1.5}}, env={})
+    with pytest.raises(Exception, match="prescore_quest_beta"):  # server-wide only, not per request
+        P.validate_request({"prescore_quest_beta": 0.5})
 
 
 def _bu(removed=(), added=(), moved=()):

@@ -92,7 +92,7 @@ def test_prescore_eval_cli_end_to_end(tmp_path, capsys):
     out = tmp_path / "q.json"
     rc = main(["--model", "tiny", "--ppl-context", "256", "--ppl-decode", "6", "--ppl-trials", "2",
                "--passkey-contexts", "256", "--passkey-depths", "0.5", "--passkey-trials", "2",
-               "--budgets", "128,512", "--fidelity-steps", "2", "--out", str(out)])
+               "--budgets", "128,512", "--fidelity-steps", "2", "--quest-betas", "1,0", "--out", str(out)])
     assert rc == 0
     data = json.loads(out.read_text())
     assert set(data) >= {"model", "context", "rows"}
@@ -107,7 +107,16 @@ def test_prescore_eval_cli_end_to_end(tmp_path, capsys):
         for r in rows:
             if r["task"] == task and r["budget"] == 512:  # >= context: dense exactly
                 assert r["value"] == dense[0]["value"]
-    assert data["fidelity"] and "ppl context=" in capsys.readouterr().out
+    text = capsys.readouterr().out
+    assert data["fidelity"] and "ppl context=" in text and "quest(beta=0)" in text
+    # the sweep's quest rows carry their beta; the plain rows run at the backend default
+    from prescore.backend.params import PrescoreParams
+
+    assert data["settings"]["quest_beta"] == PrescoreParams().quest_beta
+    q = [r for r in rows if r["task"] == "ppl" and r["mode"] == "quest" and r["budget"] == 128]
+    assert sorted((r.get("variant"), r["quest_beta"]) for r in q if r.get("variant")) == [("beta=0", 0.0),
+                                                                                          ("beta=1", 1.0)]
+    assert [r["quest_beta"] for r in q if not r.get("variant")] == [PrescoreParams().quest_beta]
 
 
 @pytest.mark.skipif(smollm2_cached() is None, reason="converted SmolLM2 not cached (python -m prescore.models smollm2)")

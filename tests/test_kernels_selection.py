@@ -30,20 +30,20 @@ def build(seq_lens, H=2, D=32, BS=16, G=3, seed=0, stale=()):
 IMPLS = pytest.mark.parametrize("triton", [False, True], ids=["torch", "triton"])
 
 
-def run(summ, bt, seq, tags, q, budgets, sinks, windows, modes, priors, BS=16, cap=64, triton=False):
+def run(summ, bt, seq, tags, q, budgets, sinks, windows, modes, priors, BS=16, cap=64, triton=False, beta=1.0):
     t = lambda x: torch.tensor(x)
     return select_blocks(summ, bt, seq, t(budgets), t(sinks), t(windows), t([MODES[m] for m in modes]), t(priors),
-                         tags, cap, q=q, block_size=BS, use_triton=triton)
+                         tags, cap, q=q, block_size=BS, use_triton=triton, quest_beta=beta)
 
 
-def check_against_ref(summ, bt, seq, tags, q, budgets, sinks, windows, modes, priors, BS=16, triton=False):
-    sel = run(summ, bt, seq, tags, q, budgets, sinks, windows, modes, priors, BS, triton=triton)
+def check_against_ref(summ, bt, seq, tags, q, budgets, sinks, windows, modes, priors, BS=16, triton=False, beta=1.0):
+    sel = run(summ, bt, seq, tags, q, budgets, sinks, windows, modes, priors, BS, triton=triton, beta=beta)
     assert sel.ids.shape[2] == 64
     for b, L in enumerate(seq.tolist()):
         nblk = -(-L // BS)
         phys = bt[b, :nblk].long()
         ref = select_blocks_ref(summ.scores[phys], summ.kmin[phys], summ.kmax[phys], summ.tags[phys] == tags[b], L,
-                                BS, budgets[b], sinks[b], windows[b], modes[b], priors[b], q[b])
+                                BS, budgets[b], sinks[b], windows[b], modes[b], priors[b], q[b], beta)
         if ref is None:
             assert sel.dense[b]
             assert (sel.counts[b] == nblk).all()
@@ -63,6 +63,15 @@ def test_modes_match_reference(mode, triton):
     kv, bt, seq, summ, tags, q = build([400, 257, 90, 33], seed=1, stale=[(0, 5), (1, 7)])
     check_against_ref(summ, bt, seq, tags, q, budgets=[4, 3, 2, 8], sinks=[1, 2, 0, 1], windows=[2, 1, 1, 1],
                       modes=[mode] * 4, priors=[2, 1, 1, 4], triton=triton)
+
+
+@IMPLS
+@pytest.mark.parametrize("beta", [0.5, 0.0])
+@pytest.mark.parametrize("mode", ["quest", "hybrid"])
+def test_quest_beta_matches_reference(mode, beta, triton):
+    kv, bt, seq, summ, tags, q = build([400, 257, 90, 33], seed=4, stale=[(0, 5)])
+    check_against_ref(summ, bt, seq, tags, q, budgets=[4, 3, 2, 8], sinks=[1, 2, 0, 1], windows=[2, 1, 1, 1],
+                      modes=[mode] * 4, priors=[2, 1, 1, 4], triton=triton, beta=beta)
 
 
 @IMPLS

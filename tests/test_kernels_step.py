@@ -141,9 +141,9 @@ def test_row_stats_kernel_matches_torch():
     assert torch.allclose(acc, exp)
 
 
-@pytest.mark.parametrize("G", [1, 3, 4])
+@pytest.mark.parametrize("G,beta", [(1, 1.0), (3, 1.0), (4, 1.0), (3, 0.5), (4, 0.0)])
 @pytest.mark.parametrize("variant", ["dot", "ew"])
-def test_quest_bound_kernel_matches_torch(G, variant):
+def test_quest_bound_kernel_matches_torch(G, beta, variant):
     from prescore.kernels.selection import quest_bound
     from prescore.kernels.step_triton import quest_bound_triton
 
@@ -155,12 +155,19 @@ def test_quest_bound_kernel_matches_torch(G, variant):
     kmax = kv[..., :D].amax(2)
     q = torch.randn(3, H * G, D, generator=gen) * 3
     mode = torch.tensor([1, 2, 0])
-    out = quest_bound_triton(q, kmin, kmax, bt, seq, mode, BS, variant=variant)
+    out = quest_bound_triton(q, kmin, kmax, bt, seq, mode, BS, variant=variant, beta=beta)
     MB = bt.shape[1]
     nblk = (seq.long() + BS - 1) // BS
     in_ctx = torch.arange(MB)[None, :] < nblk[:, None]
     phys = bt.long()
-    ref = quest_bound(q.view(3, H, G, D), kmin[phys].transpose(1, 2), kmax[phys].transpose(1, 2), in_ctx)
+    ref = quest_bound(q.view(3, H, G, D), kmin[phys].transpose(1, 2), kmax[phys].transpose(1, 2), in_ctx, beta)
+    if beta == 1.0:  # Quest's bound: sum_d max(q_d kmin_d, q_d kmax_d), from scratch in float64
+        qd = q.double().view(3, H, G, 1, D)
+        raw = torch.maximum(qd * kmin[phys].transpose(1, 2).double()[:, :, None],
+                            qd * kmax[phys].transpose(1, 2).double()[:, :, None]).sum(-1) / D ** 0.5
+        raw = raw.masked_fill(~in_ctx[:, None, None], float("-inf"))
+        exp = torch.logsumexp(raw - raw.amax(-1, keepdim=True), 2)
+        assert torch.allclose(ref[:2, :, :int(nblk[1])].double(), exp[:2, :, :int(nblk[1])], atol=1e-4)
     for b in range(2):  # row 2 is prior mode: skipped
         n = int(nblk[b])
         assert torch.allclose(out[b, :, :n], ref[b, :, :n], atol=1e-4, rtol=1e-4)
