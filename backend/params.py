@@ -36,8 +36,8 @@ class PrescoreParams:
     budget: int = 2048
     method: str = "kmeans"
     mode: str = "hybrid"
-    sink: int = 64
-    window: int = 256
+    sink: int = 16
+    window: int = 64
     hybrid_prior_fraction: float = 0.125
     quest_beta: float = 0.5
     max_selected: int = 8192

@@ -16,7 +16,7 @@
 #   The device tool carries at most 64 MiB per call: split the folders into <60 MiB chunks, carry one per call
 #   into /tmp on a warm machine (it keeps /tmp between calls while warm), then `cat` them back together.
 # Budgets are TOTAL attended tokens per KV head (sink 64 + window 256 + selected, here).
-# Env: MODELS, SWEEPS, QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
+# Env: MODELS, SWEEPS, SINK (64), WINDOW (256), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
 # per depth, 4), RESULTS (output folder, default results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ OUT=${RESULTS:-results}
 COMMON=(--device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048
         ${HYBRID_SHARE:+--hybrid-prior-fraction $HYBRID_SHARE} ${QUEST_BETA:+--quest-beta $QUEST_BETA}
         --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
-SW=(--sink 64 --window 256)
+SW=(--sink ${SINK:-64} --window ${WINDOW:-256})
 SMOL=${SMOLLM2_DIR:-smollm2}
 SMOL_PPL=(--ppl-context 8064 --ppl-decode 128 --ppl-trials ${SMOL_PPL_TRIALS:-16})
 QWEN_PPL=(--ppl-context 32640 --ppl-decode 128 --ppl-trials ${QWEN_PPL_TRIALS:-8})

@@ -255,15 +255,18 @@ def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, beta, s_q_b, s_q_h, 
             tl.store(OUT + b * s_o_b + h * s_o_h + j, key, mask=jm)
 
 
-QUEST_VARIANTS = ("dot", "ew")  # the kernel quest_bound_triton runs: PRESCORE_QUEST_KERNEL (default "dot")
+# the kernel quest_bound_triton runs: PRESCORE_QUEST_KERNEL, default "ew" (2.3-4x faster than "dot" on the H100,
+# results/h100/quest-bench.log)
+QUEST_VARIANTS = ("dot", "ew")
 
 
 def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
                        seq_lens: torch.Tensor, mode: torch.Tensor, block_size: int, variant: str | None = None,
-                       chb: int | None = None, num_warps: int = 4, beta: float = 1.0) -> torch.Tensor:
+                       chb: int | None = None, num_warps: int | None = None, beta: float = 1.0) -> torch.Tensor:
     """The query-aware key of :func:`prescore.kernels.selection.quest_bound` (the torch reference), per row
     and KV head over the row's context blocks only; rows in ``prior`` mode (0) are skipped (their key is
-    never read). ``beta``: see ``quest_bound``. ``q [B, Hq, D]``, ``kmin/kmax [NB, H, D]`` (physical blocks) -> ``[B, H, MB]`` float32."""
+    never read). ``beta``: see ``quest_bound``. ``q [B, Hq, D]``, ``kmin/kmax [NB, H, D]`` (physical blocks)
+    -> ``[B, H, MB]`` float32."""
     B, MB = block_table.shape
     NB, H, D = kmin.shape
     G = q.shape[1] // H
@@ -271,7 +274,7 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
     if B == 0:
         return out
     seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
-    variant = variant or os.environ.get("PRESCORE_QUEST_KERNEL", "dot")
+    variant = variant or os.environ.get("PRESCORE_QUEST_KERNEL", "ew")
     if variant not in QUEST_VARIANTS:
         raise ValueError(f"quest kernel variant must be one of {QUEST_VARIANTS}, got {variant!r}")
     D_PAD = triton.next_power_of_2(D)
@@ -280,6 +283,7 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
         block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         out.stride(0), out.stride(1),
         HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size,
-        CHB=chb or (64 if variant == "dot" else 32), EW=variant == "ew", num_warps=num_warps,
+        CHB=chb or (64 if variant == "dot" else 32), EW=variant == "ew",
+        num_warps=num_warps or (4 if variant == "dot" else 8),
     )
     return out
