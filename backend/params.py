@@ -11,7 +11,8 @@ Per request: ``SamplingParams.extra_args`` (HTTP ``vllm_xargs``) keys
 Server-wide defaults: JSON in the env var ``PRESCORE_CONFIG`` and/or ``--additional-config
 '{"prescore": {...}}'`` (the latter wins), keys without the ``prescore_`` prefix plus
 ``hybrid_prior_fraction`` (share of a hybrid budget spent on the prior, default 0.125: the best share of the
-H100 sweep in results/QUALITY.md), ``quest_beta`` (the query-aware key q.c + beta * |q|.r of a block with key
+H100 sweep in results/QUALITY.md), ``hybrid_min_budget`` (tokens, default 512: a smaller hybrid budget gives the
+prior no share), ``quest_beta`` (the query-aware key q.c + beta * |q|.r of a block with key
 midpoint c and half range r: 1 = Quest's upper bound, default 0.5, see results/QUALITY.md) and ``max_selected``
 (tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
 sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated). Token counts are
@@ -39,6 +40,7 @@ class PrescoreParams:
     sink: int = 16
     window: int = 64
     hybrid_prior_fraction: float = 0.125
+    hybrid_min_budget: int = 512
     quest_beta: float = 0.5
     max_selected: int = 8192
 
@@ -51,12 +53,19 @@ class PrescoreParams:
         """(budget, sink, window, prior) in blocks; prior is the hybrid share of the budget."""
         cdiv = lambda n: -(-n // block_size)  # noqa: E731
         budget = cdiv(self.budget)
-        prior = int(round(budget * self.hybrid_prior_fraction)) if self.mode == "hybrid" else budget
+        prior = hybrid_prior_blocks(budget, self.budget, self.hybrid_prior_fraction, self.hybrid_min_budget) \
+            if self.mode == "hybrid" else budget
         return budget, cdiv(self.sink), cdiv(self.window), prior
 
 
+def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float, min_budget: int) -> int:
+    """The prior's share of a hybrid budget: none below ``min_budget`` tokens (small budgets go to the query-aware
+    key entirely: a prior block is worth less than the query-aware block it displaces, results/QUALITY.md)."""
+    return int(round(budget_blocks * fraction)) if budget_tokens >= min_budget else 0
+
+
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
-CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "quest_beta", "max_selected")
+CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected")
 
 
 def _err(msg: str, field: str, value):
@@ -67,7 +76,7 @@ def _err(msg: str, field: str, value):
 
 def _check(field: str, value, shown: str):
     """Validate one field's value; return it normalised. ``shown`` is the name used in errors."""
-    if field in ("budget", "sink", "window", "max_selected"):
+    if field in ("budget", "sink", "window", "max_selected", "hybrid_min_budget"):
         if isinstance(value, bool) or not isinstance(value, int):
             raise _err(f"{shown} must be an integer number of tokens, got {value!r}", shown, value)
         if not 0 <= value <= MAX_TOKENS:

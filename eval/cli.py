@@ -90,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--hybrid-prior-fraction", type=float, default=PrescoreParams().hybrid_prior_fraction,
                     help="share of a hybrid budget spent on the prior (the backend default; the session-4 H100 "
                          "tables ran at 0.5, see their settings)")
+    ap.add_argument("--hybrid-min-budget", type=int, default=PrescoreParams().hybrid_min_budget,
+                    help="selected tokens below which hybrid gives the prior no share (default: the backend's)")
     ap.add_argument("--quest-beta", type=float, default=PrescoreParams().quest_beta,
                     help="query-aware key q.c + beta*|q|.r (1 = Quest's bound; default: the backend's)")
     ap.add_argument("--quest-betas", default="", type=_floats,
@@ -204,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
     engine = SparseEvalEngine(model, block_size=args.block_size, sink=args.sink, window=args.window,
                               hybrid_prior_fraction=args.hybrid_prior_fraction, use_triton=use_triton,
                               ref_dtype=getattr(torch, args.ref_dtype), decode_impl=args.decode_impl,
-                              quest_beta=args.quest_beta)
+                              quest_beta=args.quest_beta, hybrid_min_budget=args.hybrid_min_budget)
     configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")),
                            quest_betas=args.quest_betas)
     for c in configs:
@@ -245,7 +247,8 @@ def main(argv: list[str] | None = None) -> int:
             "device_name": torch.cuda.get_device_name(dev) if dev.type == "cuda" else platform.processor() or "cpu",
             "dtype": str(dtype).replace("torch.", ""), "selection": "triton" if engine.use_triton else "torch", "decode_impl": engine.decode_impl,
             "block_size": args.block_size, "sink": args.sink, "window": args.window,
-            "hybrid_prior_fraction": args.hybrid_prior_fraction, "quest_beta": args.quest_beta,
+            "hybrid_prior_fraction": args.hybrid_prior_fraction, "hybrid_min_budget": args.hybrid_min_budget,
+            "quest_beta": args.quest_beta,
             "budgets": args.budgets,
             "budget_semantics": "total key tokens attended per KV head = sink + window + selected (whole blocks); "
                                 "backend prescore_budget = budget - sink - window",

@@ -28,6 +28,7 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from prescore.backend.params import PrescoreParams, hybrid_prior_blocks
 from prescore.kernels import (METHODS, MODES, BlockSummaries, get_method, score_decode_tail, score_prefill,
                               select_blocks, sparse_decode, sparse_decode_ref)
 
@@ -112,7 +113,8 @@ class SparseEvalEngine:
     def __init__(self, model, block_size: int = 16, sink: int = 16, window: int = 64,
                  hybrid_prior_fraction: float = 0.5, use_triton: bool | None = None,
                  ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None,
-                 decode_impl: str | None = None, quest_beta: float | None = None):
+                 decode_impl: str | None = None, quest_beta: float | None = None,
+                 hybrid_min_budget: int | None = None):
         register()
         self.model = model
         cfg = model.config
@@ -123,10 +125,9 @@ class SparseEvalEngine:
         self.BS = block_size
         self.sink, self.window, self.frac = sink, window, hybrid_prior_fraction
         if quest_beta is None:
-            from prescore.backend.params import PrescoreParams
-
             quest_beta = PrescoreParams().quest_beta
         self.quest_beta = quest_beta
+        self.hybrid_min_budget = PrescoreParams().hybrid_min_budget if hybrid_min_budget is None else hybrid_min_budget
         p = next(model.parameters())
         self.device, self.dtype = p.device, cache_dtype or p.dtype
         self.use_triton = (self.device.type == "cuda") if use_triton is None else use_triton
@@ -151,7 +152,7 @@ class SparseEvalEngine:
         sel = tot_b - sink_b - win_b
         if sel < 1:
             raise ValueError(f"budget {c.budget} must exceed sink {self.sink} + window {self.window} by a block")
-        prior = int(round(sel * self.frac)) if c.mode == "hybrid" else sel
+        prior = hybrid_prior_blocks(sel, sel * BS, self.frac, self.hybrid_min_budget) if c.mode == "hybrid" else sel
         return Controls(sel, sink_b, win_b, MODES[c.mode], prior, tot_b)
 
     # ------------------------------------------------------------------ run

@@ -38,7 +38,7 @@ for b, method, mode in [(0, "kmeans", "hybrid"), (budget, "kmeans", "prior"), (b
     req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
                                  {"Content-Type": "application/json"})
     out = json.load(urllib.request.urlopen(req, timeout=600))
-    label = "dense (budget 0)" if b == 0 else f"budget {b} (+ sink 64 + window 256), {method}/{mode}"
+    label = "dense (budget 0)" if b == 0 else f"budget {b} (+ sink 16 + window 64), {method}/{mode}"
     print(f"  {label:52s} -> The pass key is{out['choices'][0]['text']!r}   [{out['usage']['prompt_tokens']} prompt tokens]")
 PY
 sleep 2  # workers dump counters every second

@@ -50,7 +50,7 @@ def test_cuda_style_path_on_cpu():
     perm = torch.randperm(NB, generator=g)
     bt = torch.stack([perm[:20], perm[20:40]]).int()
 
-    TABLE.configure(4, P.PrescoreParams())
+    TABLE.configure(4, P.PrescoreParams(hybrid_min_budget=0))  # the small hybrid budget keeps a prior share
     sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
     TABLE.set(1, sp(budget=32, sink=16, window=32, method="leverage", mode="prior"), L)
     TABLE.set(3, sp(budget=48, sink=16, window=16, method="kmeans", mode="hybrid"), L)

@@ -62,7 +62,10 @@ def _runs(tiny_model):
     res["base_mixed"] = [_result(o) for o in llm.generate([_prompt(11), _prompt(12)], [_sp(), _sp()])]
     shutdown_llm(llm)
 
-    llm = LLM(model=tiny_model, attention_backend="prescore", **ENGINE)
+    # the small test budgets (2-3 blocks) keep a prior share: the defaults (share 0.125, none below 512 tokens)
+    # would give them none
+    llm = LLM(model=tiny_model, attention_backend="prescore",
+              additional_config={"prescore": {"hybrid_min_budget": 0, "hybrid_prior_fraction": 0.5}}, **ENGINE)
     metrics.reset()
     # 1) budgets that never go sparse: >= context, and 0 (dense by request)
     res["dense"] = [_result(o) for o in llm.generate(
@@ -149,6 +152,8 @@ def test_sparse_rows_attend_what_the_spec_says(runs):
             assert set(range(c["sink"])) <= ids[h]
             assert set(range(nblk - c["window"], nblk)) <= ids[h]
             assert len(ids[h]) == c["sink"] + c["window"] + c["budget"] < nblk
+        if c["mode"] == 2:
+            assert c["prior"] > 0  # hybrid's prior share is exercised
         ref = select_blocks_ref(c["scores"], c["kmin"], c["kmax"], c["tag_ok"], c["seq_len"], BS, c["budget"],
                                 c["sink"], c["window"], modes[c["mode"]], c["prior"], c["q"],
                                 PrescoreParams().quest_beta)  # the server default

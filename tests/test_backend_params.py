@@ -35,8 +35,11 @@ def test_valid_request_resolves_over_defaults():
 
 
 def test_blocks_round_up_and_hybrid_share():
-    p = P.PrescoreParams(budget=100, sink=1, window=33, mode="hybrid", hybrid_prior_fraction=0.5)
+    p = P.PrescoreParams(budget=100, sink=1, window=33, mode="hybrid", hybrid_prior_fraction=0.5, hybrid_min_budget=0)
     assert p.blocks(32) == (4, 1, 2, 2)
+    # below hybrid_min_budget (default 512 tokens) the whole hybrid budget goes to the query-aware key
+    assert P.PrescoreParams(budget=496, mode="hybrid").blocks(16) == (31, 1, 4, 0)
+    assert P.PrescoreParams(budget=512, mode="hybrid").blocks(16) == (32, 1, 4, 4)
     assert P.PrescoreParams(budget=64, mode="quest").blocks(32)[0] == 2
 
 
