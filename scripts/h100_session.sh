@@ -9,45 +9,43 @@
 #
 # Writes under RES: kernels-h100.json + kernels-bench.log, quality-smollm2.json, quality-qwen2.5-coder-0.5b.json,
 # eval-*.log, assemble.log, DONE. Env: STEPS (default "bench smollm2 qwen"; also "questbench": bench --quest),
-# in that order; SWEEPS (passed to eval/h100.sh: "beta sw" runs the quest_beta and sink/window sweeps).
+# run in the order given; SWEEPS (passed to eval/h100.sh: "beta sw" runs the quest_beta and sink/window sweeps).
 set -uo pipefail
 RES=${1:-/tmp/res}
 mkdir -p "$RES"
 cd "$(dirname "$0")/.."
 export PYTHONPATH=/tmp/site${PYTHONPATH:+:$PYTHONPATH} PYTHONUNBUFFERED=1
 log() { echo "[h100_session $(date +%T)] $*"; }
-STEPS=" ${STEPS:-bench smollm2 qwen} "
-if [[ $STEPS == *" bench "* ]]; then
-  log "kernels bench"
-  (cd /tmp && python3 -m prescore.kernels.bench --out "$RES/kernels-h100.json") > "$RES/kernels-bench.log" 2>&1
-  log "bench rc=$?"
-fi
 wait_pieces() {  # model n  (no grep -q: with pipefail its early exit would fail the pipeline)
   until bash scripts/devgpu_models.sh status 2>/dev/null | grep "^$1: $2/$2 pieces" >/dev/null; do sleep 3; done
 }
-S=/tmp/models/smollm2
-if [[ $STEPS == *" questbench "* ]]; then
-  log "quest bound variants"
-  (cd /tmp && timeout 300 python3 -m prescore.kernels.bench --quest --out "$RES/quest-bench.json") > "$RES/quest-bench.log" 2>&1
-  log "questbench rc=$?"
-fi
-if [[ $STEPS == *" smollm2 "* ]]; then
-  log "waiting for the SmolLM2 pieces"
-  wait_pieces smollm2 2
-  S=$(bash scripts/devgpu_models.sh assemble smollm2 2>>"$RES/assemble.log" | tail -1)
-fi
-if [[ $STEPS == *" smollm2 "* ]]; then
-  log "smollm2 at $S; quality run"
-  RESULTS=$RES SMOLLM2_DIR=$S MODELS=smollm2 bash eval/h100.sh > "$RES/eval-smollm2.log" 2>&1
-  log "smollm2 quality rc=$?"
-fi
-if [[ $STEPS == *" qwen "* ]]; then
-  log "waiting for the Qwen pieces"
-  wait_pieces qwen 8
-  Q=$(bash scripts/devgpu_models.sh assemble qwen 2>>"$RES/assemble.log" | tail -1)
-  log "qwen at $Q; quality run"
-  RESULTS=$RES QWEN_DIR=$Q MODELS=qwen bash eval/h100.sh > "$RES/eval-qwen.log" 2>&1
-  log "qwen quality rc=$?"
-fi
+for step in ${STEPS:-bench smollm2 qwen}; do
+  case $step in
+    bench)
+      log "kernels bench"
+      (cd /tmp && python3 -m prescore.kernels.bench --out "$RES/kernels-h100.json") > "$RES/kernels-bench.log" 2>&1
+      log "bench rc=$?" ;;
+    questbench)
+      log "quest bound variants"
+      (cd /tmp && timeout 300 python3 -m prescore.kernels.bench --quest --out "$RES/quest-bench.json") \
+        > "$RES/quest-bench.log" 2>&1
+      log "questbench rc=$?" ;;
+    smollm2)
+      log "waiting for the SmolLM2 pieces"
+      wait_pieces smollm2 2
+      S=$(bash scripts/devgpu_models.sh assemble smollm2 2>>"$RES/assemble.log" | tail -1)
+      log "smollm2 at $S; quality run"
+      RESULTS=$RES SMOLLM2_DIR=$S MODELS=smollm2 bash eval/h100.sh > "$RES/eval-smollm2.log" 2>&1
+      log "smollm2 quality rc=$?" ;;
+    qwen)
+      log "waiting for the Qwen pieces"
+      wait_pieces qwen 8
+      Q=$(bash scripts/devgpu_models.sh assemble qwen 2>>"$RES/assemble.log" | tail -1)
+      log "qwen at $Q; quality run"
+      RESULTS=$RES QWEN_DIR=$Q MODELS=qwen bash eval/h100.sh > "$RES/eval-qwen.log" 2>&1
+      log "qwen quality rc=$?" ;;
+    *) log "unknown step $step" ;;
+  esac
+done
 touch "$RES/DONE"
 log done
