@@ -19,6 +19,14 @@ log() { echo "[h100_session $(date +%T)] $*"; }
 wait_pieces() {  # model n  (no grep -q: with pipefail its early exit would fail the pipeline)
   until bash scripts/devgpu_models.sh status 2>/dev/null | grep "^$1: $2/$2 pieces" >/dev/null; do sleep 3; done
 }
+quality() {  # model pieces dir-variable: wait for the GGUF pieces, convert, run eval/h100.sh on that model
+  log "waiting for the $1 pieces"
+  wait_pieces "$1" "$2"
+  local dir; dir=$(bash scripts/devgpu_models.sh assemble "$1" 2>>"$RES/assemble.log" | tail -1)
+  log "$1 at $dir; quality run"
+  env RESULTS="$RES" "$3=$dir" MODELS="$1" bash eval/h100.sh > "$RES/eval-$1.log" 2>&1
+  log "$1 quality rc=$?"
+}
 for step in ${STEPS:-bench smollm2 qwen}; do
   case $step in
     bench)
@@ -30,20 +38,8 @@ for step in ${STEPS:-bench smollm2 qwen}; do
       (cd /tmp && timeout 300 python3 -m prescore.kernels.bench --quest --out "$RES/quest-bench.json") \
         > "$RES/quest-bench.log" 2>&1
       log "questbench rc=$?" ;;
-    smollm2)
-      log "waiting for the SmolLM2 pieces"
-      wait_pieces smollm2 2
-      S=$(bash scripts/devgpu_models.sh assemble smollm2 2>>"$RES/assemble.log" | tail -1)
-      log "smollm2 at $S; quality run"
-      RESULTS=$RES SMOLLM2_DIR=$S MODELS=smollm2 bash eval/h100.sh > "$RES/eval-smollm2.log" 2>&1
-      log "smollm2 quality rc=$?" ;;
-    qwen)
-      log "waiting for the Qwen pieces"
-      wait_pieces qwen 8
-      Q=$(bash scripts/devgpu_models.sh assemble qwen 2>>"$RES/assemble.log" | tail -1)
-      log "qwen at $Q; quality run"
-      RESULTS=$RES QWEN_DIR=$Q MODELS=qwen bash eval/h100.sh > "$RES/eval-qwen.log" 2>&1
-      log "qwen quality rc=$?" ;;
+    smollm2) quality smollm2 2 SMOLLM2_DIR ;;
+    qwen) quality qwen 8 QWEN_DIR ;;
     *) log "unknown step $step" ;;
   esac
 done

@@ -134,3 +134,23 @@ def test_smollm2_passkey_short():
     rows, _ = passkey_task(e, tok, load_texts(), cfgs, 512, [0.5], 2, log=lambda *_: None)
     assert rows[0]["value"] >= 0.5
     assert rows[1]["value"] == rows[0]["value"]
+
+
+def test_estimator_diagnostics_script_runs(tmp_path):
+    """scripts/estimator_diagnostics.py (the oracle / Gaussian block-key references of results/QUALITY.md) end to
+    end on the tiny model, in a subprocess (it swaps the selection key module-wide)."""
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    out = tmp_path / "diag.json"
+    root = Path(__file__).resolve().parents[1]
+    r = subprocess.run([sys.executable, str(root / "scripts" / "estimator_diagnostics.py"), "--model", "tiny",
+                        "--context", "256", "--decode", "3", "--trials", "1", "--budget", "128",
+                        "--variants", "beta1:16:32,beta0.5:16:32,gtrue:16:32,oracle:16:32", "--out", str(out)],
+                       capture_output=True, text=True, timeout=600, cwd=tmp_path)
+    assert r.returncode == 0, r.stderr[-2000:]
+    rows = json.loads(out.read_text())["rows"]
+    assert [x["key"] for x in rows] == ["dense", "beta1", "beta0.5", "gtrue", "oracle"]
+    assert rows[0]["ratio_to_dense"] == 1.0 and all(x["ppl"] > 0 for x in rows)
+    assert all(x["attn_rel_err"] > 0 for x in rows[1:])  # 128 of 259 tokens: every key is sparse
