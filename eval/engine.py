@@ -111,7 +111,7 @@ class Controls:
 
 class SparseEvalEngine:
     def __init__(self, model, block_size: int = 16, sink: int = 16, window: int = 64,
-                 hybrid_prior_fraction: float = 0.5, use_triton: bool | None = None,
+                 hybrid_prior_fraction: float | None = None, use_triton: bool | None = None,
                  ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None,
                  decode_impl: str | None = None, quest_beta: float | None = None,
                  hybrid_min_budget: int | None = None):
@@ -123,11 +123,11 @@ class SparseEvalEngine:
         self.Hkv = cfg.num_key_value_heads
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.BS = block_size
-        self.sink, self.window, self.frac = sink, window, hybrid_prior_fraction
-        if quest_beta is None:
-            quest_beta = PrescoreParams().quest_beta
-        self.quest_beta = quest_beta
-        self.hybrid_min_budget = PrescoreParams().hybrid_min_budget if hybrid_min_budget is None else hybrid_min_budget
+        d = PrescoreParams()  # None: the backend's defaults
+        self.sink, self.window = sink, window
+        self.frac = d.hybrid_prior_fraction if hybrid_prior_fraction is None else hybrid_prior_fraction
+        self.quest_beta = d.quest_beta if quest_beta is None else quest_beta
+        self.hybrid_min_budget = d.hybrid_min_budget if hybrid_min_budget is None else hybrid_min_budget
         p = next(model.parameters())
         self.device, self.dtype = p.device, cache_dtype or p.dtype
         self.use_triton = (self.device.type == "cuda") if use_triton is None else use_triton

@@ -84,7 +84,7 @@ def test_static_config_attends_only_sink_and_window(tiny):
     assert (c.sink, c.window, c.cap) == (1, 7, 8)  # 1 + 7 blocks = 128 tokens, capacity leaves no room
     h = e.controls(eng.Config("kmeans", "hybrid", 256))
     assert (h.budget, h.sink, h.window, h.prior) == (11, 1, 4, 0)  # 176 selected tokens < hybrid_min_budget
-    e = eng.SparseEvalEngine(model, block_size=16, sink=16, window=64, hybrid_min_budget=0)
+    e = eng.SparseEvalEngine(model, block_size=16, sink=16, window=64, hybrid_min_budget=0, hybrid_prior_fraction=0.5)
     h = e.controls(eng.Config("kmeans", "hybrid", 256))
     assert (h.budget, h.sink, h.window, h.prior) == (11, 1, 4, 6)
 
