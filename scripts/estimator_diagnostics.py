@@ -9,6 +9,8 @@ usual; this script only swaps the per-block key that ``select_blocks`` ranks by 
 - ``gmm<a>``    a Gaussian log-mass estimate q.c + |q|^2 (a r)^2 / (2 sqrt(D)) from the same summaries
 - ``gtrue``     the Gaussian estimate from each block's true key mean and per-dimension variance
 - ``oracle``    the exact attention mass of each block for the current query (log-sum-exp of its scores)
+- ``refine<m>`` two stages: ``beta0.5`` shortlists m x the selected-block count, the exact mass of the shortlisted
+                blocks ranks them (what a second pass reading only the shortlist's keys would give)
 
 Each is combined over the GQA group exactly like the backend's key (log-sum-exp of per-head keys relative to
 each head's best block). Variants are ``key:sink:window`` (tokens), all at one total budget.
@@ -113,12 +115,24 @@ def main() -> int:
         cfg = (rows % eng.C) - 1 if _STATE["fid_cfg"] is None else torch.full_like(rows, _STATE["fid_cfg"] - 1)
         out = torch.empty(q.shape[0], q.shape[1], kmin.shape[2], dtype=torch.float32, device=q.device)
         D = q.shape[-1]
+        def group_key(name, sel):
+            raw = _key(name, q[sel].float(), kmin[sel].float(), kmax[sel].float(), rows[sel], _STATE["seq"][sel])
+            best = torch.where(in_ctx[sel][:, None, None, :], raw, float("-inf")).amax(-1, keepdim=True)
+            return torch.logsumexp((raw - best) / math.sqrt(D), dim=2)
+
         for vi in torch.unique(cfg).tolist():
             sel = (cfg == vi).nonzero()[:, 0]
-            raw = _key(variants[vi][0], q[sel].float(), kmin[sel].float(), kmax[sel].float(), rows[sel],
-                       _STATE["seq"][sel])
-            best = torch.where(in_ctx[sel][:, None, None, :], raw, float("-inf")).amax(-1, keepdim=True)
-            out[sel] = torch.logsumexp((raw - best) / math.sqrt(D), dim=2)
+            name, sink, window = variants[vi]
+            if not name.startswith("refine"):
+                out[sel] = group_key(name, sel)
+                continue
+            # two stages: the beta-0.5 key shortlists m x (selected blocks) candidates, their exact attention
+            # mass (the oracle, now read for the shortlist only) ranks them
+            n_sel = (args.budget - sink - window) // eng.BS
+            approx = group_key("beta0.5", sel).masked_fill(~in_ctx[sel][:, None, :], float("-inf"))
+            k = min(int(float(name[6:]) * n_sel), approx.shape[-1])
+            short = torch.zeros_like(approx, dtype=torch.bool).scatter_(-1, approx.topk(k, dim=-1).indices, True)
+            out[sel] = torch.where(short, group_key("oracle", sel), torch.full_like(approx, -1e30))
         return out
 
     E.SparseEvalEngine.controls, E.SparseEvalEngine._group, E.SparseEvalEngine._select = controls, group, select

@@ -147,10 +147,11 @@ def test_estimator_diagnostics_script_runs(tmp_path):
     root = Path(__file__).resolve().parents[1]
     r = subprocess.run([sys.executable, str(root / "scripts" / "estimator_diagnostics.py"), "--model", "tiny",
                         "--context", "256", "--decode", "3", "--trials", "1", "--budget", "128",
-                        "--variants", "beta1:16:32,beta0.5:16:32,gtrue:16:32,oracle:16:32", "--out", str(out)],
+                        "--variants", "beta1:16:32,beta0.5:16:32,gtrue:16:32,oracle:16:32,refine2:16:32",
+                        "--out", str(out)],
                        capture_output=True, text=True, timeout=600, cwd=tmp_path)
     assert r.returncode == 0, r.stderr[-2000:]
     rows = json.loads(out.read_text())["rows"]
-    assert [x["key"] for x in rows] == ["dense", "beta1", "beta0.5", "gtrue", "oracle"]
+    assert [x["key"] for x in rows] == ["dense", "beta1", "beta0.5", "gtrue", "oracle", "refine2"]
     assert rows[0]["ratio_to_dense"] == 1.0 and all(x["ppl"] > 0 for x in rows)
     assert all(x["attn_rel_err"] > 0 for x in rows[1:])  # 128 of 259 tokens: every key is sparse
