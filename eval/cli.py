@@ -72,6 +72,8 @@ def _floats(s: str) -> list[float]:
 def build_parser() -> argparse.ArgumentParser:
     from prescore.backend.params import PrescoreParams
 
+    d = PrescoreParams()  # the backend's defaults
+
     ap = argparse.ArgumentParser(prog="prescore-eval", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     ap.add_argument("--model", default="smollm2", help="smollm2 | qwen-coder | tiny | HF folder")
@@ -85,14 +87,14 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--modes", default="static,prior,quest,hybrid",
                     help="static (= sink+window), prior, quest, hybrid; dense always runs")
     ap.add_argument("--block-size", type=int, default=16)
-    ap.add_argument("--sink", type=int, default=16)
-    ap.add_argument("--window", type=int, default=64)
-    ap.add_argument("--hybrid-prior-fraction", type=float, default=PrescoreParams().hybrid_prior_fraction,
-                    help="share of a hybrid budget spent on the prior (the backend default; the session-4 H100 "
-                         "tables ran at 0.5, see their settings)")
-    ap.add_argument("--hybrid-min-budget", type=int, default=PrescoreParams().hybrid_min_budget,
+    ap.add_argument("--sink", type=int, default=d.sink)
+    ap.add_argument("--window", type=int, default=d.window)
+    ap.add_argument("--hybrid-prior-fraction", type=float, default=d.hybrid_prior_fraction,
+                    help="share of a hybrid budget spent on the prior (default: the backend's; each result file "
+                         "records the share it ran with)")
+    ap.add_argument("--hybrid-min-budget", type=int, default=d.hybrid_min_budget,
                     help="selected tokens below which hybrid gives the prior no share (default: the backend's)")
-    ap.add_argument("--quest-beta", type=float, default=PrescoreParams().quest_beta,
+    ap.add_argument("--quest-beta", type=float, default=d.quest_beta,
                     help="query-aware key q.c + beta*|q|.r (1 = Quest's bound; default: the backend's)")
     ap.add_argument("--quest-betas", default="", type=_floats,
                     help="extra quest rows at these quest_beta values (sweep), e.g. 1,0.75,0.25")
@@ -120,6 +122,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
+    from .engine import config_label
+
     lines = []
     keyf = lambda r: (r["task"], r["context"])  # noqa: E731
     for task, ctx in sorted({keyf(r) for r in rows}, key=lambda k: (k[0], k[1])):
@@ -146,7 +150,7 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
                     cells.append(f"{x[0]['value']:>9.3f} {x[0]['ratio_to_dense']:>5.3f}x")
                 else:
                     cells.append(f"{x[0]['value']:>16.2f}")
-            lines.append(f"  {_label(m, md, v):<18}" + "".join(cells))
+            lines.append(f"  {config_label(m, md, v):<18}" + "".join(cells))
         lines.append("")
     if fid_rows:
         budgets = sorted({r["budget"] for r in fid_rows})
@@ -159,19 +163,12 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
         for m, md, v in labels:
             cells = [next((f"{r['value']:>10.4f}" for r in fid_rows if _key(r) == (m, md, v) and r["budget"] == b),
                           f"{'-':>10}") for b in budgets]
-            lines.append(f"  {_label(m, md, v):<18}" + "".join(cells))
+            lines.append(f"  {config_label(m, md, v):<18}" + "".join(cells))
     return "\n".join(lines)
 
 
 def _key(r: dict) -> tuple:
     return r["method"], r["mode"], r.get("variant")
-
-
-def _label(method: str, mode: str, variant: str | None = None) -> str:
-    if mode == "static":
-        return "sink+window"
-    base = "quest" if mode == "quest" else f"{mode}:{method}"
-    return base if variant is None else f"{base}({variant})"
 
 
 def report(paths: list[str]) -> int:

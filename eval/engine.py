@@ -52,6 +52,14 @@ def register() -> None:
     AttentionInterface.register(ATTN_NAME, _attention)
 
 
+def config_label(method: str, mode: str, variant: str | None = None) -> str:
+    """How tables name a config (also of result rows: ``method``, ``mode``, ``variant``)."""
+    if mode in ("dense", "static"):
+        return "dense" if mode == "dense" else "sink+window"
+    base = "quest" if mode == "quest" else f"{mode}:{method}"
+    return base if variant is None else f"{base}({variant})"
+
+
 @dataclass(frozen=True)
 class Config:
     """One evaluated setting. ``method``: dense | sink_window | quest | keynorm | leverage | kmeans;
@@ -68,12 +76,7 @@ class Config:
 
     @property
     def label(self) -> str:
-        if self.mode == "dense":
-            return "dense"
-        if self.mode == "static":
-            return "sink+window"
-        base = "quest" if self.mode == "quest" else f"{self.mode}:{self.method}"
-        return base if self.beta is None else f"{base}({self.variant})"
+        return config_label(self.method, self.mode, self.variant)
 
     @property
     def summ_method(self) -> str:

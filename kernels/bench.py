@@ -537,7 +537,9 @@ def quest_rows(gen: torch.Generator) -> list[dict]:
     """Query-aware selection on the GPU: the Triton Quest bound against the torch reference, then device time of
     the bound alone, of hybrid selection + sparse decode (bound recomputed every step), and of dense SDPA."""
     from .selection import quest_bound
-    from .step_triton import quest_bound_triton
+    from .step_triton import QUEST_DEFAULT, QUEST_VARIANTS, quest_bound_triton
+
+    default = "{}/chb{}/w{}".format(QUEST_DEFAULT, *QUEST_VARIANTS[QUEST_DEFAULT])  # what select_blocks runs
 
     rows = []
     for B, L, budget in ((32, 32768, 4096), (8, 131072, 2048), (8, 32768, 2048), (1, 131072, 2048)):
@@ -565,7 +567,7 @@ def quest_rows(gen: torch.Generator) -> list[dict]:
                 print(f"  quest {var} chb={chb} w={nw}: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
                 e, t = float("nan"), float("inf")
             variants[f"{var}/chb{chb}/w{nw}"] = {"max_abs_err": e, "ms": round(t, 5)}
-        err = variants["dot/chb64/w4"]["max_abs_err"]
+        err = variants[default]["max_abs_err"]
         summ = BlockSummaries(scores=torch.rand(NB, HKV, device="cuda", generator=gen), kmin=kmin, kmax=kmax,
                               tags=torch.zeros(NB, dtype=torch.int64, device="cuda"))
         zeros = torch.zeros(B, dtype=torch.long, device="cuda")
@@ -579,7 +581,7 @@ def quest_rows(gen: torch.Generator) -> list[dict]:
         v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
         sdpa = graph_time_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], k_c, v_c, enable_gqa=True), 4)
         del k_c, v_c
-        bound_ms = variants["dot/chb64/w4"]["ms"]
+        bound_ms = variants[default]["ms"]
 
         def hybrid():
             sel = select_blocks(summ, bt, seq, bb, sink, win, hyb, share, zeros, cap, q=q, block_size=BS,
@@ -592,7 +594,8 @@ def quest_rows(gen: torch.Generator) -> list[dict]:
         # (at that kernel's default CHB / warps: select_blocks does not pass them)
         hyb_best = graph_time_ms(hybrid, 4)
         del os.environ["PRESCORE_QUEST_KERNEL"]
-        rows.append(dict(B=B, L=L, budget=budget, quest_bound_max_abs_err=err, quest_bound_ms=round(bound_ms, 5),
+        rows.append(dict(B=B, L=L, budget=budget, quest_bound_variant=default, quest_bound_max_abs_err=err,
+                         quest_bound_ms=round(bound_ms, 5),
                          sparse_hybrid_ms=round(hyb_ms, 5), dense_sdpa_ms=round(sdpa, 5),
                          speedup_vs_sdpa=round(sdpa / hyb_ms, 2), bound_variants=variants, fastest=best,
                          sparse_hybrid_fastest_kernel_ms=round(hyb_best, 5)))

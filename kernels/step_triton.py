@@ -255,9 +255,10 @@ def _quest_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, OUT, scale, beta, s_q_b, s_q_h, 
             tl.store(OUT + b * s_o_b + h * s_o_h + j, key, mask=jm)
 
 
-# the kernel quest_bound_triton runs: PRESCORE_QUEST_KERNEL, default "ew" (2.3-4x faster than "dot" on the H100,
-# results/h100/quest-bench.log)
-QUEST_VARIANTS = ("dot", "ew")
+# quest_bound_triton's kernel variants -> their default (CHB, num_warps); PRESCORE_QUEST_KERNEL picks one, default
+# "ew" (2.3-4x faster than "dot" on the H100, results/h100/quest-bench.log)
+QUEST_VARIANTS = {"dot": (64, 4), "ew": (32, 8)}
+QUEST_DEFAULT = "ew"
 
 
 def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, block_table: torch.Tensor,
@@ -274,16 +275,16 @@ def quest_bound_triton(q: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, 
     if B == 0:
         return out
     seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
-    variant = variant or os.environ.get("PRESCORE_QUEST_KERNEL", "ew")
+    variant = variant or os.environ.get("PRESCORE_QUEST_KERNEL", QUEST_DEFAULT)
     if variant not in QUEST_VARIANTS:
-        raise ValueError(f"quest kernel variant must be one of {QUEST_VARIANTS}, got {variant!r}")
+        raise ValueError(f"quest kernel variant must be one of {tuple(QUEST_VARIANTS)}, got {variant!r}")
+    chb_default, warps_default = QUEST_VARIANTS[variant]
     D_PAD = triton.next_power_of_2(D)
     _quest_kernel[(B, H)](
         q, kmin, kmax, block_table, seq_lens, mode, out, 1.0 / math.sqrt(D), float(beta), q.stride(0), q.stride(1),
         block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1), kmin.stride(2),
         out.stride(0), out.stride(1),
         HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=max(16, triton.next_power_of_2(G)), BS=block_size,
-        CHB=chb or (64 if variant == "dot" else 32), EW=variant == "ew",
-        num_warps=num_warps or (4 if variant == "dot" else 8),
+        CHB=chb or chb_default, EW=variant == "ew", num_warps=num_warps or warps_default,
     )
     return out
