@@ -332,13 +332,14 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
 
     1. ``score_tail_triton``: a row whose newest token filled its block scores that block (own method,
        own fitted state) and writes its summaries;
-    2. ``quest_bound_triton`` (skips prior-mode rows) + ``select_blocks_triton`` on the row's method column
-       into the per-slot selection cache (prior rows recompute only when their block count changes; a row
-       whose must-attend blocks overflow the capacity turns dense);
+    2. ``quest_bounds_triton`` (split over the context; skips prior-mode rows and rows that keep their cached
+       selection this step) + ``select_blocks_triton`` on the row's method column into the per-slot selection
+       cache (prior rows recompute only when their block count changes, query-aware rows every
+       ``reselect_every`` tokens; a row whose must-attend blocks overflow the capacity turns dense);
     3. one sparse decode over the cached selections (dense rows: count -1, every block).
     The device counters are added by the selection launch (atomic adds per sparse row and KV head)."""
-    from prescore.kernels.select_triton import select_blocks_triton
-    from prescore.kernels.step_triton import quest_bound_triton, score_tail_triton
+    from prescore.kernels.select_triton import quest_bounds_triton, select_blocks_triton
+    from prescore.kernels.step_triton import score_tail_triton
 
     n, U = plan.num_rows, plan.bufs
     bt, sl, q = block_table[:n], seq_lens[:n], query[:n]
@@ -347,10 +348,13 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
     cache = store.selection_cache(plan.max_selected, U.max_rows)
     score_tail_triton(kv, store.scores3, store.kmin, store.kmax, store.tags2, bt, sl, f("method"), cols,
                       store.states, srow, f("tag"), only_full=True)
-    qkey = quest_bound_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size, beta=TABLE.defaults.quest_beta)
-    select_blocks_triton(store.scores3, store.tags2, bt, sl, f("budget"), f("sink"), f("window"), mode, f("prior"),
-                         f("tag"), plan.max_selected, block_size, qkey, cache, srow, cols=cols, overflow_dense=True,
-                         stats=(f("sparse"), f("label"), store.acc))
+    every = TABLE.defaults.reselect_every
+    budget, sink, window, tag = f("budget"), f("sink"), f("window"), f("tag")
+    qb = quest_bounds_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size, beta=TABLE.defaults.quest_beta,
+                             reuse=(cache, srow, tag, budget, sink, window, plan.max_selected, every))
+    select_blocks_triton(store.scores3, store.tags2, bt, sl, budget, sink, window, mode, f("prior"), tag,
+                         plan.max_selected, block_size, qb, cache, srow, cols=cols, overflow_dense=True,
+                         stats=(f("sparse"), f("label"), store.acc), every=every)
     o = output[:n]
     if o.dtype == q.dtype:  # straight into the layer's output (no temporary, no copy launch)
         decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow, out=o)

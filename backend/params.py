@@ -15,7 +15,9 @@ H100 sweep in results/QUALITY.md), ``hybrid_min_budget`` (tokens, default 512: a
 prior no share), ``quest_beta`` (the query-aware key q.c + beta * |q|.r of a block with key
 midpoint c and half range r: 1 = Quest's upper bound, default 0.5, see results/QUALITY.md) and ``max_selected``
 (tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
-sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated). Token counts are
+sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated) and
+``reselect_every`` (decode steps, default 4: a quest/hybrid row runs the query-aware selection when its length
+is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step). Token counts are
 rounded up to whole KV blocks. Any unknown ``prescore_*`` key or bad value is an error naming the field.
 """
 
@@ -43,6 +45,7 @@ class PrescoreParams:
     hybrid_min_budget: int = 512
     quest_beta: float = 0.5
     max_selected: int = 8192
+    reselect_every: int = 4
 
     def capacity_blocks(self, block_size: int) -> int:
         """Static selection capacity in blocks: max_selected + the default sink and window + the tail block."""
@@ -65,7 +68,8 @@ def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float,
 
 
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
-CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected")
+CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected",
+                                   "reselect_every")
 
 
 def _err(msg: str, field: str, value):
@@ -81,6 +85,10 @@ def _check(field: str, value, shown: str):
             raise _err(f"{shown} must be an integer number of tokens, got {value!r}", shown, value)
         if not 0 <= value <= MAX_TOKENS:
             raise _err(f"{shown} must be in [0, {MAX_TOKENS}], got {value}", shown, value)
+        return value
+    if field == "reselect_every":
+        if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
+            raise _err(f"{shown} must be an integer in [1, 1024] (decode steps), got {value!r}", shown, value)
         return value
     if field == "method":
         if value not in METHOD_NAMES:

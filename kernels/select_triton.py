@@ -15,6 +15,8 @@ reach block boundaries at different steps, so without it nearly every step paid 
 
 from __future__ import annotations
 
+import math
+
 import triton
 import triton.language as tl
 
@@ -95,15 +97,15 @@ def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, QKEY, WS,
+    SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, BND, PMAX, WS,
     IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL, SPARSE, LABEL, ACC,
     stride_sc_b, stride_sc_h, stride_sc_m, stride_tg_m, stride_bt_b, stride_bt_n,
-    stride_qk_b, stride_qk_h, stride_qk_n,
+    s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
     stride_ws_b, stride_ws_h,
     stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h, stride_acc,
-    MB, S, H: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
+    MB, S, EVERY, H: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
     USE_CACHE: tl.constexpr, HAS_COL: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, S_PAD: tl.constexpr,
-    STATS: tl.constexpr,
+    STATS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, NS_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -122,13 +124,22 @@ def _select_kernel(
         # prior-mode selection only changes when the row's block count (or request / controls) changes:
         # every block_size tokens. The cache holds the last result per (row, head) and its key.
         r = tl.load(ROW + b)
-        packed = (nblk.to(tl.int64) | (budget.to(tl.int64) << 24) | (sink.to(tl.int64) << 40)
-                  | (window.to(tl.int64) << 52))
+        packed = _packed(nblk, budget, sink, window)
         ck = CKEY + r * stride_ck_r + h * stride_ck_h
         old_packed = tl.load(ck + 1)
         same = (tl.load(ck) == rtag) & (mode == 0)
         hit = same & (old_packed == packed)
-        if hit == 0:
+        # query-aware rows between re-selections (every EVERY tokens): keep the cached choice, appending the
+        # block a new token opened (see _reuse)
+        reuse = _reuse(CKEY, KCOUNTS, r, h, rtag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h,
+                       stride_cn_b)
+        if reuse == 2:
+            kc_app = tl.load(KCOUNTS + r * stride_cn_b + h)
+            tl.store(IDS + r * stride_id_b + h * stride_id_h + kc_app * stride_id_s, nblk - 1)
+            tl.store(COUNTS + r * stride_cn_b + h, kc_app + 1)
+            tl.store(KCOUNTS + r * stride_cn_b + h, kc_app + 1)
+            tl.store(ck + 1, packed)
+        if (hit == 0) & (reuse == 0):
             # one block more than the cached selection (the usual decode step at a block boundary): the block
             # leaving the recent window, x, competes with the cached choice's weakest block; everything else is
             # unchanged (see _select_incremental). Needs window >= 2 blocks (the block just filled and scored is
@@ -144,17 +155,19 @@ def _select_kernel(
                                     stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_id_b, stride_id_h,
                                     stride_id_s, S_PAD)
             else:
-                _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
-                            sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
-                            stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
-                            stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE)
+                _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk,
+                            budget, sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                            s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
+                            stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY,
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD)
             tl.store(ck, rtag)
             tl.store(ck + 1, packed)
     else:
-        _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, b, nblk, budget,
-                    sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
-                    stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
-                    stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE)
+        _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, b, nblk, budget,
+                    sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                    s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
+                    stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE,
+                    G, G_PAD, NS_PAD)
     if STATS:  # device counters of sparse rows: this head's share of (selected tokens, context, blocks)
         if USE_CACHE:
             r_out = tl.load(ROW + b)
@@ -168,6 +181,29 @@ def _select_kernel(
             tl.atomic_add(a + 1, seq.to(tl.float64) / H)
             tl.atomic_add(a + 2, kc.to(tl.float64) / H)
             tl.atomic_add(a + 3, nblk.to(tl.float64) / H)
+
+
+@triton.jit
+def _packed(nblk, budget, sink, window):
+    """The cache key's second word: block count and the row's controls."""
+    return (nblk.to(tl.int64) | (budget.to(tl.int64) << 24) | (sink.to(tl.int64) << 40)
+            | (window.to(tl.int64) << 52))
+
+
+@triton.jit
+def _reuse(CKEY, KCOUNTS, r, h, rtag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h, stride_cn_b):
+    """Whether a query-aware row (mode != 0) keeps its cached selection this step: 0 = select afresh, 1 = keep
+    it (same block count), 2 = keep it and append the block the new token opened. A row re-selects when its
+    length is a multiple of EVERY (EVERY 1: every step), when its request, controls or cached state changed, or
+    when there is no room to append."""
+    ck = CKEY + r * stride_ck_r + h * stride_ck_h
+    old = tl.load(ck + 1)
+    kc = tl.load(KCOUNTS + r * stride_cn_b + h)
+    ok = (tl.load(ck) == rtag) & (mode != 0) & ((old >> 24) == (packed >> 24)) & ((seq % EVERY) != 0)
+    old_n = (old & 0xFFFFFF).to(tl.int32)
+    keep = ok & (old_n == nblk)
+    app = ok & (old_n == nblk - 1) & (kc >= 0) & (kc < S)
+    return tl.where(keep, 1, tl.where(app, 2, 0))
 
 
 @triton.jit
@@ -203,11 +239,12 @@ def _select_incremental(SCORES, TAGS, BT, IDS, b, h, r, nblk, sink, x, phys_x, c
 
 
 @triton.jit
-def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
-                sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_qk_b,
-                stride_qk_h, stride_qk_n, stride_ws_b, stride_ws_h, stride_id_b, stride_id_h, stride_id_s,
-                stride_cn_b, MB, S, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
-                OVERFLOW_DENSE: tl.constexpr):
+def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
+                stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH: tl.constexpr, ONE: tl.constexpr,
+                HAS_QKEY: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                NS_PAD: tl.constexpr):
     """Select for batch row b, KV head h; write the result at output row r."""
     dense = (budget == 0) | (nblk <= sink + window + budget)
     ws = WS + b * stride_ws_b + h * stride_ws_h
@@ -239,12 +276,13 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
                 n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
             n_first = tl.minimum(n_first, total)
             thr, ties = _threshold(ws, MB, n_first, CH, ONE)
+            best = _qkey_best(PMAX, b, h, s_pm_b, s_pm_h, s_pm_s, NS, NS_PAD, G, G_PAD)
             seen_eq = tl.zeros([], dtype=tl.int32)
             for c in range(0, MB, CH):
                 j = c + tl.arange(0, CH)
                 inb = j < MB
                 first, n_eq = _in_top(ws, j, MB, thr, ties, seen_eq, n_first)
-                qk = tl.load(QKEY + b * stride_qk_b + h * stride_qk_h + j * stride_qk_n, mask=inb, other=0.0)
+                qk = _qkey_load(BND, best, b, h, j, inb & (j < nblk), s_bd_b, s_bd_h, s_bd_g, G, G_PAD)
                 key = tl.where(first, FORCED, qk)
                 key = tl.where(j < nblk, key, float("-inf"))
                 tl.store(ws + j, _sortable(key), mask=inb)
@@ -274,8 +312,8 @@ def _select_row(SCORES, TAGS, BT, PRIOR, QKEY, WS, IDS, COUNTS, KCOUNTS, DENSE, 
 
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-                         prior_blocks, req_tags, max_selected, block_size, qkey=None, cache=None, rows=None,
-                         cols=None, overflow_dense=False, stats=None):
+                         prior_blocks, req_tags, max_selected, block_size, qbounds=None, cache=None, rows=None,
+                         cols=None, overflow_dense=False, stats=None, every=1):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
@@ -286,6 +324,9 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     ``cols [B]`` (per-row scoring method): ``scores`` is ``[NB, M, H]`` and ``tags`` ``[M, NB]`` and row b reads
     column ``cols[b]``. ``overflow_dense``: a row whose forced blocks + budget exceed ``max_selected`` is
     returned dense (count -1) instead of dropping must-attend blocks.
+
+    ``qbounds = (bnd, pmax)``: :func:`quest_bounds_triton`'s output (query-aware rows). ``every`` (with a cache):
+    a query-aware row re-selects only when its length is a multiple of ``every`` (see ``_reuse``).
 
     ``stats = (sparse [B], labels [B], acc [L, 4] float64)``: also add each sparse row's (selected tokens,
     context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (what
@@ -319,8 +360,15 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         ckey = torch.empty(1, 1, 2, dtype=torch.int64, device=dev)
         rows = seq_lens
     ws = torch.empty(B, H, MB, dtype=torch.int32, device=dev)
-    has_q = qkey is not None
-    qk = qkey if has_q else scores.new_empty(1, 1, 1)
+    has_q = qbounds is not None
+    if has_q:
+        bnd, pmax = qbounds
+        G, NS = bnd.shape[2], pmax.shape[2]
+    else:
+        bnd, pmax = scores.new_empty(1, 1, 1, 1), scores.new_empty(1, 1, 1, 1)
+        G, NS = 1, 1
+    if cache is None:
+        every = 1
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
     if stats is not None:
         sparse, labels, acc = stats
@@ -330,12 +378,146 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         acc = torch.empty(1, 4, dtype=torch.float64, device=dev)
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
-        req_tags, qk, ws, ids, counts, kcounts, dense, rows, ckey, cols, sparse, labels, acc,
+        req_tags, bnd, pmax, ws, ids, counts, kcounts, dense, rows, ckey, cols, sparse, labels, acc,
         scores.stride(0), scores.stride(-1), s_sc_m, s_tg_m, block_table.stride(0), block_table.stride(1),
-        qk.stride(0), qk.stride(1), qk.stride(2), ws.stride(0), ws.stride(1),
+        bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2), NS,
+        ws.stride(0), ws.stride(1),
         ids.stride(0), ids.stride(1), ids.stride(2), counts.stride(0), ckey.stride(0), ckey.stride(1), acc.stride(0),
-        MB, S, H, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
+        MB, S, int(every), H, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
         HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, S_PAD=max(16, triton.next_power_of_2(S)),
-        STATS=stats is not None, num_warps=8 if CH >= 4096 else 4,
+        STATS=stats is not None, G=G, G_PAD=max(2, triton.next_power_of_2(G)),
+        NS_PAD=max(2, triton.next_power_of_2(NS)), num_warps=8 if CH >= 4096 else 4,
     )
     return ids, counts, kcounts, dense
+
+
+# ----------------------------------------------------------------------------------------------------------
+# Query-aware key, split over the block axis (flash-decoding style: every (row, KV head) spreads its context
+# over ceil(MB / QB_CHUNK) programs, so batch 1 fills the GPU and the pass is bandwidth-bound)
+# ----------------------------------------------------------------------------------------------------------
+
+QB_CHUNK = 128  # logical blocks per program
+QB_TILE = 32  # blocks per tile inside a program
+
+
+@triton.jit
+def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, BND, PMAX, ROW, CKEY, KCOUNTS, RTAG, BUDGET, SINK, WINDOW,
+                   scale, beta, S, EVERY,
+                   s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d, s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h,
+                   s_pm_s, s_ck_r, s_ck_h, s_cn_b, H: tl.constexpr, USE_CACHE: tl.constexpr, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr,
+                   G_PAD: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr):
+    """Per (row, KV head, chunk of blocks): each query head's scaled bound on every block of the chunk
+    (``BND[b, h, g, j]``) and its chunk maximum (``PMAX[b, h, split, g]``, -inf past the context). Rows in prior
+    mode (0) are skipped. Summaries are loaded once per tile for the whole GQA group."""
+    bh = tl.program_id(0)
+    s = tl.program_id(1)
+    b = bh // H
+    h = bh % H
+    mode = tl.load(MODE + b)
+    seq = tl.load(SEQ + b).to(tl.int32)
+    nblk = (seq + BS - 1) // BS
+    start = s * CHUNK
+    offs_g = tl.arange(0, G_PAD)
+    best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+    live = (mode != 0) & (start < nblk)
+    if USE_CACHE:  # rows that keep their cached selection this step (the selection kernel decides the same)
+        packed = _packed(nblk, tl.load(BUDGET + b).to(tl.int32), tl.load(SINK + b).to(tl.int32),
+                         tl.load(WINDOW + b).to(tl.int32))
+        live = live & (_reuse(CKEY, KCOUNTS, tl.load(ROW + b), h, tl.load(RTAG + b).to(tl.int64), packed, nblk,
+                              seq, mode, S, EVERY, s_ck_r, s_ck_h, s_cn_b) == 0)
+    if live:
+        d = tl.arange(0, D_PAD)
+        dm = d < HEAD_SIZE
+        hi = 0.5 + 0.5 * beta
+        lo = 0.5 - 0.5 * beta
+        for c in range(start, tl.minimum(start + CHUNK, nblk), TILE):
+            j = c + tl.arange(0, TILE)
+            jm = j < nblk
+            phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
+            base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
+            mn = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            mx = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+            kmin = mn * hi + mx * lo
+            kmax = mx * hi + mn * lo
+            for g in tl.static_range(G):
+                qv = tl.load(Q + b * s_q_b + (h * G + g) * s_q_h + d, mask=dm, other=0.0).to(tl.float32)
+                bg = tl.sum(tl.maximum(qv[None, :] * kmin, qv[None, :] * kmax), 1) * scale
+                tl.store(BND + b * s_bd_b + h * s_bd_h + g * s_bd_g + j, bg, mask=jm)
+                mg = tl.max(tl.where(jm, bg, float("-inf")), 0)
+                best = tl.where(offs_g == g, tl.maximum(best, mg), best)
+    tl.store(PMAX + b * s_pm_b + h * s_pm_h + s * s_pm_s + offs_g, best, mask=offs_g < G)
+
+
+@triton.jit
+def _qkey_best(PMAX, b, h, s_pm_b, s_pm_h, s_pm_s, NS, NS_PAD: tl.constexpr, G: tl.constexpr,
+               G_PAD: tl.constexpr):
+    """[G_PAD] each query head's best bound over the row's context (the max of its chunk maxima; 0 past G)."""
+    ss = tl.arange(0, NS_PAD)
+    gg = tl.arange(0, G_PAD)
+    pm = tl.load(PMAX + b * s_pm_b + h * s_pm_h + ss[:, None] * s_pm_s + gg[None, :],
+                 mask=(ss[:, None] < NS) & (gg[None, :] < G), other=float("-inf"))
+    best = tl.max(pm, 0)
+    return tl.where(gg < G, best, 0.0)
+
+
+@triton.jit
+def _qkey_load(BND, best, b, h, j, jm, s_bd_b, s_bd_h, s_bd_g, G: tl.constexpr, G_PAD: tl.constexpr):
+    """The group's query-aware key of blocks j: log-sum-exp over its query heads of (bound - head's best)."""
+    gg = tl.arange(0, G_PAD)
+    m = tl.full(j.shape, float("-inf"), dtype=tl.float32)
+    acc = tl.zeros(j.shape, dtype=tl.float32)
+    for g in tl.static_range(G):
+        bg = tl.load(BND + b * s_bd_b + h * s_bd_h + g * s_bd_g + j, mask=jm, other=0.0)
+        r = bg - tl.sum(tl.where(gg == g, best, 0.0), 0)
+        m_new = tl.maximum(m, r)
+        acc = acc * tl.exp(m - m_new) + tl.exp(r - m_new)
+        m = m_new
+    return m + tl.log(acc)
+
+
+def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: int, beta: float = 1.0,
+                        reuse=None):
+    """Per-head scaled bounds ``[B, H, G, MB]`` and chunk maxima ``[B, H, NS, G]`` (float32) of the query-aware
+    key (see :func:`prescore.kernels.selection.quest_bound`); rows in prior mode (0) are skipped. The selection
+    kernel combines them into the group's key (:func:`quest_key_from_bounds` is the same in torch).
+
+    ``reuse = (cache, rows, req_tags, budget, sink, window, max_selected, every)``: also skip the rows that
+    ``select_blocks_triton`` with the same arguments will serve from the cache this step."""
+    import torch
+
+    B, MB = block_table.shape
+    NB, H, D = kmin.shape
+    G = q.shape[1] // H
+    NS = triton.cdiv(MB, QB_CHUNK)
+    bnd = torch.empty(B, H, G, MB, dtype=torch.float32, device=q.device)
+    pmax = torch.empty(B, H, NS, G, dtype=torch.float32, device=q.device)
+    if B == 0:
+        return bnd, pmax
+    seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
+    if reuse is not None:
+        cache, rows, rtag, budget, sink, window, S, every = reuse
+        rows, rtag, budget, sink, window = (t.contiguous() for t in (rows, rtag, budget, sink, window))
+        ckey, kc = cache.key, cache.kcounts
+    else:
+        rows = rtag = budget = sink = window = seq_lens
+        ckey, kc, S, every = pmax, seq_lens.view(1, -1), 1, 1
+    _qbound_kernel[(B * H, NS)](
+        q, kmin, kmax, block_table, seq_lens, mode, bnd, pmax, rows, ckey, kc, rtag, budget, sink, window,
+        1.0 / math.sqrt(D), float(beta), int(S), int(every),
+        q.stride(0), q.stride(1), block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1),
+        kmin.stride(2), bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2),
+        ckey.stride(0), ckey.stride(1), kc.stride(0), H=H, USE_CACHE=reuse is not None, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), G=G, G_PAD=max(2, triton.next_power_of_2(G)),
+        BS=block_size, CHUNK=QB_CHUNK, TILE=QB_TILE, num_warps=4,
+    )
+    return bnd, pmax
+
+
+def quest_key_from_bounds(bnd, pmax, seq_lens, block_size: int):
+    """torch: the group key ``[B, H, MB]`` from :func:`quest_bounds_triton`'s output (checks and tests)."""
+    import torch
+
+    best = pmax.amax(2)  # [B, H, G]
+    key = torch.logsumexp(bnd - best[..., None], dim=2)
+    nblk = (seq_lens.long() + block_size - 1) // block_size
+    j = torch.arange(bnd.shape[-1], device=bnd.device)
+    return torch.where(j[None, None, :] < nblk[:, None, None], key, float("-inf"))

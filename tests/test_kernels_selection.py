@@ -242,3 +242,45 @@ def test_incremental_selection_is_taken():
     assert loser in full.ids[0, 0, :int(full.counts[0, 0])].tolist()
     assert loser not in inc.ids[0, 0, :int(inc.counts[0, 0])].tolist()
     assert int(inc.counts[0, 0]) == int(full.counts[0, 0])
+
+
+@pytest.mark.parametrize("every", [1, 4, 5])
+def test_query_aware_reuse_schedule(every):
+    """``every`` > 1 (reselect_every): a quest/hybrid row re-selects when its length is a multiple of ``every``
+    (then it equals a fresh selection exactly) and otherwise keeps its cached blocks, plus the block a new
+    token opened; prior rows are unaffected; a new request in the slot (new tag) re-selects at once."""
+    from prescore.kernels import SelectionCache
+
+    BS, H = 16, 2
+    lens = [300, 517, 170, 401]
+    kv, bt, _, summ, tags, q = build([L + 64 for L in lens], H=H, seed=5)
+    seq = torch.tensor(lens, dtype=torch.int32)
+    t = torch.tensor
+    cache = SelectionCache.allocate(8, H, 40, "cpu")
+    rows = t([5, 0, 3, 1], dtype=torch.int32)
+    modes = t([1, 2, 0, 1])
+    gen = torch.Generator().manual_seed(9)
+    last = None
+    for step in range(36):
+        s = seq + step
+        qs = torch.randn(q.shape, generator=gen)  # a new query every step
+        if step == 20:  # slot 1 gets a new request
+            tags = tags.clone()
+            tags[3] = 777
+            summ.tags[bt[3].long()] = 777
+        args = (summ, bt, s, t([6, 5, 3, 4]), t([1, 1, 1, 1]), t([2, 2, 2, 2]), modes, t([0, 2, 0, 0]), tags, 40)
+        fresh = select_blocks(*args, q=qs, block_size=BS, use_triton=True)
+        got = select_blocks(*args, q=qs, block_size=BS, use_triton=True, cache=cache, rows=rows,
+                            every=every).per_row()
+        for b in range(len(lens)):
+            new_req = step == 20 and b == 3
+            if every == 1 or int(modes[b]) == 0 or int(s[b]) % every == 0 or step == 0 or new_req:
+                assert torch.equal(fresh.counts[b], got.counts[b]), (step, b)
+                assert torch.equal(fresh.ids[b], got.ids[b]), (step, b)
+                continue
+            nb = -(-int(s[b]) // BS)
+            for h in range(H):
+                prev = last.ids[b, h, :int(last.counts[b, h])].tolist()
+                now = got.ids[b, h, :int(got.counts[b, h])].tolist()
+                assert now == (prev if nb - 1 in prev else prev + [nb - 1]), (step, b, h)
+        last = got

@@ -141,34 +141,38 @@ def test_row_stats_kernel_matches_torch():
     assert torch.allclose(acc, exp)
 
 
-@pytest.mark.parametrize("G,beta", [(1, 1.0), (3, 1.0), (4, 1.0), (3, 0.5), (4, 0.0)])
-@pytest.mark.parametrize("variant", ["dot", "ew"])
-def test_quest_bound_kernel_matches_torch(G, beta, variant):
+@pytest.mark.parametrize("G,beta", [(1, 1.0), (3, 1.0), (4, 1.0), (3, 0.5), (4, 0.0), (8, 0.5)])
+def test_split_quest_bound_matches_torch(G, beta):
+    """The split bound kernel (chunks of QB_CHUNK blocks over the grid) + the group key built from its per-head
+    bounds and chunk maxima equal the torch reference; rows longer than one chunk, a 1-block row, prior rows."""
+    from prescore.kernels import select_triton as st
     from prescore.kernels.selection import quest_bound
-    from prescore.kernels.step_triton import quest_bound_triton
 
     BS, H, D = 16, 2, 32
-    lens = [300, 17, 1100]
+    lens = [300, 17, 1100 + 16 * st.QB_CHUNK, 5]
     gen = torch.Generator().manual_seed(G)
     kv, bt, seq = make_paged(lens, H, D, BS, torch.float32, gen=gen)
     kmin = kv[..., :D].amin(2)
     kmax = kv[..., :D].amax(2)
-    q = torch.randn(3, H * G, D, generator=gen) * 3
-    mode = torch.tensor([1, 2, 0])
-    out = quest_bound_triton(q, kmin, kmax, bt, seq, mode, BS, variant=variant, beta=beta)
+    B = len(lens)
+    q = torch.randn(B, H * G, D, generator=gen) * 3
+    mode = torch.tensor([1, 2, 2, 0])
+    bnd, pmax = st.quest_bounds_triton(q, kmin, kmax, bt, seq, mode, BS, beta=beta)
+    assert pmax.shape[2] == -(-bt.shape[1] // st.QB_CHUNK) > 1
+    out = st.quest_key_from_bounds(bnd, pmax, seq, BS)
     MB = bt.shape[1]
     nblk = (seq.long() + BS - 1) // BS
     in_ctx = torch.arange(MB)[None, :] < nblk[:, None]
     phys = bt.long()
-    ref = quest_bound(q.view(3, H, G, D), kmin[phys].transpose(1, 2), kmax[phys].transpose(1, 2), in_ctx, beta)
+    ref = quest_bound(q.view(B, H, G, D), kmin[phys].transpose(1, 2), kmax[phys].transpose(1, 2), in_ctx, beta)
     if beta == 1.0:  # Quest's bound: sum_d max(q_d kmin_d, q_d kmax_d), from scratch in float64
-        qd = q.double().view(3, H, G, 1, D)
+        qd = q.double().view(B, H, G, 1, D)
         raw = torch.maximum(qd * kmin[phys].transpose(1, 2).double()[:, :, None],
                             qd * kmax[phys].transpose(1, 2).double()[:, :, None]).sum(-1) / D ** 0.5
         raw = raw.masked_fill(~in_ctx[:, None, None], float("-inf"))
         exp = torch.logsumexp(raw - raw.amax(-1, keepdim=True), 2)
         assert torch.allclose(ref[:2, :, :int(nblk[1])].double(), exp[:2, :, :int(nblk[1])], atol=1e-4)
-    for b in range(2):  # row 2 is prior mode: skipped
+    for b in range(3):  # row 3 is prior mode: skipped
         n = int(nblk[b])
         assert torch.allclose(out[b, :, :n], ref[b, :, :n], atol=1e-4, rtol=1e-4)
 

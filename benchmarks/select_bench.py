@@ -1,0 +1,153 @@
+"""Query-aware selection per layer on a CUDA GPU: everything from the query to the block table, next to the
+sparse decode and dense SDPA measured in the same run. Prints a table, writes JSON.
+
+    python benchmarks/select_bench.py --out results/select-h100.json
+
+Shapes: Hq=32, Hkv=8, D=128, bf16, block 16 (Llama-3-8B attention), shuffled physical blocks, summaries in the
+cache dtype as the backend keeps them. Per (B, L): ``bound_ms`` (split query-aware bound, every row
+re-selecting), ``select_ms`` (selection kernel on those bounds), ``decode_ms`` (sparse decode of the chosen
+blocks), and ``step_ms`` = what one layer of one decode step costs in the backend's order (bound + selection +
+decode, with the selection cache and ``reselect_every``), averaged over 16 consecutive decode steps captured in
+one CUDA graph (rows cross a block boundary inside the run). ``sel_ms`` = step_ms - decode_ms: the amortised
+query-aware selection. ``old_bound_ms``: the previous one-program-per-(row, KV head) bound kernel, if present.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+
+import torch
+import torch.nn.functional as F
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from kernels.bench import BS, D, HKV, HQ, graph_time_ms, paged_cache  # noqa: E402
+from kernels.decode import sparse_decode  # noqa: E402
+from kernels.select_triton import quest_bounds_triton, select_blocks_triton  # noqa: E402
+from kernels.selection import MODES, SelectionCache  # noqa: E402
+
+SINK, WINDOW = 16, 64  # backend defaults (tokens)
+
+
+def run(B, L, budget, mode_name, every, gen, old=None):
+    kv, bt = paged_cache(B, L, gen)
+    NB = kv.shape[0]
+    seq0 = torch.full((B,), L - 16, dtype=torch.int32, device="cuda")
+    seq0 -= torch.arange(B, dtype=torch.int32, device="cuda") * 3  # rows at different phases
+    q = torch.randn(16, B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
+    kmin = kv[..., :D].amin(2).contiguous()
+    kmax = kv[..., :D].amax(2).contiguous()
+    scores = torch.rand(NB, HKV, device="cuda", generator=gen)
+    tags = torch.zeros(NB, dtype=torch.int64, device="cuda")
+    rtag = torch.zeros(B, dtype=torch.long, device="cuda")
+    bb = torch.full((B,), budget // BS, device="cuda")
+    sink = torch.full((B,), SINK // BS, device="cuda")
+    win = torch.full((B,), WINDOW // BS, device="cuda")
+    mode = torch.full((B,), MODES[mode_name], device="cuda")
+    prior = torch.full((B,), round(budget // BS * 0.125) if mode_name == "hybrid" else 0, device="cuda")
+    cap = budget // BS + SINK // BS + WINDOW // BS + 2
+    rows = torch.arange(B, dtype=torch.int32, device="cuda")
+    cache = SelectionCache.allocate(B, HKV, cap, "cuda")
+    out = torch.empty(B, HQ, D, dtype=torch.bfloat16, device="cuda")
+    seqs = [seq0 + i for i in range(16)]
+    row = dict(B=B, L=L, budget=budget, mode=mode_name, reselect_every=every)
+    qb = quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=0.5)
+    row["bound_ms"] = graph_time_ms(lambda: quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=0.5), 4)
+    row["select_ms"] = graph_time_ms(lambda: select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode,
+                                                                  prior, rtag, cap, BS, qb), 4)
+    ids, counts, kc, _ = select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode, prior, rtag, cap, BS, qb)
+    row["decode_ms"] = graph_time_ms(lambda: sparse_decode(q[0], kv, bt, seqs[0], ids, kc, out=out), 4)
+    if old is not None:
+        row["old_bound_ms"] = graph_time_ms(lambda: old(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=0.5), 4)
+
+    def steps():
+        for i in range(16):
+            qbi = quest_bounds_triton(q[i], kmin, kmax, bt, seqs[i], mode, BS, beta=0.5,
+                                      reuse=(cache, rows, rtag, bb, sink, win, cap, every))
+            select_blocks_triton(scores, tags, bt, seqs[i], bb, sink, win, mode, prior, rtag, cap, BS, qbi, cache,
+                                 rows, every=every)
+            sparse_decode(q[i], kv, bt, seqs[i], cache.ids, cache.kcounts, sel_rows=rows, out=out)
+
+    row["step_ms"] = graph_time_ms(steps, 1) / 16
+    row["sel_ms"] = row["step_ms"] - row["decode_ms"]
+    k_c = kv[..., :D][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+    v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+    row["dense_sdpa_ms"] = graph_time_ms(lambda: F.scaled_dot_product_attention(q[0][:, :, None], k_c, v_c,
+                                                                                  enable_gqa=True), 4)
+    row["speedup_vs_sdpa"] = row["dense_sdpa_ms"] / row["step_ms"]
+    del k_c, v_c, kv
+    torch.cuda.empty_cache()
+    return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def check(gen) -> None:
+    """Compiled kernels vs the torch reference: the split bound's group key, and the whole selection."""
+    from kernels.selection import BlockSummaries, quest_bound, select_blocks
+    from kernels.select_triton import quest_key_from_bounds
+
+    B, L = 3, 40000
+    kv, bt = paged_cache(B, L, gen)
+    seq = torch.tensor([L, 5000, 17], dtype=torch.int32, device="cuda")
+    q = torch.randn(B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
+    kmin, kmax = kv[..., :D].amin(2).contiguous(), kv[..., :D].amax(2).contiguous()
+    mode = torch.tensor([1, 2, 1], device="cuda")
+    bnd, pmax = quest_bounds_triton(q, kmin, kmax, bt, seq, mode, BS, beta=0.5)
+    got = quest_key_from_bounds(bnd, pmax, seq, BS)
+    nblk = (seq.long() + BS - 1) // BS
+    in_ctx = torch.arange(bt.shape[1], device="cuda")[None, :] < nblk[:, None]
+    ref = quest_bound(q.float().view(B, HKV, HQ // HKV, D), kmin[bt.long()].transpose(1, 2),
+                      kmax[bt.long()].transpose(1, 2), in_ctx, 0.5)
+    m = in_ctx[:, None, :].expand_as(ref)
+    err = float((got[m] - ref[m]).abs().max())
+    summ = BlockSummaries(scores=torch.rand(kv.shape[0], HKV, device="cuda", generator=gen), kmin=kmin, kmax=kmax,
+                          tags=torch.zeros(kv.shape[0], dtype=torch.int64, device="cuda"))
+    t = lambda v: torch.tensor(v, device="cuda")  # noqa: E731
+    args = (summ, bt, seq, t([128, 64, 8]), t([1, 1, 1]), t([4, 4, 4]), mode, t([0, 16, 0]), t([0, 0, 0]), 200)
+    a = select_blocks(*args, q=q, block_size=BS, use_triton=True, quest_beta=0.5)
+    b = select_blocks(*args, q=q, block_size=BS, use_triton=False, quest_beta=0.5)
+    same = sum(len(set(a.ids[i, h, :int(a.counts[i, h])].tolist()) & set(b.ids[i, h, :int(b.counts[i, h])].tolist()))
+               for i in range(B) for h in range(HKV))
+    total = int(b.counts.sum())
+    print(f"CHECK split bound key max abs err {err:.2e}; triton vs torch selection overlap {same}/{total} "
+          f"(counts equal: {bool(torch.equal(a.counts, b.counts))})", flush=True)
+
+
+def main(argv=None):
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--out", default=None)
+    ap.add_argument("--every", default="1,4,8")
+    ap.add_argument("--modes", default="hybrid,quest")
+    ap.add_argument("--shapes", default="1x32768,8x32768,32x32768,1x131072,8x131072")
+    ap.add_argument("--budget", type=int, default=2048)
+    a = ap.parse_args(argv)
+    try:
+        from kernels.step_triton import quest_bound_triton as old
+    except ImportError:
+        old = None
+    gen = torch.Generator(device="cuda").manual_seed(0)
+    check(gen)
+    rows = []
+    hdr = f"{'B':>3} {'L':>7} {'mode':>7} {'every':>5} {'bound':>8} {'select':>8} {'decode':>8} {'sel/step':>8} " \
+          f"{'step':>8} {'sdpa':>8} {'x sdpa':>6} {'old bound':>9}"
+    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    print(hdr, flush=True)
+    for shape in a.shapes.split(","):
+        B, L = (int(x) for x in shape.split("x"))
+        for m in a.modes.split(","):
+            for e in (int(x) for x in a.every.split(",")):
+                r = run(B, L, a.budget, m, e, gen, old if e == 1 else None)
+                rows.append(r)
+                print(f"{B:>3} {L:>7} {m:>7} {e:>5} {r['bound_ms']:8.4f} {r['select_ms']:8.4f} {r['decode_ms']:8.4f} "
+                      f"{r['sel_ms']:8.4f} {r['step_ms']:8.4f} {r['dense_sdpa_ms']:8.4f} {r['speedup_vs_sdpa']:6.2f} "
+                      f"{r.get('old_bound_ms', float('nan')):9.4f}", flush=True)
+    if a.out:
+        with open(a.out, "w") as f:
+            json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
+                       "command": "python benchmarks/select_bench.py " + " ".join(argv or sys.argv[1:]),
+                       "rows": rows}, f, indent=1)
+
+
+if __name__ == "__main__":
+    main()
