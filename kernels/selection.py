@@ -130,7 +130,11 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows,
                               overflow_dense, quest_beta, every)
     if cache is not None:
-        raise ValueError("the selection cache needs the Triton implementation")
+        fresh = select_blocks(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
+                              prior_blocks, req_tags, max_selected, q, block_size, need_query, False,
+                              overflow_dense=overflow_dense, quest_beta=quest_beta)
+        return _reuse_torch(fresh, cache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, req_tags,
+                            block_size, every)
     B, MB = block_table.shape
     H = summ.scores.shape[1]
     BS = block_size
@@ -190,6 +194,39 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     ids = torch.where(dense[:, None, None], dense_ids[:, None, :].expand(B, H, S), ids)
     counts = torch.where(dense[:, None], nblk[:, None].expand(B, H), counts)
     return Selection(ids=ids.to(torch.int32), counts=counts.to(torch.int32), dense=dense)
+
+
+def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks,
+                 mode, req_tags, block_size: int, every: int) -> Selection:
+    """The selection cache in torch, with the Triton kernel's rule (``select_triton._reuse``): a query-aware row
+    whose length is not a multiple of ``every`` keeps its cached blocks (appending the block a new token opened);
+    every other row takes the fresh selection. Prior rows always take it (the kernel's prior cache is exact)."""
+    r = rows.long()
+    S = cache.ids.shape[2]
+    seq = seq_lens.long()
+    nblk = (seq + block_size - 1) // block_size
+    packed = nblk | (budget_blocks.long() << 24) | (sink_blocks.long() << 40) | (window_blocks.long() << 52)
+    old_tag, old = cache.key[r, :, 0], cache.key[r, :, 1]  # [B, H]
+    kc = cache.kcounts[r]
+    ok = ((old_tag == req_tags.long()[:, None]) & (mode.long() != MODES["prior"])[:, None]
+          & ((old >> 24) == (packed >> 24)[:, None]) & ((seq % every) != 0)[:, None])
+    keep = ok & ((old & 0xFFFFFF) == nblk[:, None])
+    app = ok & ((old & 0xFFFFFF) == (nblk - 1)[:, None]) & (kc >= 0) & (kc < S)
+    take = ~(keep | app)
+    ids, counts, kcounts = cache.ids[r], cache.counts[r], kc.clone()
+    ids = torch.where(take[..., None], fresh.ids.to(ids.dtype), ids)
+    counts = torch.where(take, fresh.counts.to(counts.dtype), counts)
+    kcounts = torch.where(take, fresh.kernel_counts().to(kcounts.dtype), kcounts)
+    if bool(app.any()):
+        bb, hh = app.nonzero(as_tuple=True)
+        ids[bb, hh, kc[bb, hh].long()] = (nblk[bb] - 1).to(ids.dtype)
+        counts = counts + app.to(counts.dtype)
+        kcounts = kcounts + app.to(kcounts.dtype)
+    cache.ids[r], cache.counts[r], cache.kcounts[r] = ids, counts, kcounts
+    cache.dense[r] = torch.where(take[:, 0], fresh.dense.to(cache.dense.dtype), cache.dense[r])
+    cache.key[r, :, 0] = req_tags.long()[:, None].expand_as(old_tag)
+    cache.key[r, :, 1] = torch.where(take | app, packed[:, None], old)
+    return Selection(ids=cache.ids, counts=cache.counts, dense=cache.dense, kcounts=cache.kcounts, rows=rows)
 
 
 def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tag_ok: torch.Tensor,

@@ -244,8 +244,9 @@ def test_incremental_selection_is_taken():
     assert int(inc.counts[0, 0]) == int(full.counts[0, 0])
 
 
+@pytest.mark.parametrize("triton", [True, False])
 @pytest.mark.parametrize("every", [1, 4, 5])
-def test_query_aware_reuse_schedule(every):
+def test_query_aware_reuse_schedule(every, triton):
     """``every`` > 1 (reselect_every): a quest/hybrid row re-selects when its length is a multiple of ``every``
     (then it equals a fresh selection exactly) and otherwise keeps its cached blocks, plus the block a new
     token opened; prior rows are unaffected; a new request in the slot (new tag) re-selects at once."""
@@ -270,7 +271,7 @@ def test_query_aware_reuse_schedule(every):
             summ.tags[bt[3].long()] = 777
         args = (summ, bt, s, t([6, 5, 3, 4]), t([1, 1, 1, 1]), t([2, 2, 2, 2]), modes, t([0, 2, 0, 0]), tags, 40)
         fresh = select_blocks(*args, q=qs, block_size=BS, use_triton=True)
-        got = select_blocks(*args, q=qs, block_size=BS, use_triton=True, cache=cache, rows=rows,
+        got = select_blocks(*args, q=qs, block_size=BS, use_triton=triton, cache=cache, rows=rows,
                             every=every).per_row()
         for b in range(len(lens)):
             new_req = step == 20 and b == 3
