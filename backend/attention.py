@@ -75,6 +75,7 @@ class MethodGroup:
     score_ids: torch.Tensor  # kernel method id per score row
     sparse_rows: torch.Tensor  # [Bs]
     sparse_tokens: torch.Tensor  # [Bs] query token of each sparse row
+    sparse_slots: torch.Tensor  # [Bs] request slot of each sparse row (its selection-cache row)
     budget: torch.Tensor  # [Bs] blocks
     sink: torch.Tensor
     window: torch.Tensor
@@ -106,8 +107,8 @@ def _i(vals, device, dtype=torch.int32):
     return torch.tensor(vals, dtype=dtype, device=device)
 
 
-_KEYS = ("score_rows", "score_slots", "score_tags", "sparse_rows", "sparse_tokens", "budget", "sink", "window",
-         "mode", "prior", "tags", "labels")
+_KEYS = ("score_rows", "score_slots", "score_tags", "sparse_rows", "sparse_tokens", "sparse_slots", "budget", "sink",
+         "window", "mode", "prior", "tags", "labels")
 _DTYPES = {"score_rows": torch.long, "score_slots": torch.long, "score_tags": torch.int64, "sparse_rows": torch.long,
            "sparse_tokens": torch.long, "tags": torch.int64, "labels": torch.long}
 
@@ -148,7 +149,8 @@ def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
             metrics.add(p.method, p.mode, decode_rows_dense=1)
             continue
         metrics.add(p.method, p.mode, decode_rows_sparse=1)
-        for k, v in (("sparse_rows", i), ("sparse_tokens", qsl[i]), ("budget", budget), ("sink", sink),
+        for k, v in (("sparse_rows", i), ("sparse_tokens", qsl[i]), ("sparse_slots", slot), ("budget", budget),
+                     ("sink", sink),
                      ("window", window), ("mode", MODES[p.mode]), ("prior", prior), ("tags", tag),
                      ("labels", _label(p))):
             g[k].append(v)
@@ -539,9 +541,12 @@ def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_tabl
             continue
         bt, sl = block_table[g.sparse_rows], seq_lens[g.sparse_rows]
         q = query[g.sparse_tokens]
+        # per-slot selection cache (rows: request slots): quest/hybrid rows re-select every reselect_every tokens
+        cache = store.selection_cache(plan.max_selected, 0)
         sel = select_blocks(summ, bt, sl, g.budget, g.sink, g.window, g.mode, g.prior, g.tags, plan.max_selected,
                             q=q, block_size=block_size, need_query=g.need_query,
-                            quest_beta=TABLE.defaults.quest_beta)
+                            quest_beta=TABLE.defaults.quest_beta, cache=cache, rows=g.sparse_slots,
+                            every=TABLE.defaults.reselect_every).per_row()
         out = decode_fn(q, kv, bt, sl, sel.ids, sel.kernel_counts(), scale)
         output[g.sparse_tokens] = out.to(output.dtype)
         # counters (device-side, no sync)

@@ -96,6 +96,9 @@ def build_parser() -> argparse.ArgumentParser:
                     help="selected tokens below which hybrid gives the prior no share (default: the backend's)")
     ap.add_argument("--quest-beta", type=float, default=d.quest_beta,
                     help="query-aware key q.c + beta*|q|.r (1 = Quest's bound; default: the backend's)")
+    ap.add_argument("--reselect-every", type=int, default=d.reselect_every,
+                    help="quest/hybrid rows re-select every N decode tokens, keeping their blocks in between "
+                         "(default: the backend's)")
     ap.add_argument("--quest-betas", default="", type=_floats,
                     help="extra quest rows at these quest_beta values (sweep), e.g. 1,0.75,0.25")
     ap.add_argument("--ppl-context", type=int, default=2048, help="dense prefill tokens before the decode steps")
@@ -178,6 +181,7 @@ def report(paths: list[str]) -> int:
         s = d.get("settings", {})
         print(f"== {p}: {d['model']}, {s.get('device_name', '?')}, sink {s.get('sink')} window {s.get('window')}, "
               f"hybrid prior share {s.get('hybrid_prior_fraction')}, quest_beta {s.get('quest_beta', 1.0)}, "
+              f"reselect every {s.get('reselect_every', 1)}, "
               f"passkey question "
               f"{s.get('passkey', {}).get('question', 'decode')}\n")
         print(format_table(d["rows"], d.get("fidelity", [])))
@@ -203,7 +207,8 @@ def main(argv: list[str] | None = None) -> int:
     engine = SparseEvalEngine(model, block_size=args.block_size, sink=args.sink, window=args.window,
                               hybrid_prior_fraction=args.hybrid_prior_fraction, use_triton=use_triton,
                               ref_dtype=getattr(torch, args.ref_dtype), decode_impl=args.decode_impl,
-                              quest_beta=args.quest_beta, hybrid_min_budget=args.hybrid_min_budget)
+                              quest_beta=args.quest_beta, hybrid_min_budget=args.hybrid_min_budget,
+                              reselect_every=args.reselect_every)
     configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")),
                            quest_betas=args.quest_betas)
     for c in configs:
@@ -245,7 +250,7 @@ def main(argv: list[str] | None = None) -> int:
             "dtype": str(dtype).replace("torch.", ""), "selection": "triton" if engine.use_triton else "torch", "decode_impl": engine.decode_impl,
             "block_size": args.block_size, "sink": args.sink, "window": args.window,
             "hybrid_prior_fraction": args.hybrid_prior_fraction, "hybrid_min_budget": args.hybrid_min_budget,
-            "quest_beta": args.quest_beta,
+            "quest_beta": args.quest_beta, "reselect_every": args.reselect_every,
             "budgets": args.budgets,
             "budget_semantics": "total key tokens attended per KV head = sink + window + selected (whole blocks); "
                                 "backend prescore_budget = budget - sink - window",

@@ -29,8 +29,8 @@ import torch
 import torch.nn.functional as F
 
 from prescore.backend.params import PrescoreParams, hybrid_prior_blocks
-from prescore.kernels import (METHODS, MODES, BlockSummaries, get_method, score_decode_tail, score_prefill,
-                              select_blocks, sparse_decode, sparse_decode_ref)
+from prescore.kernels import (METHODS, MODES, BlockSummaries, SelectionCache, get_method, score_decode_tail,
+                              score_prefill, select_blocks, sparse_decode, sparse_decode_ref)
 
 ATTN_NAME = "prescore_eval"
 PRIOR_METHODS = ("keynorm", "leverage", "kmeans")
@@ -117,7 +117,7 @@ class SparseEvalEngine:
                  hybrid_prior_fraction: float | None = None, use_triton: bool | None = None,
                  ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None,
                  decode_impl: str | None = None, quest_beta: float | None = None,
-                 hybrid_min_budget: int | None = None):
+                 hybrid_min_budget: int | None = None, reselect_every: int | None = None):
         register()
         self.model = model
         cfg = model.config
@@ -131,6 +131,7 @@ class SparseEvalEngine:
         self.frac = d.hybrid_prior_fraction if hybrid_prior_fraction is None else hybrid_prior_fraction
         self.quest_beta = d.quest_beta if quest_beta is None else quest_beta
         self.hybrid_min_budget = d.hybrid_min_budget if hybrid_min_budget is None else hybrid_min_budget
+        self.reselect_every = d.reselect_every if reselect_every is None else reselect_every
         p = next(model.parameters())
         self.device, self.dtype = p.device, cache_dtype or p.dtype
         self.use_triton = (self.device.type == "cuda") if use_triton is None else use_triton
@@ -203,6 +204,7 @@ class SparseEvalEngine:
             self.kpre = [torch.zeros(T, H, N, D, dtype=self.dtype, device=dev) for _ in range(L)]
             self.vpre = [torch.zeros(T, H, N, D, dtype=self.dtype, device=dev) for _ in range(L)]
         self.configs = configs
+        self.caches = {}  # (layer, group id) -> SelectionCache: the backend's reuse schedule (reselect_every)
         self._plan(configs)
         self.fid_sum = torch.zeros(C, L, dtype=torch.float64)
         self.fid_n = torch.zeros(C, L, dtype=torch.float64)
@@ -242,7 +244,7 @@ class SparseEvalEngine:
             timing["decode_s"] = time.perf_counter() - t0
         finally:
             _ACTIVE = None
-            self.kv = self.summ = self.states = self.kpre = self.vpre = None
+            self.kv = self.summ = self.states = self.kpre = self.vpre = self.caches = None
         fid = torch.where(self.fid_n > 0, self.fid_sum / self.fid_n.clamp_min(1), float("nan"))
         return {"nll": nll.view(T, C, M), "hit": hit.view(T, C, M), "fidelity": fid, "timing": timing}
 
@@ -370,11 +372,18 @@ class SparseEvalEngine:
         return o.reshape(B, Hq, D)
 
     def _select(self, layer, g, q, seq):
+        """The backend's selection for a group's rows, with its per-row selection cache: query-aware rows
+        re-select every ``reselect_every`` tokens as in serving (rows gathered per batch row)."""
         rows = g["rows"]
+        key = (layer, id(g))
+        if key not in self.caches:
+            self.caches[key] = SelectionCache.allocate(rows.numel(), self.Hkv, g["cap"], self.device)
+        slots = torch.arange(rows.numel(), dtype=torch.int32, device=self.device)
         return select_blocks(self.summ[layer][g["method"]], self.bt[rows], seq[rows], g["budget"], g["sink"],
                              g["window"], g["mode"], g["prior"], self.tags[rows], g["cap"], q=q[rows],
                              block_size=self.BS, need_query=g["need_query"], use_triton=self.use_triton,
-                             quest_beta=g["beta"])
+                             quest_beta=g["beta"], cache=self.caches[key], rows=slots,
+                             every=self.reselect_every).per_row()
 
     def _decode(self, layer, q, k, v, scale):
         R, Hq, _, D = q.shape

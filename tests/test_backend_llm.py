@@ -16,6 +16,7 @@ pytestmark = requires_vllm
 BS = ENGINE["block_size"]
 PROMPT_LEN = 600  # 19 blocks
 NEW = 12
+EVERY = 4  # reselect_every: decode lengths 601..611 re-select at 604 and 608 and append a block at 609
 SPARSE = {  # name -> vllm_xargs; budget 64 tokens = 2 blocks, sink 1 block, window 2 blocks
     "kmeans-prior": dict(prescore_budget=64, prescore_method="kmeans", prescore_mode="prior"),
     "leverage-quest": dict(prescore_budget=64, prescore_method="leverage", prescore_mode="quest"),
@@ -65,7 +66,8 @@ def _runs(tiny_model):
     # the small test budgets (2-3 blocks) keep a prior share: the defaults (share 0.125, none below 512 tokens)
     # would give them none
     llm = LLM(model=tiny_model, attention_backend="prescore",
-              additional_config={"prescore": {"hybrid_min_budget": 0, "hybrid_prior_fraction": 0.5}}, **ENGINE)
+              additional_config={"prescore": {"hybrid_min_budget": 0, "hybrid_prior_fraction": 0.5,
+                                              "reselect_every": EVERY}}, **ENGINE)
     metrics.reset()
     # 1) budgets that never go sparse: >= context, and 0 (dense by request)
     res["dense"] = [_result(o) for o in llm.generate(
@@ -141,27 +143,35 @@ def test_sparse_rows_attend_what_the_spec_says(runs):
     cap = runs["capture"]
     assert len(cap) == len(SPARSE) * (NEW - 1) * 2
     modes = {0: "prior", 1: "quest", 2: "hybrid"}
-    mismatched = 0
+    mismatched = reused = 0
+    prev = {}
     for c in cap:
         nblk = -(-c["seq_len"] // BS)
         assert not c["dense"] and bool(c["tag_ok"].all())  # every block scored for this request
         H = c["counts"].shape[0]
         ids = [set(c["ids"][h, : c["counts"][h]].tolist()) for h in range(H)]
-        for h in range(H):
-            # sink + window always, budget best others, nothing else
-            assert set(range(c["sink"])) <= ids[h]
-            assert set(range(nblk - c["window"], nblk)) <= ids[h]
-            assert len(ids[h]) == c["sink"] + c["window"] + c["budget"] < nblk
-        if c["mode"] == 2:
-            assert c["prior"] > 0  # hybrid's prior share is exercised
-        ref = select_blocks_ref(c["scores"], c["kmin"], c["kmax"], c["tag_ok"], c["seq_len"], BS, c["budget"],
-                                c["sink"], c["window"], modes[c["mode"]], c["prior"], c["q"],
-                                PrescoreParams().quest_beta)  # the server default
-        for h, (r, s) in enumerate(zip(ref, ids)):
-            diff = set(r) ^ s
-            # ranking ties are broken arbitrarily: a difference must be between equally scored blocks
-            if diff and len({round(float(c["scores"][j, h]), 5) for j in diff}) > 1:
-                mismatched += 1
+        key = (c["layer"], c["tag"])
+        last, prev[key] = prev.get(key), ids
+        if c["mode"] != 0 and c["seq_len"] % EVERY and last is not None:
+            # between re-selections (reselect_every) a query-aware row keeps its blocks + the new tail block
+            reused += 1
+            assert ids == [p | {nblk - 1} for p in last]
+        else:
+            for h in range(H):
+                # sink + window always, budget best others, nothing else
+                assert set(range(c["sink"])) <= ids[h]
+                assert set(range(nblk - c["window"], nblk)) <= ids[h]
+                assert len(ids[h]) == c["sink"] + c["window"] + c["budget"] < nblk
+            if c["mode"] == 2:
+                assert c["prior"] > 0  # hybrid's prior share is exercised
+            ref = select_blocks_ref(c["scores"], c["kmin"], c["kmax"], c["tag_ok"], c["seq_len"], BS, c["budget"],
+                                    c["sink"], c["window"], modes[c["mode"]], c["prior"], c["q"],
+                                    PrescoreParams().quest_beta)  # the server default
+            for h, (r, s) in enumerate(zip(ref, ids)):
+                diff = set(r) ^ s
+                # ranking ties are broken arbitrarily: a difference must be between equally scored blocks
+                if diff and len({round(float(c["scores"][j, h]), 5) for j in diff}) > 1:
+                    mismatched += 1
         # the output is attention over exactly those blocks (torch reference on the captured cache)
         bt = torch.arange(nblk, dtype=torch.int32)[None]
         sl = torch.tensor([c["seq_len"]], dtype=torch.int32)
@@ -170,6 +180,7 @@ def test_sparse_rows_attend_what_the_spec_says(runs):
         dense = sparse_decode_ref(c["q"][None], c["kv"], bt, sl, scale=c["scale"])
         assert (dense[0] - out[0]).abs().max() > 1e-4  # the budget changed the result
     assert mismatched <= len(cap) * 2 // 50  # rare near-ties (bf16 summaries vs the float64 reference)
+    assert reused > len(cap) // 4  # the reuse schedule ran
 
 
 def test_sparse_outputs_differ_from_dense_but_requests_complete(runs):
