@@ -99,6 +99,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reselect-every", type=int, default=d.reselect_every,
                     help="quest/hybrid rows re-select every N decode tokens, keeping their blocks in between "
                          "(default: the backend's)")
+    ap.add_argument("--reselect-everys", default="", type=lambda x: [int(v) for v in _floats(x)],
+                    help="extra quest and hybrid rows at these re-selection intervals (sweep), e.g. 1,8")
     ap.add_argument("--quest-betas", default="", type=_floats,
                     help="extra quest rows at these quest_beta values (sweep), e.g. 1,0.75,0.25")
     ap.add_argument("--ppl-context", type=int, default=2048, help="dense prefill tokens before the decode steps")
@@ -210,7 +212,7 @@ def main(argv: list[str] | None = None) -> int:
                               quest_beta=args.quest_beta, hybrid_min_budget=args.hybrid_min_budget,
                               reselect_every=args.reselect_every)
     configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")),
-                           quest_betas=args.quest_betas)
+                           quest_betas=args.quest_betas, reselect_everys=args.reselect_everys)
     for c in configs:
         engine.controls(c)  # validate budgets early
     texts = load_texts(args.text_dir)

@@ -69,10 +69,13 @@ class Config:
     mode: str
     budget: int | None
     beta: float | None = None  # quest_beta of this config (None: the engine's); a sweep variant when set
+    every: int | None = None  # reselect_every of this config (None: the engine's); a sweep variant when set
 
     @property
     def variant(self) -> str | None:
-        return None if self.beta is None else f"beta={self.beta:g}"
+        v = [f"beta={self.beta:g}"] if self.beta is not None else []
+        v += [f"every={self.every}"] if self.every is not None else []
+        return ",".join(v) or None
 
     @property
     def label(self) -> str:
@@ -85,9 +88,10 @@ class Config:
 
 
 def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "quest", "hybrid"),
-                 quest_betas=()) -> list[Config]:
+                 quest_betas=(), reselect_everys=()) -> list[Config]:
     """Dense, then per budget every mode (prior/hybrid once per method); ``quest_betas``: extra quest rows at
-    those ``quest_beta`` values (a sweep; the plain quest row runs at the engine's)."""
+    those ``quest_beta`` values (a sweep; the plain quest row runs at the engine's); ``reselect_everys``: extra
+    quest and hybrid (first method) rows at those re-selection intervals."""
     out = [Config("dense", "dense", None)]
     for b in budgets:
         if "static" in modes:
@@ -99,6 +103,8 @@ def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "ques
         out += [Config("quest", "quest", int(b), float(x)) for x in quest_betas]
         if "hybrid" in modes:
             out += [Config(m, "hybrid", int(b)) for m in methods]
+        for e in reselect_everys:
+            out += [Config("quest", "quest", int(b), every=int(e)), Config(methods[0], "hybrid", int(b), every=int(e))]
     return out
 
 
@@ -258,10 +264,10 @@ class SparseEvalEngine:
         for i, (c, k) in enumerate(zip(configs, ctl)):
             if k is None:
                 continue
-            key = (c.summ_method, k.cap if c.mode == "static" else None, self.beta_of(c))
+            key = (c.summ_method, k.cap if c.mode == "static" else None, self.beta_of(c), self.every_of(c))
             groups.setdefault(key, []).append(i)
         self.groups = []
-        for (m, static_cap, _), cfg_ids in groups.items():
+        for (m, static_cap, _, _), cfg_ids in groups.items():
             rows = torch.tensor([t * C + i for t in range(self.T) for i in cfg_ids], dtype=torch.long)
             self.groups.append(self._group(m, cfg_ids, rows))
         self.Smax = max([g["cap"] for g in self.groups] + [1])
@@ -277,9 +283,14 @@ class SparseEvalEngine:
     def beta_of(self, c: Config) -> float:
         return self.quest_beta if c.beta is None else c.beta
 
+    def every_of(self, c: Config) -> int:
+        return self.reselect_every if c.every is None else c.every
+
     def row_fields(self, c: Config) -> dict:
-        """Extra keys of a result row: the quest_beta a query-aware config ran with, and its sweep variant."""
-        out = {"quest_beta": self.beta_of(c)} if c.mode in ("quest", "hybrid") else {}
+        """Extra keys of a result row: the quest_beta and reselect_every a query-aware config ran with, and its
+        sweep variant."""
+        out = ({"quest_beta": self.beta_of(c), "reselect_every": self.every_of(c)}
+               if c.mode in ("quest", "hybrid") else {})
         return {**out, "variant": c.variant} if c.variant else out
 
     def _group(self, m, cfg_ids, rows, per_row=False):
@@ -292,7 +303,7 @@ class SparseEvalEngine:
         return {"method": m, "rows": rows.to(dev), "budget": col("budget"), "sink": col("sink"),
                 "window": col("window"), "mode": col("mode"), "prior": col("prior"),
                 "cap": max(k.cap for k in ks), "need_query": any(x != MODES["prior"] for x in modes),
-                "beta": self.beta_of(self.configs[cfg_ids[0]])}
+                "beta": self.beta_of(self.configs[cfg_ids[0]]), "every": self.every_of(self.configs[cfg_ids[0]])}
 
     # ------------------------------------------------------------------ attention
     def attend(self, module, q, k, v, scaling):
@@ -383,7 +394,7 @@ class SparseEvalEngine:
                              g["window"], g["mode"], g["prior"], self.tags[rows], g["cap"], q=q[rows],
                              block_size=self.BS, need_query=g["need_query"], use_triton=self.use_triton,
                              quest_beta=g["beta"], cache=self.caches[key], rows=slots,
-                             every=self.reselect_every).per_row()
+                             every=g["every"]).per_row()
 
     def _decode(self, layer, q, k, v, scale):
         R, Hq, _, D = q.shape
