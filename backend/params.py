@@ -19,6 +19,14 @@ sink + window; a row whose budget plus must-attend blocks exceed it runs dense, 
 ``reselect_every`` (decode steps, default 4: a quest/hybrid row runs the query-aware selection when its length
 is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step). Token counts are
 rounded up to whole KV blocks. Any unknown ``prescore_*`` key or bad value is an error naming the field.
+
+Server policy (same config keys; the ``PRESCORE_*`` variables in :data:`ENV_POLICY`, set by ``prescore-serve``'s
+flags, override them): ``min_budget`` / ``max_budget`` (the sparse budgets a request may ask for, default
+0 / 16777216), ``allow_dense`` (budget 0 accepted, default true) and ``max_attended`` (tokens: the most
+sink + window + budget a sparse request may ask for, before rounding to blocks; 0 = ``max_budget`` + the
+default sink + window). :func:`check_request` enforces them where every request passes (the logits-processor
+``validate_params`` hook, so every HTTP route and ``LLM.generate``); the server defaults must obey them
+(checked when they are loaded).
 """
 
 from __future__ import annotations
@@ -46,6 +54,11 @@ class PrescoreParams:
     quest_beta: float = 0.5
     max_selected: int = 8192
     reselect_every: int = 4
+    # server policy (never per request)
+    min_budget: int = 0
+    max_budget: int = MAX_TOKENS
+    allow_dense: bool = True
+    max_attended: int = 0  # 0: max_budget + the default sink + window (load_defaults fills it in)
 
     def capacity_blocks(self, block_size: int) -> int:
         """Static selection capacity in blocks: max_selected + the default sink and window + the tail block."""
@@ -68,60 +81,117 @@ def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float,
 
 
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
+POLICY_FIELDS = ("min_budget", "max_budget", "allow_dense", "max_attended")
 CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected",
-                                   "reselect_every")
+                                   "reselect_every") + POLICY_FIELDS
+# environment variables that override the config (prescore-serve's flags set them)
+ENV_POLICY = {"PRESCORE_DEFAULT_BUDGET": "budget", "PRESCORE_MIN_BUDGET": "min_budget",
+              "PRESCORE_MAX_BUDGET": "max_budget", "PRESCORE_ALLOW_DENSE": "allow_dense",
+              "PRESCORE_MAX_ATTENDED": "max_attended"}
+_TRUE, _FALSE = ("1", "true", "yes", "on"), ("0", "false", "no", "off")
+
+
+def _show(value) -> str:
+    """A short, always printable form of a client's value for error messages."""
+    if isinstance(value, int) and not isinstance(value, bool) and abs(value) >= 10**30:
+        return f"an integer of about {int(value.bit_length() * 0.30103) + 1} digits"
+    try:
+        r = repr(value)
+    except (RecursionError, ValueError):
+        r = f"a deeply nested {type(value).__name__}"
+    return r if len(r) <= 80 else r[:77] + "..."
 
 
 def _err(msg: str, field: str, value):
     from .compat import validation_error
 
-    return validation_error(msg, parameter=field, value=value)
+    return validation_error(msg, parameter=field, value=_show(value))
 
 
 def _check(field: str, value, shown: str):
     """Validate one field's value; return it normalised. ``shown`` is the name used in errors."""
-    if field in ("budget", "sink", "window", "max_selected", "hybrid_min_budget"):
+    if field in ("budget", "sink", "window", "max_selected", "hybrid_min_budget", "min_budget", "max_budget",
+                 "max_attended"):
         if isinstance(value, bool) or not isinstance(value, int):
-            raise _err(f"{shown} must be an integer number of tokens, got {value!r}", shown, value)
+            raise _err(f"{shown} must be an integer number of tokens, got {_show(value)}", shown, value)
         if not 0 <= value <= MAX_TOKENS:
-            raise _err(f"{shown} must be in [0, {MAX_TOKENS}], got {value}", shown, value)
+            raise _err(f"{shown} must be in [0, {MAX_TOKENS}], got {_show(value)}", shown, value)
         return value
     if field == "reselect_every":
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
-            raise _err(f"{shown} must be an integer in [1, 1024] (decode steps), got {value!r}", shown, value)
+            raise _err(f"{shown} must be an integer in [1, 1024] (decode steps), got {_show(value)}", shown, value)
         return value
     if field == "method":
         if value not in METHOD_NAMES:
-            raise _err(f"{shown} must be one of {', '.join(METHOD_NAMES)}; got {value!r}", shown, value)
+            raise _err(f"{shown} must be one of {', '.join(METHOD_NAMES)}; got {_show(value)}", shown, value)
         return value
     if field == "mode":
         if value not in MODE_NAMES:
-            raise _err(f"{shown} must be one of {', '.join(MODE_NAMES)}; got {value!r}", shown, value)
+            raise _err(f"{shown} must be one of {', '.join(MODE_NAMES)}; got {_show(value)}", shown, value)
+        return value
+    if field == "allow_dense":
+        if not isinstance(value, bool):
+            raise _err(f"{shown} must be true or false, got {_show(value)}", shown, value)
         return value
     if field in ("hybrid_prior_fraction", "quest_beta"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
-            raise _err(f"{shown} must be a number in [0, 1], got {value!r}", shown, value)
+            raise _err(f"{shown} must be a number in [0, 1], got {_show(value)}", shown, value)
         return float(value)
     raise _err(f"unknown prescore setting {shown!r}; known: {', '.join(CONFIG_FIELDS)}", shown, value)
 
 
-def validate_request(extra_args: dict | None) -> dict:
-    """The request's prescore overrides ({field: value}); raises (HTTP 400) naming the bad field."""
+def validate_request(extra_args: dict | None, prefix: str = "") -> dict:
+    """The request's prescore overrides ({field: value}), types and ranges only (no server policy); raises
+    (HTTP 400) naming the bad field, as ``prefix`` + the key (e.g. ``vllm_xargs.prescore_budget``)."""
     out = {}
     for key, value in (extra_args or {}).items():
         if not isinstance(key, str) or not key.startswith(PREFIX):
             continue
         field = key[len(PREFIX):]
         if field not in REQUEST_FIELDS:
-            raise _err(f"unknown per-request field {key!r}; known: "
-                       f"{', '.join(PREFIX + f for f in REQUEST_FIELDS)}", key, value)
-        out[field] = _check(field, value, key)
+            raise _err(f"unknown per-request field {prefix + key!r}; known: "
+                       f"{', '.join(PREFIX + f for f in REQUEST_FIELDS)}", prefix + key, value)
+        out[field] = _check(field, value, prefix + key)
     return out
 
 
+def policy_violation(p: PrescoreParams, given=()) -> tuple[str, str] | None:
+    """(field, reason) when the resolved ``p`` breaks the server policy, else None. ``given``: the request
+    fields the client set (the one named when sink + window + budget is over the cap). ``reason`` reads after
+    the field's name: ``f"{name} {reason}"``."""
+    b = p.budget
+    if b == 0:
+        return None if p.allow_dense else ("budget", "0 (dense attention) is disabled on this server")
+    if not p.min_budget <= b <= p.max_budget:
+        dense = "0 (dense) or " if p.allow_dense else ""
+        return "budget", f"must be {dense}in [{max(p.min_budget, 1)}, {p.max_budget}] on this server, got {b}"
+    cap = p.max_attended or p.max_budget + p.sink + p.window
+    total = p.sink + p.window + b
+    if total > cap:
+        cands = [f for f in ("window", "sink", "budget") if f in given] or ["window", "sink", "budget"]
+        field = max(cands, key=lambda f: getattr(p, f))
+        return field, (f"is too large: sink + window + budget = {p.sink} + {p.window} + {b} = {total} tokens, "
+                       f"over this server's maximum of {cap} attended tokens")
+    return None
+
+
+def check_request(defaults: PrescoreParams, extra_args: dict | None, prefix: str = "") -> PrescoreParams:
+    """The request's params (server defaults overridden by its ``prescore_*`` keys), checked against the
+    field rules and the server policy; raises (HTTP 400) naming the field (``prefix`` + ``prescore_<field>``)."""
+    given = validate_request(extra_args, prefix)
+    p = replace(defaults, **given)
+    cap = defaults.max_attended or defaults.max_budget + defaults.sink + defaults.window  # never the request's
+    bad = policy_violation(replace(p, max_attended=cap), given)
+    if bad:
+        field, reason = bad
+        name = prefix + PREFIX + field
+        raise _err(f"{name} {reason}", name, getattr(p, field))
+    return p
+
+
 def resolve(defaults: PrescoreParams, extra_args: dict | None) -> PrescoreParams:
-    """Server defaults overridden by the request's valid fields."""
-    return replace(defaults, **validate_request(extra_args))
+    """Server defaults overridden by the request's valid fields (the server policy checked too)."""
+    return check_request(defaults, extra_args)
 
 
 def _config_dict(raw, where: str) -> dict:
@@ -144,12 +214,53 @@ def _config_dict(raw, where: str) -> dict:
     return out
 
 
+def _env_policy(env) -> dict:
+    out = {}
+    for var, field in ENV_POLICY.items():
+        raw = str(env.get(var, "")).strip()
+        if not raw:
+            continue
+        if field == "allow_dense":
+            if raw.lower() not in _TRUE + _FALSE:
+                raise ValueError(f"{var} must be a boolean (1/0, true/false), got {raw!r}")
+            out[field] = raw.lower() in _TRUE
+            continue
+        try:
+            value = int(raw)
+        except ValueError:
+            raise ValueError(f"{var} must be an integer, got {raw!r}") from None
+        try:
+            out[field] = _check(field, value, var)
+        except Exception as e:  # noqa: BLE001 - re-raised as a plain startup error
+            raise ValueError(str(e)) from None
+    return out
+
+
+def check_policy(p: PrescoreParams) -> PrescoreParams:
+    """Startup check of the server policy against the defaults; returns ``p`` with ``max_attended`` resolved.
+    Raises ValueError."""
+    if not 0 <= p.min_budget <= p.max_budget:
+        raise ValueError(f"prescore budget limits: need 0 <= min ({p.min_budget}) <= max ({p.max_budget}) "
+                         f"<= {MAX_TOKENS}")
+    if p.max_attended == 0:
+        p = replace(p, max_attended=p.max_budget + p.sink + p.window)
+    bad = policy_violation(replace(p, max_attended=4 * MAX_TOKENS))  # the budget rules alone
+    if bad:
+        raise ValueError(f"prescore: the default budget {bad[1]}")
+    if p.budget and p.sink + p.window + p.budget > p.max_attended:
+        raise ValueError(f"prescore: the default sink + window + budget ({p.sink} + {p.window} + {p.budget}) is over "
+                         f"the maximum attended tokens ({p.max_attended})")
+    return p
+
+
 def load_defaults(additional_config: dict | None = None, env: dict | None = None) -> PrescoreParams:
-    """Built-in defaults <- $PRESCORE_CONFIG <- --additional-config {"prescore": {...}}. Raises ValueError."""
+    """Built-in defaults <- $PRESCORE_CONFIG <- --additional-config {"prescore": {...}} <- the ``PRESCORE_*``
+    policy variables (:data:`ENV_POLICY`); the policy checked against the defaults. Raises ValueError."""
     env = os.environ if env is None else env
     merged = _config_dict(env.get(ENV_CONFIG), ENV_CONFIG)
     merged.update(_config_dict((additional_config or {}).get("prescore"), "additional_config.prescore"))
-    return replace(PrescoreParams(), **merged)
+    merged.update(_env_policy(env))
+    return check_policy(replace(PrescoreParams(), **merged))
 
 
 def describe(p: PrescoreParams) -> str:

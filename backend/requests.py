@@ -10,7 +10,11 @@ in the same worker process and keyed by the same batch rows the attention metada
   and ``CommonAttentionMetadata.req_idx`` maps attention rows to those slots.
 
 :class:`PrescoreRequestTracker` implements both interfaces (one ``vllm.logits_processors`` entry point;
-it never changes logits). It validates ``extra_args`` at admission in the frontend (HTTP 400) and fills
+it never changes logits). Its ``validate_params`` hook runs in the frontend for every request of every route
+(OpenAI, Anthropic, SageMaker, token-in/out, ``LLM.generate``): it checks ``extra_args`` against the field rules
+and the server policy (min/max budget, dense allowed, max attended tokens; see params) and raises the
+error vLLM answers with HTTP 400 naming the field. The policy is the frontend's own config
+(:func:`frontend_defaults`). The worker side fills
 :data:`TABLE`: per request slot the resolved :class:`~.params.PrescoreParams`, the prefill length and a
 request tag: block summaries scored under another tag are must-attend. The tag is derived from (method,
 prefill token ids), so identical requests share prefix-cached blocks' scores (V2: the token ids are read
@@ -68,8 +72,9 @@ class RequestTable:
         try:
             self.params[slot] = P.resolve(self.defaults, extra)
         except Exception:  # noqa: BLE001 - validated at admission; never crash the engine here
-            logger.warning("prescore: invalid params reached the worker; request runs dense")
-            self.params[slot] = P.PrescoreParams(budget=0)
+            logger.warning("prescore: params outside the server policy reached the worker; the request runs "
+                           "with the server defaults")
+            self.params[slot] = self.defaults  # obey the policy (checked at startup), never dense by accident
         self.prefill_len[slot] = int(prefill_len)
         self.tag[slot] = content_tag(self.params[slot].method, tokens) if tokens else next(_TAGS)
 
@@ -117,6 +122,31 @@ class RequestTable:
 
 TABLE = RequestTable()
 
+_FRONTEND: list = [None, None]  # [vllm_config, its PrescoreParams]
+
+
+def frontend_defaults(max_frames: int = 8) -> P.PrescoreParams:
+    """Server defaults and policy of the engine whose frontend is validating a request right now.
+
+    ``validate_params`` is a classmethod that vLLM calls without the config; the caller a few frames up is
+    vLLM's ``InputProcessor._validate_params``, whose ``self.vllm_config`` holds ``--additional-config``.
+    Cached per config object. Where no caller holds a config, the environment alone (``PRESCORE_CONFIG``, the
+    ``PRESCORE_*`` policy variables; prescore-serve sets both).
+    """
+    import sys
+
+    f = sys._getframe(1)
+    for _ in range(max_frames):
+        if f is None:
+            break
+        cfg = getattr(f.f_locals.get("self"), "vllm_config", None)
+        if cfg is not None and hasattr(cfg, "additional_config"):
+            if _FRONTEND[0] is not cfg:
+                _FRONTEND[:] = [cfg, P.load_defaults(compat.additional_config(cfg))]
+            return _FRONTEND[1]
+        f = f.f_back
+    return P.load_defaults(None)
+
 _V1 = compat.v1_logits_processor_base()
 _V2 = compat.v2_logits_processor_base()
 
@@ -135,7 +165,7 @@ class PrescoreRequestTracker(*(b for b in (_V2, _V1) if b is not None)):
 
     @classmethod
     def validate_params(cls, sampling_params) -> None:
-        P.validate_request(getattr(sampling_params, "extra_args", None))
+        P.check_request(frontend_defaults(), getattr(sampling_params, "extra_args", None))
 
     # V1 interface
     def is_argmax_invariant(self) -> bool:

@@ -11,7 +11,7 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > 
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 log() { echo "[s6 $(date +%T)] $*"; }
 [ -d /tmp/llama3-8b-dummy ] || python3 "${DUMMY:-/tmp/tools/dummy_model.py}" /tmp/llama3-8b-dummy
-COMMON=(--graphs --workloads "${WORKLOADS:-8x32768,1x131072}" --max-model-len 131200 --budgets "${BUDGETS:-2048}")
+COMMON=(--graphs --workloads "${WORKLOADS:-8x32768,1x130816}" --max-model-len 131072 --budgets "${BUDGETS:-2048}")
 for step in ${STEPS:-sel e2e serve profile}; do
   case $step in
     sel)

@@ -5,10 +5,13 @@ Same parser, same server, same engine as ``vllm serve`` (every vLLM flag works),
 - ``--attention-backend prescore`` unless another backend is given;
 - ``--host 127.0.0.1`` unless ``--host`` is given (vLLM binds every interface by default);
 - ``--middleware prescore.server.middleware.PrescoreMiddleware``: ``key_budget`` / ``prescore`` request
-  fields, budget limits, ``x-prescore-budget`` header, prescore counters on ``/metrics``;
-- budget flags ``--prescore-default-budget``, ``--prescore-min-budget``, ``--prescore-max-budget``,
-  ``--prescore-allow-dense`` / ``--no-prescore-allow-dense`` (defaults from ``PRESCORE_DEFAULT_BUDGET``,
-  ``PRESCORE_MIN_BUDGET``, ``PRESCORE_MAX_BUDGET``, ``PRESCORE_ALLOW_DENSE``);
+  fields on every generation route, ``x-prescore-*`` headers, the API key on every route but /health,
+  prescore counters on ``/metrics``;
+- server-policy flags ``--prescore-default-budget``, ``--prescore-min-budget``, ``--prescore-max-budget``,
+  ``--prescore-max-attended``, ``--[no-]prescore-allow-dense`` and ``--[no-]prescore-protect-metrics``, exported
+  as ``PRESCORE_DEFAULT_BUDGET``, ``PRESCORE_MIN_BUDGET``, ``PRESCORE_MAX_BUDGET``, ``PRESCORE_MAX_ATTENDED``,
+  ``PRESCORE_ALLOW_DENSE``, ``PRESCORE_PROTECT_METRICS`` (the engine reads them: the policy holds on every
+  route), and ``PRESCORE_CONFIG`` merged with ``--additional-config``'s prescore object;
 - ``PRESCORE_METRICS_DIR`` set to a fresh temporary folder unless already set (the engine's workers write
   their counters there; the API server reads them at scrape time);
 - no MODEL: the embedded SmolLM2-135M-Instruct (``prescore.models.smollm2_dir()``).
@@ -21,12 +24,14 @@ from __future__ import annotations
 
 import argparse
 import atexit
+import json
 import os
 import shutil
 import sys
 import tempfile
 
 MIDDLEWARE = "prescore.server.middleware.PrescoreMiddleware"
+ENV_PROTECT_METRICS = "PRESCORE_PROTECT_METRICS"
 
 
 def _has(argv: list[str], flag: str) -> bool:
@@ -34,42 +39,56 @@ def _has(argv: list[str], flag: str) -> bool:
     return any(a in (flag, alt) or a.startswith(flag + "=") or a.startswith(alt + "=") for a in argv)
 
 
-def _env_int(name: str):
-    raw = os.environ.get(name, "").strip()
-    return int(raw) if raw else None
-
-
 def add_prescore_args(parser) -> None:
-    from .schema import ENV_ALLOW_DENSE, ENV_DEFAULT, ENV_MAX, ENV_MIN
+    from .schema import ENV_ALLOW_DENSE, ENV_DEFAULT, ENV_MAX, ENV_MAX_ATTENDED, ENV_MIN
 
-    g = parser.add_argument_group("prescore", "Per-request key budget limits (prescore-serve).")
-    g.add_argument("--prescore-default-budget", type=int, default=_env_int(ENV_DEFAULT), metavar="TOKENS",
-                   help=f"budget of requests that send none (0 = dense); default ${ENV_DEFAULT} or the "
+    g = parser.add_argument_group("prescore", "Server policy for per-request key budgets (prescore-serve); enforced "
+                                              "by the engine on every route. Each flag sets its variable.")
+    g.add_argument("--prescore-default-budget", type=int, default=None, metavar="TOKENS",
+                   help=f"budget of requests that send none (0 = dense); default ${ENV_DEFAULT}, else the "
                         "backend's default (PRESCORE_CONFIG / --additional-config, built-in 2048)")
-    g.add_argument("--prescore-min-budget", type=int, default=_env_int(ENV_MIN) or 0, metavar="TOKENS",
-                   help=f"smallest sparse budget a request may ask for (default ${ENV_MIN} or 0)")
-    g.add_argument("--prescore-max-budget", type=int, default=_env_int(ENV_MAX), metavar="TOKENS",
-                   help=f"largest sparse budget a request may ask for (default ${ENV_MAX} or 16777216)")
-    dense = os.environ.get(ENV_ALLOW_DENSE, "1").strip().lower() not in ("0", "false", "no", "off")
-    g.add_argument("--prescore-allow-dense", action=argparse.BooleanOptionalAction, default=dense,
-                   help=f"accept key_budget 0 (dense attention) (default ${ENV_ALLOW_DENSE} or true)")
+    g.add_argument("--prescore-min-budget", type=int, default=None, metavar="TOKENS",
+                   help=f"smallest sparse budget a request may ask for (default ${ENV_MIN} or the config's "
+                        "min_budget, else 0)")
+    g.add_argument("--prescore-max-budget", type=int, default=None, metavar="TOKENS",
+                   help=f"largest sparse budget a request may ask for (default ${ENV_MAX} or the config's "
+                        "max_budget, else 16777216)")
+    g.add_argument("--prescore-max-attended", type=int, default=None, metavar="TOKENS",
+                   help=f"most sink + window + budget a sparse request may ask for (default ${ENV_MAX_ATTENDED} or "
+                        "the config's max_attended, else max budget + the default sink + window)")
+    g.add_argument("--prescore-allow-dense", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"accept budget 0 (dense attention) (default ${ENV_ALLOW_DENSE} or the config's allow_dense, "
+                        "else true)")
+    g.add_argument("--prescore-protect-metrics", action=argparse.BooleanOptionalAction, default=None,
+                   help=f"with --api-key, /metrics needs the key too (default ${ENV_PROTECT_METRICS} or false)")
 
 
-def limits_from_args(args):
-    from prescore.backend.params import MAX_TOKENS, load_defaults
+FLAG_ENV = {"prescore_default_budget": "PRESCORE_DEFAULT_BUDGET", "prescore_min_budget": "PRESCORE_MIN_BUDGET",
+            "prescore_max_budget": "PRESCORE_MAX_BUDGET", "prescore_max_attended": "PRESCORE_MAX_ATTENDED",
+            "prescore_allow_dense": "PRESCORE_ALLOW_DENSE", "prescore_protect_metrics": ENV_PROTECT_METRICS}
 
-    from .schema import BudgetLimits
 
-    lim = BudgetLimits(default=args.prescore_default_budget, min=args.prescore_min_budget,
-                       max=MAX_TOKENS if args.prescore_max_budget is None else args.prescore_max_budget,
-                       allow_dense=args.prescore_allow_dense)
-    lim.check_startup()
+def policy_env(args, environ=None) -> dict[str, str]:
+    """The environment prescore-serve hands its engine: the flags given as ``PRESCORE_*`` variables and
+    ``PRESCORE_CONFIG`` merged with ``--additional-config``'s ``prescore`` object (so the policy is the same
+    in every process). Raises ValueError if the policy or the defaults are invalid."""
+    from prescore.backend.params import ENV_CONFIG, _config_dict, load_defaults
+
+    environ = dict(os.environ if environ is None else environ)
+    out = {}
+    for attr, var in FLAG_ENV.items():
+        v = getattr(args, attr, None)
+        if v is not None:
+            out[var] = ("1" if v else "0") if isinstance(v, bool) else str(v)
     extra = getattr(args, "additional_config", None) or {}
-    default = lim.default if lim.default is not None else load_defaults(extra).budget
-    why = lim.violation(default)
-    if why:
-        raise ValueError(f"prescore: the default budget {why}")
-    return lim
+    if isinstance(extra, str):
+        extra = json.loads(extra)
+    merged = _config_dict(environ.get(ENV_CONFIG), ENV_CONFIG)
+    merged.update(_config_dict(extra.get("prescore"), "additional_config.prescore"))
+    if merged:
+        out[ENV_CONFIG] = json.dumps(merged)
+    load_defaults(extra, env={**environ, **out})
+    return out
 
 
 def build_parser():
@@ -109,10 +128,10 @@ def prepare(argv: list[str]):
 
         args.model_tag = str(smollm2_dir())
     try:
-        limits = limits_from_args(args)
+        env = policy_env(args)
     except ValueError as e:
         parser.error(str(e))
-    os.environ.update(limits.to_env())
+    os.environ.update(env)
     if not os.environ.get("PRESCORE_METRICS_DIR"):
         d = tempfile.mkdtemp(prefix="prescore-metrics-")
         os.environ["PRESCORE_METRICS_DIR"] = d

@@ -1,9 +1,11 @@
 """prescore's Prometheus metrics, served by vLLM's own ``/metrics`` (same registry, vLLM naming: ``prescore:``
 namespace like vLLM's ``vllm:``, snake_case, unit suffixes, ``_total`` counters, a ``model_name`` label).
 
-- ``prescore:requests_total{model_name, budget_bucket, method, mode}``: requests accepted by the API server
-  (counted when the response starts with HTTP 200), by the budget actually applied (``dense``, ``le_256``,
-  ``le_512``, ... ``le_16384``, ``gt_16384``).
+- ``prescore:requests_total{model_name, budget_bucket, method, mode}``: generation requests served (every
+  generation route; counted when a response with HTTP 200 ends), by the budget applied (``le_256``,
+  ``le_512``, ... ``le_16384``, ``gt_16384``) or ``dense`` when every decode step ran dense: budget 0, or the
+  request's context (prompt + completion tokens from its usage; without usage, the model's max length) fits in
+  sink + window + budget.
 - ``prescore:rejected_requests_total{model_name, field}``: requests answered 400 by the prescore layer, by the
   field at fault (``key_budget``, ``method``, ``mode``, ``sink``, ``window``, ``prescore``, ``vllm_xargs``, ``other``).
 - the backend's per-worker counters (``prescore.backend.metrics``: files under ``PRESCORE_METRICS_DIR``,
@@ -45,7 +47,8 @@ def requests_counter() -> Counter:
     global _requests
     with _lock:
         if _requests is None:
-            _requests = Counter(NAMESPACE + "requests", "Requests accepted by prescore-serve, by applied key budget.",
+            _requests = Counter(NAMESPACE + "requests", "Generation requests served, by applied key budget "
+                                "(dense: every decode step ran dense).",
                                 ["model_name", "budget_bucket", "method", "mode"])
         return _requests
 

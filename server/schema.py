@@ -1,27 +1,30 @@
-"""Request fields prescore adds to the OpenAI completion / chat bodies, and the server's budget limits.
+"""Request fields prescore adds to vLLM's generation bodies, and how they resolve against the server policy.
 
 Imports pydantic and ``prescore.backend.params`` only (no vLLM), so the load generator and tests can use it.
 
-A request may carry, next to the standard OpenAI fields:
+A request may carry, next to the standard fields:
 
 - ``key_budget``: int, tokens of KV cache attended beyond the sink and window; 0 = dense attention
 - ``prescore``: ``{"method", "mode", "sink", "window"}`` (each optional)
 - ``vllm_xargs``: the backend's own per-request keys (``prescore_budget``, ``prescore_method``, ...) keep
   working; a value given both ways must agree.
 
-Server limits (``BudgetLimits``) come from ``prescore-serve`` flags or the environment variables
-``PRESCORE_DEFAULT_BUDGET``, ``PRESCORE_MIN_BUDGET``, ``PRESCORE_MAX_BUDGET``, ``PRESCORE_ALLOW_DENSE``.
+The server policy (min / max budget, dense allowed, max attended tokens) lives in the backend's
+``PrescoreParams`` (``prescore.backend.params``): ``prescore-serve`` flags or the ``PRESCORE_*`` variables
+(:data:`ENV_DEFAULT`, ...), ``PRESCORE_CONFIG``, ``--additional-config``. The engine enforces it on every
+route; :func:`resolve` applies the same rules here so the HTTP layer names the field as the client sent it.
 """
 
 from __future__ import annotations
 
-import os
-from dataclasses import dataclass
+import copy
+from dataclasses import replace
 from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from prescore.backend.params import MAX_TOKENS, METHOD_NAMES, MODE_NAMES, PREFIX, REQUEST_FIELDS
+from prescore.backend.params import (MAX_TOKENS, METHOD_NAMES, MODE_NAMES, PREFIX, REQUEST_FIELDS, PrescoreParams,
+                                     policy_violation, validate_request)
 
 Method = Literal["kmeans", "leverage", "keynorm"]
 Mode = Literal["prior", "quest", "hybrid"]
@@ -31,6 +34,8 @@ ENV_DEFAULT = "PRESCORE_DEFAULT_BUDGET"
 ENV_MIN = "PRESCORE_MIN_BUDGET"
 ENV_MAX = "PRESCORE_MAX_BUDGET"
 ENV_ALLOW_DENSE = "PRESCORE_ALLOW_DENSE"
+ENV_MAX_ATTENDED = "PRESCORE_MAX_ATTENDED"
+TOP_FIELDS = ("key_budget", "prescore")
 
 
 class PrescoreOptions(BaseModel):
@@ -49,7 +54,7 @@ class PrescoreOptions(BaseModel):
 
 
 class PrescoreRequestFields(BaseModel):
-    """The top-level fields prescore reads from a /v1/completions or /v1/chat/completions body."""
+    """The top-level fields prescore reads from a generation request body."""
 
     model_config = ConfigDict(extra="ignore", strict=True)
 
@@ -61,57 +66,6 @@ class PrescoreRequestFields(BaseModel):
     prescore: PrescoreOptions | None = Field(None, description="Sparse-attention options (prescore).")
 
 
-@dataclass(frozen=True)
-class BudgetLimits:
-    default: int | None = None  # None: the backend's default (PRESCORE_CONFIG / --additional-config)
-    min: int = 0
-    max: int = MAX_TOKENS
-    allow_dense: bool = True
-
-    def check_startup(self) -> None:
-        if not 0 <= self.min <= self.max <= MAX_TOKENS:
-            raise ValueError(f"prescore budget limits: need 0 <= min ({self.min}) <= max ({self.max}) <= {MAX_TOKENS}")
-
-    def violation(self, budget: int) -> str | None:
-        """Why ``budget`` is refused, or None."""
-        if budget == 0:
-            return None if self.allow_dense else "dense attention (budget 0) is disabled on this server"
-        if not self.min <= budget <= self.max:
-            dense = "0 (dense) or " if self.allow_dense else ""
-            return f"must be {dense}in [{self.min}, {self.max}] on this server, got {budget}"
-        return None
-
-    @classmethod
-    def from_env(cls, env=None) -> "BudgetLimits":
-        env = os.environ if env is None else env
-
-        def num(name, default):
-            raw = env.get(name, "")
-            if raw.strip() == "":
-                return default
-            try:
-                v = int(raw)
-            except ValueError:
-                raise ValueError(f"{name} must be an integer, got {raw!r}") from None
-            if not 0 <= v <= MAX_TOKENS:
-                raise ValueError(f"{name} must be in [0, {MAX_TOKENS}], got {v}")
-            return v
-
-        dense = env.get(ENV_ALLOW_DENSE, "1").strip().lower()
-        if dense not in ("1", "0", "true", "false", "yes", "no", "on", "off", ""):
-            raise ValueError(f"{ENV_ALLOW_DENSE} must be a boolean, got {dense!r}")
-        lim = cls(default=num(ENV_DEFAULT, None), min=num(ENV_MIN, 0), max=num(ENV_MAX, MAX_TOKENS),
-                  allow_dense=dense in ("1", "true", "yes", "on", ""))
-        lim.check_startup()
-        return lim
-
-    def to_env(self) -> dict[str, str]:
-        out = {ENV_MIN: str(self.min), ENV_MAX: str(self.max), ENV_ALLOW_DENSE: "1" if self.allow_dense else "0"}
-        if self.default is not None:
-            out[ENV_DEFAULT] = str(self.default)
-        return out
-
-
 class FieldError(ValueError):
     """A bad prescore field; ``param`` is the dotted field name as the client sent it."""
 
@@ -121,23 +75,27 @@ class FieldError(ValueError):
 
 
 def _pydantic_error(e: ValidationError) -> FieldError:
+    from prescore.backend.params import _show
+
     err = e.errors()[0]
     loc = ".".join(str(p) for p in err["loc"])
-    value = err.get("input")
-    shown = repr(value) if not isinstance(value, (dict, list)) or len(repr(value)) < 80 else type(value).__name__
-    return FieldError(f"{loc}: {err['msg']} (got {shown})", loc)
+    return FieldError(f"{loc}: {err['msg']} (got {_show(err.get('input'))})", loc)
 
 
-def resolve(body: dict, defaults: dict, limits: BudgetLimits) -> dict:
+def resolve(body: dict, defaults: PrescoreParams, xargs_at: str = "vllm_xargs") -> dict:
     """The request's effective prescore settings {budget, method, mode, sink, window}.
 
-    ``defaults`` holds the backend's server-wide defaults (``PrescoreParams`` as a dict). Raises FieldError
-    naming the offending field: ``key_budget``, ``prescore.mode``, ``vllm_xargs.prescore_budget``, ...
+    ``defaults``: the server's ``PrescoreParams`` (defaults and policy, from ``load_defaults``); ``xargs_at``:
+    where this route keeps the backend's keys (``vllm_xargs``, or ``sampling_params.extra_args`` for
+    ``/inference/v1/generate``). Raises FieldError naming the offending field as sent: ``key_budget``,
+    ``prescore.mode``, ``vllm_xargs.prescore_budget``, ...
     """
     try:
         fields = PrescoreRequestFields.model_validate(body)
     except ValidationError as e:
         raise _pydantic_error(e) from None
+    except RecursionError:
+        raise FieldError("prescore fields are nested too deeply", "prescore") from None
     top = {}
     if fields.key_budget is not None:
         top["budget"] = ("key_budget", fields.key_budget)
@@ -145,45 +103,108 @@ def resolve(body: dict, defaults: dict, limits: BudgetLimits) -> dict:
         for k, v in fields.prescore.model_dump(exclude_none=True).items():
             top[k] = (f"prescore.{k}", v)
 
-    xargs = body.get("vllm_xargs")
+    xargs = _get(body, xargs_at)
     from_x = {}
     if xargs is not None:
         if not isinstance(xargs, dict):
-            raise FieldError(f"vllm_xargs must be an object, got {type(xargs).__name__}", "vllm_xargs")
-        from prescore.backend.params import validate_request
-
+            raise FieldError(f"{xargs_at} must be an object, got {type(xargs).__name__}", xargs_at)
         try:
-            valid = validate_request(xargs)  # the backend's own rules: names and errors as it gives them
+            valid = validate_request(xargs, prefix=xargs_at + ".")  # the backend's own rules and messages
         except Exception as e:  # noqa: BLE001 - VLLMValidationError (naming the field) or ValueError
             if not isinstance(e, ValueError) and getattr(e, "parameter", None) is None:
                 raise
             msg = e.args[0] if e.args else str(e)
-            raise FieldError(str(msg), "vllm_xargs." + str(getattr(e, "parameter", "") or "prescore")) from None
-        from_x = {k: (f"vllm_xargs.{PREFIX}{k}", v) for k, v in valid.items()}
+            raise FieldError(str(msg), str(getattr(e, "parameter", "") or xargs_at)) from None
+        from_x = {k: (f"{xargs_at}.{PREFIX}{k}", v) for k, v in valid.items()}
 
-    out = {k: defaults[k] for k in REQUEST_FIELDS}
-    source = {"budget": "key_budget"}  # a default outside the limits is refused at startup
-    if limits.default is not None:
-        out["budget"] = limits.default
+    out = {k: getattr(defaults, k) for k in REQUEST_FIELDS}
+    source = {}
     for k, (name, v) in from_x.items():
         out[k], source[k] = v, name
     for k, (name, v) in top.items():
         if k in from_x and from_x[k][1] != v:
             raise FieldError(f"{name}={v!r} conflicts with {from_x[k][0]}={from_x[k][1]!r}", name)
         out[k], source[k] = v, name
-    why = limits.violation(out["budget"])
-    if why:
-        raise FieldError(f"{source['budget']} {why}", source["budget"])
+    if defaults.max_attended == 0:
+        defaults = replace(defaults, max_attended=defaults.max_budget + defaults.sink + defaults.window)
+    bad = policy_violation(replace(defaults, **out), set(source))
+    if bad:
+        field, reason = bad
+        name = source.get(field, "key_budget" if field == "budget" else f"prescore.{field}")
+        raise FieldError(f"{name} {reason}", name)
     return out
 
 
-def apply(body: dict, settings: dict) -> dict:
-    """The body vLLM sees: prescore's top-level fields removed, the settings in ``vllm_xargs``."""
-    body = {k: v for k, v in body.items() if k not in ("key_budget", "prescore")}
-    xargs = dict(body.get("vllm_xargs") or {})
+def _get(body: dict, path: str):
+    node = body
+    for part in path.split("."):
+        if not isinstance(node, dict):
+            return None
+        node = node.get(part)
+    return node
+
+
+def apply(body: dict, settings: dict, xargs_at: str = "vllm_xargs") -> dict:
+    """The body vLLM sees: prescore's top-level fields removed, the settings in ``xargs_at``."""
+    body = {k: v for k, v in body.items() if k not in TOP_FIELDS}
+    parent = body
+    *dirs, leaf = xargs_at.split(".")
+    for d in dirs:
+        parent[d] = dict(parent.get(d) or {})
+        parent = parent[d]
+    xargs = dict(parent.get(leaf) or {})
     xargs.update({PREFIX + k: v for k, v in settings.items()})
-    body["vllm_xargs"] = xargs
+    parent[leaf] = xargs
     return body
+
+
+def prescore_fields_in(body: dict, xargs_at: str = "vllm_xargs") -> str | None:
+    """The first prescore field a body carries (for routes that cannot apply them), or None."""
+    for k in TOP_FIELDS:
+        if k in body:
+            return k
+    xargs = _get(body, xargs_at)
+    if isinstance(xargs, dict):
+        for k in xargs:
+            if isinstance(k, str) and k.startswith(PREFIX):
+                return f"{xargs_at}.{k}"
+    return None
+
+
+def ends_dense(settings: dict, block_size: int, context: int | None, completion: int | None = None) -> bool:
+    """Whether every decode step of a request ran dense: budget 0, no decode step at all (one token or
+    none), or its longest context (``context`` tokens) fits in sink + window + budget (whole blocks, the
+    backend's rule)."""
+    if settings["budget"] == 0 or (completion is not None and completion <= 1):
+        return True
+    if context is None:
+        return False
+    cdiv = lambda n: -(-n // block_size)  # noqa: E731
+    return cdiv(context) <= cdiv(settings["sink"]) + cdiv(settings["window"]) + cdiv(settings["budget"])
+
+
+def openapi_fields(p: PrescoreParams) -> dict:
+    """JSON schema of ``key_budget`` and ``prescore`` with this server's limits (for /openapi.json)."""
+    schema = copy.deepcopy(PrescoreRequestFields.model_json_schema(ref_template="#/components/schemas/{model}"))
+    cap = p.max_attended or p.max_budget + p.sink + p.window
+    dense = "0 (dense attention) or " if p.allow_dense else "dense attention (0) disabled; "
+    kb = schema["properties"]["key_budget"]
+    sparse = {"type": "integer", "minimum": max(p.min_budget, 1), "maximum": p.max_budget}
+    if p.allow_dense and p.min_budget <= 1:
+        ints = [{"type": "integer", "minimum": 0, "maximum": p.max_budget}]
+    else:
+        ints = ([{"type": "integer", "const": 0}] if p.allow_dense else []) + [sparse]
+    kb["anyOf"] = ints + [{"type": "null"}]
+    kb["description"] = (f"Tokens of the KV cache each decode step attends beyond sink + window (rounded up to whole "
+                         f"KV blocks). This server: {dense}{max(p.min_budget, 1)}..{p.max_budget}; omitted = "
+                         f"{p.budget}; sink + window + budget <= {cap}.")
+    opts = schema["$defs"]["PrescoreOptions"]["properties"]
+    for k in ("sink", "window"):
+        opts[k]["anyOf"] = [{"type": "integer", "minimum": 0, "maximum": max(cap - max(p.min_budget, 1), 0)},
+                             {"type": "null"}]
+        opts[k].update({"description": opts[k].get("description", "") + f" This server: omitted = {getattr(p, k)}; "
+                                       f"sink + window + budget <= {cap}."})
+    return schema
 
 
 def budget_bucket(budget: int) -> str:
