@@ -66,7 +66,7 @@ _FORMS = ("multipart/form-data", "application/x-www-form-urlencoded")
 
 
 def _json_response(status: int, body: dict) -> tuple[bytes, list]:
-    raw = json.dumps(body).encode()
+    raw = json.dumps(body, separators=(",", ":")).encode()
     return raw, [(b"content-type", b"application/json"), (b"content-length", str(len(raw)).encode())]
 
 
@@ -283,7 +283,7 @@ class PrescoreMiddleware:
                 continue
             if state["strip_usage"] and data.get("choices") == [] and "response" not in data:
                 return None  # the usage chunk only prescore asked for
-            lines[i] = b"data: " + json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+            lines[i] = b"data: " + json.dumps(data, separators=(",", ":")).encode()
         return b"\n".join(lines)
 
     def _reporting_send(self, send, settings: dict, state: dict):
@@ -316,7 +316,7 @@ class PrescoreMiddleware:
                 try:
                     data = json.loads(body)
                     if self._add_usage(data, settings, state):
-                        body = json.dumps(data, ensure_ascii=False, separators=(",", ":")).encode()
+                        body = json.dumps(data, separators=(",", ":")).encode()
                 except (ValueError, RecursionError):
                     pass
                 start = held.pop("start")

@@ -153,3 +153,75 @@ def test_pipeline_parallelism_is_refused_with_a_clear_message():
                                                                           tensor_parallel_size=2)))
     with pytest.raises(ValueError, match="pipeline-parallel-size 2 is not supported"):
         compat.check_parallel(SimpleNamespace(parallel_config=SimpleNamespace(pipeline_parallel_size=2)))
+
+
+POLICY = P.PrescoreParams(budget=64, sink=32, window=64, min_budget=32, max_budget=1024, allow_dense=False)
+
+
+@pytest.mark.parametrize("extra,field,words", [
+    ({"prescore_budget": 0}, "prescore_budget", "dense"),
+    ({"prescore_budget": 8}, "prescore_budget", "[32, 1024]"),
+    ({"prescore_budget": 4096}, "prescore_budget", "[32, 1024]"),
+    ({"prescore_window": 1 << 24}, "prescore_window", "attended"),   # sink + window + budget over the cap
+    ({"prescore_sink": 2000, "prescore_budget": 64}, "prescore_sink", "attended"),
+    ({"prescore_budget": 1024, "prescore_window": 65}, "prescore_budget", "32 + 65 + 1024"),
+])
+def test_server_policy_is_enforced_with_the_request_rules(extra, field, words):
+    with pytest.raises(Exception) as ei:
+        P.check_request(POLICY, extra)
+    assert ei.value.parameter == field and words.replace(" + ", "") in str(ei.value).replace(" + ", ""), str(ei.value)
+    assert str(ei.value).startswith(field)
+
+
+def test_server_policy_accepts_what_it_allows():
+    assert P.check_request(POLICY, {"prescore_budget": 1024}).budget == 1024  # 32 + 64 + 1024 = the cap
+    assert P.check_request(POLICY, {"prescore_budget": 32, "prescore_window": 1024 - 32 + 64}).window == 1056
+    assert P.check_request(POLICY, None) == POLICY
+    p = P.load_defaults({"prescore": {"max_attended": 500, "budget": 256}}, env={})
+    assert p.max_attended == 500 and P.check_request(p, {"prescore_window": 500 - 256 - 16}).window == 228
+    with pytest.raises(Exception, match="500 attended"):
+        P.check_request(p, {"prescore_window": 500 - 256 - 15})
+    assert P.check_request(P.load_defaults({}, env={}), {"prescore_budget": 0}).budget == 0  # dense allowed by default
+
+
+def test_policy_keys_are_server_wide_only():
+    for key in ("prescore_min_budget", "prescore_max_budget", "prescore_allow_dense", "prescore_max_attended"):
+        with pytest.raises(Exception, match=key):
+            P.validate_request({key: 1})
+
+
+def test_frontend_validation_uses_the_calling_engines_config(monkeypatch):
+    """validate_params gets no config from vLLM: it reads the InputProcessor's (the caller's) vllm_config."""
+    from prescore.backend import requests as R
+
+    for var in P.ENV_POLICY:
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.delenv(P.ENV_CONFIG, raising=False)
+
+    class InputProcessor:  # stand-in for vLLM's: validate -> validate_logits_processors_params -> the hook
+        def __init__(self, extra):
+            self.vllm_config = SimpleNamespace(additional_config=extra)
+
+        def _validate_params(self, sp):
+            R.PrescoreRequestTracker.validate_params(sp)
+
+    strict = InputProcessor({"prescore": {"budget": 64, "max_budget": 128, "allow_dense": False}})
+    with pytest.raises(Exception, match="dense"):
+        strict._validate_params(_sp(budget=0))
+    with pytest.raises(Exception, match=r"\[1, 128\]"):
+        strict._validate_params(_sp(budget=256))
+    strict._validate_params(_sp(budget=128))
+    InputProcessor({})._validate_params(_sp(budget=0))  # another engine, the default policy
+    R.PrescoreRequestTracker.validate_params(_sp(budget=0))  # no caller config: the environment's
+    monkeypatch.setenv("PRESCORE_ALLOW_DENSE", "0")
+    with pytest.raises(Exception, match="dense"):
+        R.PrescoreRequestTracker.validate_params(_sp(budget=0))
+
+
+def test_worker_never_runs_dense_by_accident():
+    t = RequestTable()
+    t.configure(4, POLICY)
+    t.set(0, _sp(budget=0), 5)  # a request that slipped past the frontend: the server defaults, not dense
+    assert t.params[0] == POLICY
+    t.set(1, _sp(budget=96), 5)
+    assert t.params[1].budget == 96
