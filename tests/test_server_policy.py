@@ -1,14 +1,15 @@
-"""The server policy without an HTTP server: prescore's ASGI layer in front of a stand-in app (auth table, body
-limits, field handling per route, usage.prescore on streams, dense counting), and LLM.generate in-process
-(the engine's own check, no HTTP layer at all)."""
+"""The server policy below the HTTP layer: prescore's ASGI layer in front of a stand-in app (auth table, body
+limits, field handling per route, usage.prescore on streams, dense counting); the engine's own check with no
+prescore HTTP layer at all: stock `vllm serve` (every route) and LLM.generate in-process."""
 
 import asyncio
 import json
+import sys
 from types import SimpleNamespace
 
 import pytest
 
-from conftest import ENGINE, inprocess_engine_env, requires_vllm, shutdown_llm
+from conftest import ENGINE, inprocess_engine_env, launch, requires_vllm, shutdown_llm
 
 pytestmark = requires_vllm
 KEY = "sekrit"
@@ -256,3 +257,42 @@ def test_llm_generate_obeys_the_policy(tiny_model):
             assert len(out[0].outputs[0].token_ids) == 2
         finally:
             shutdown_llm(llm)
+
+
+# ------------------------------------------------------------------------------- stock vllm serve, no middleware
+
+@pytest.fixture(scope="module")
+def stock_server(tiny_model, tmp_path_factory):
+    from test_server_api import engine_args
+
+    work = tmp_path_factory.mktemp("stock-serve")
+    cmd = [sys.executable, "-m", "vllm.entrypoints.cli.main", "serve", *engine_args(tiny_model),
+           "--attention-backend", "prescore", "--host", "127.0.0.1", "--served-model-name", "tiny",
+           "--additional-config", json.dumps({"prescore": POLICY})]
+    with launch(cmd, work, env_extra={"PRESCORE_METRICS_DIR": str(work / "metrics")}) as srv:
+        yield srv
+
+
+ENGINE_ROUTES = [
+    ("/v1/completions", {"prompt": "hello there", "max_tokens": 2}),
+    ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/v1/chat/completions/batch", {"messages": [[{"role": "user", "content": "hi"}]], "max_tokens": 2}),
+    ("/v1/responses", {"input": "hi", "max_output_tokens": 2}),
+    ("/v1/messages", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 2}),
+    ("/invocations", {"prompt": "hello there", "max_tokens": 2}),
+]
+
+
+def test_engine_enforces_the_policy_on_every_route_without_the_http_layer(stock_server):
+    """Stock `vllm serve --attention-backend prescore` (no prescore middleware): vLLM's admission runs the
+    backend's check with the server's --additional-config policy, whatever route the request came by."""
+    import httpx
+
+    for path, base in ENGINE_ROUTES:
+        url = stock_server["base"] + path
+        for xargs, field in (({"prescore_budget": 0}, "prescore_budget"), ({"prescore_budget": 2048}, "prescore_budget"),
+                             ({"prescore_window": 5000}, "prescore_window"), ({"prescore_mode": "x"}, "prescore_mode")):
+            r = httpx.post(url, json={"model": "tiny", **base, "vllm_xargs": xargs}, timeout=60)
+            assert r.status_code == 400 and field in r.text, (path, xargs, r.status_code, r.text[:300])
+        r = httpx.post(url, json={"model": "tiny", **base, "vllm_xargs": {"prescore_budget": 128}}, timeout=120)
+        assert r.status_code == 200, (path, r.text[:300])
