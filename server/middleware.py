@@ -159,8 +159,8 @@ class PrescoreMiddleware:
 
         headers = Headers(scope=scope)
         ctype = headers.get("content-type", "").split(";", 1)[0].strip().lower()
-        if ctype in _FORMS:  # uploads (audio): vLLM parses them; the engine still enforces the policy
-            return await self.app(scope, receive, send)
+        if ctype in _FORMS and path not in ROUTES and path not in FIXED:
+            return await self.app(scope, receive, send)  # uploads (audio): vLLM parses them; the engine checks
         anthropic = path in ANTHROPIC
 
         async def refuse(status, message, param=None, err_type="BadRequestError", field=None):
@@ -221,11 +221,12 @@ class PrescoreMiddleware:
             body = apply(body, settings, xargs_at)
             if path in STREAM_USAGE and body.get("stream") is True:
                 opts = body.get("stream_options")
-                if opts is None or (isinstance(opts, dict) and not opts.get("include_usage")):
+                if opts is None or (isinstance(opts, dict) and not opts.get("include_usage")
+                                    and not opts.get("continuous_usage_stats")):
                     body["stream_options"] = {**(opts or {}), "include_usage": True}
                     strip_usage = True
             raw = json.dumps(body).encode()
-        hdrs = [(k, v) for k, v in scope["headers"] if k.lower() != b"content-length"]
+        hdrs = [(k, v) for k, v in scope["headers"] if k.lower() not in (b"content-length", b"transfer-encoding")]
         hdrs.append((b"content-length", str(len(raw)).encode()))
         scope = dict(scope, headers=hdrs)
         state: dict = {"strip_usage": strip_usage}
