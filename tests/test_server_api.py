@@ -385,7 +385,7 @@ def test_openapi_reflects_this_servers_limits(server):
 def test_fuzz_prescore_fields_from_the_servers_openapi(server):
     """Property: whatever goes in the prescore fields (drawn from the server's own OpenAPI schema, or any JSON
     at all), on any generation route, the answer is 200 (within the published limits) or a 4xx, never a 5xx."""
-    hypothesis = pytest.importorskip("hypothesis")
+    pytest.importorskip("hypothesis")
     hjs = pytest.importorskip("hypothesis_jsonschema")
     import httpx
     from hypothesis import HealthCheck, given, settings
