@@ -22,6 +22,7 @@ import torch
 from vllm.v1.attention.backend import AttentionCGSupport
 
 from prescore.kernels.decode import sparse_decode
+from prescore.kernels.step_triton import tail_tiles
 
 from . import compat, metrics
 from . import params as P
@@ -40,6 +41,7 @@ class PrescoreCudaBuilder(BaseBuilder):
 
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
+        tail_tiles(kv_cache_spec.head_size)  # refuses a registered scoring method without a Triton tail tile
         self.enabled = not getattr(kv_cache_spec, "sliding_window", None)
         if not self.enabled:
             logger.info("prescore: sliding-window layers %s run dense (vLLM's Triton kernel)", layer_names[:2])

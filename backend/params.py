@@ -1,10 +1,12 @@
-"""Per-request prescore controls and server-wide defaults. Imports no vLLM (except for the error type).
+"""Per-request prescore controls and server-wide defaults. Imports no vLLM (except for the error type);
+the method and mode names come from the kernels' registry (:mod:`prescore.kernels.scoring`, ``Mode``).
 
 Per request: ``SamplingParams.extra_args`` (HTTP ``vllm_xargs``) keys
 
 - ``prescore_budget``  int >= 0, tokens attended beyond sink + window; 0 = dense
-- ``prescore_method``  ``kmeans`` | ``leverage`` | ``keynorm`` (block pre-score)
-- ``prescore_mode``    ``prior`` | ``quest`` | ``hybrid`` (how the budget is spent)
+- ``prescore_method``  a registered scoring method (:data:`METHOD_NAMES`: ``keynorm`` | ``leverage`` |
+  ``kmeans``; block pre-score)
+- ``prescore_mode``    :data:`MODE_NAMES`: ``prior`` | ``quest`` | ``hybrid`` (how the budget is spent)
 - ``prescore_sink``    int >= 0, first tokens always attended
 - ``prescore_window``  int >= 0, last tokens always attended
 
@@ -35,8 +37,10 @@ import json
 import os
 from dataclasses import asdict, dataclass, replace
 
-METHOD_NAMES = ("kmeans", "leverage", "keynorm")
-MODE_NAMES = ("prior", "quest", "hybrid")
+from prescore.kernels.scoring import METHODS
+from prescore.kernels.selection import MODE_NAMES
+
+METHOD_NAMES = tuple(METHODS)  # the scoring-method registry (kernels/scoring.py), in registration order
 PREFIX = "prescore_"
 ENV_CONFIG = "PRESCORE_CONFIG"
 MAX_TOKENS = 1 << 24

@@ -70,9 +70,9 @@ def _floats(s: str) -> list[float]:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from prescore.backend.params import PrescoreParams
+    from prescore.backend import params as P
 
-    d = PrescoreParams()  # the backend's defaults
+    d = P.PrescoreParams()  # the backend's defaults
 
     ap = argparse.ArgumentParser(prog="prescore-eval", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
@@ -83,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--tasks", default="ppl,passkey", help="comma list of ppl, passkey")
     ap.add_argument("--budgets", default="128,256,512", type=_ints,
                     help="total attended tokens per KV head (sink + window + selected)")
-    ap.add_argument("--methods", default="keynorm,leverage,kmeans", help="prior methods")
+    ap.add_argument("--methods", default=",".join(P.METHOD_NAMES), help="prior methods (registered scoring methods)")
     ap.add_argument("--modes", default="static,prior,quest,hybrid",
                     help="static (= sink+window), prior, quest, hybrid; dense always runs")
     ap.add_argument("--block-size", type=int, default=16)

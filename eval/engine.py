@@ -33,7 +33,7 @@ from prescore.kernels import (METHODS, MODES, BlockSummaries, SelectionCache, ge
                               score_prefill, select_blocks, sparse_decode, sparse_decode_ref)
 
 ATTN_NAME = "prescore_eval"
-PRIOR_METHODS = ("keynorm", "leverage", "kmeans")
+PRIOR_METHODS = tuple(METHODS)  # the scoring-method registry, in registration order
 
 _ACTIVE: "SparseEvalEngine | None" = None
 

@@ -1,6 +1,9 @@
 """Query-independent block pre-scoring over the paged KV cache.
 
-Scoring methods are small registered classes (``@register_method``) with one shape contract:
+Scoring methods are small registered dataclasses (``@register_method``: ``name``, parameters as fields, the
+``tile`` of the Triton tail kernel that scores their keys on the CUDA decode path); the registry is the one list
+of methods that the backend, the HTTP schema, the quality harness and the tests derive theirs from. One shape
+contract:
 
 - ``fit(keys)``: ``keys`` ``[H, T, D]`` float32 (one sequence, one layer, all KV heads) -> ``state``
   ``[H, S]`` float32 with ``S = state_size(D)`` (0 for stateless methods). Called once per (sequence, layer)
@@ -21,20 +24,50 @@ request's as must-attend, so a freed-and-reused or prefix-shared block never con
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
+import enum
+from dataclasses import dataclass, is_dataclass
 from typing import ClassVar
 
 import torch
+import triton.language as tl
 
 from .summarize import summarize
+
+
+class Tile(enum.IntEnum):
+    """The scoring tiles of the Triton tail kernel (:func:`.step_triton.score_tail_triton`): a method names the
+    tile that scores its keys from its own state layout (``None``: no Triton tile; the CUDA engine refuses to
+    start while such a method is registered, :func:`.step_triton.tail_tiles`)."""
+
+    KEYNORM = 0  # L2 norm of the key (stateless)
+    LEVERAGE = 1  # (k - mu)^T A^-1 (k - mu); state = mu [D] then A^-1 [D, D] row-major
+    KMEANS = 2  # distance to the nearest centroid / sum of distances in its cluster; state = k centroids, k sums
+
+
+# the same integers as Triton constants (the tail kernel's constexpr dispatch compares with these)
+TILE_KEYNORM, TILE_LEVERAGE, TILE_KMEANS = (tl.constexpr(int(t)) for t in Tile)
 
 METHODS: dict[str, type["ScoringMethod"]] = {}
 
 
 def register_method(cls):
-    if cls.name in METHODS:
-        raise ValueError(f"scoring method {cls.name!r} already registered")
-    METHODS[cls.name] = cls
+    """Register a scoring method: a :class:`ScoringMethod` subclass with a unique ``name`` and a ``tile``
+    (made a dataclass here; its fields are the method's parameters, defaults = what the backend runs). The
+    registry is the one list of methods: the backend's request fields and per-method summaries, the HTTP
+    schema, the quality harness and the tests derive theirs from it (register before ``prescore.backend`` is
+    imported). ``method_id`` (registration order) is what the kernels' per-row method tensors hold."""
+    if not (isinstance(cls, type) and issubclass(cls, ScoringMethod)):
+        raise TypeError(f"register_method: {cls!r} is not a ScoringMethod subclass")
+    name = cls.__dict__.get("name")
+    if not isinstance(name, str) or not name:
+        raise ValueError(f"scoring method {cls.__name__} needs its own name")
+    if name in METHODS:
+        raise ValueError(f"scoring method {name!r} already registered")
+    if cls.tile is not None and not isinstance(cls.tile, Tile):
+        raise ValueError(f"scoring method {name!r}: tile must be a Tile or None, got {cls.tile!r}")
+    if not (is_dataclass(cls) and "__dataclass_fields__" in cls.__dict__):
+        cls = dataclass(cls)
+    METHODS[name] = cls
     cls.method_id = len(METHODS) - 1
     return cls
 
@@ -47,7 +80,11 @@ def get_method(name: str, **kwargs) -> "ScoringMethod":
 
 
 class ScoringMethod:
+    """One scoring method (see the module doc for the shape contract). ``name``: how requests, tables and
+    metrics call it; ``tile``: the Triton tail kernel's tile that scores its keys on the CUDA decode path."""
+
     name: ClassVar[str]
+    tile: ClassVar[Tile | None] = None
     method_id: ClassVar[int]
 
     def state_size(self, head_size: int) -> int:
@@ -68,13 +105,21 @@ class ScoringMethod:
                             summ=None, tag: int = 0):
         """The same for tokens [0, T) of the sequence held in physical blocks ``phys`` of the paged cache.
         A method may write the blocks' summaries itself (given ``summ`` and ``tag``) and return None scores."""
-        if use_triton:
-            from .summarize import gather_keys_triton
+        return self.fit_and_score(_paged_keys(kv_cache, phys, T, use_triton))
 
-            keys = gather_keys_triton(kv_cache, phys, T)
-        else:
-            keys = gather_keys(kv_cache, phys)[:, :T]  # [H, T, D], cache dtype
-        return self.fit_and_score(keys)
+
+def _paged_keys(kv_cache, phys, T, use_triton):
+    """[H, T, D] keys of tokens [0, T) held in ``phys`` (cache dtype, a copy)."""
+    if use_triton:
+        from .summarize import gather_keys_triton
+
+        return gather_keys_triton(kv_cache, phys, T)
+    return gather_keys(kv_cache, phys)[:, :T]
+
+
+def _norm_scored(m: ScoringMethod) -> bool:
+    """Whether the method's key score is the key norm (what ``summarize`` computes when given no scores)."""
+    return type(m).score is KeyNorm.score
 
 
 @register_method
@@ -82,6 +127,7 @@ class KeyNorm(ScoringMethod):
     """Score = L2 norm of the key. Stateless."""
 
     name = "keynorm"
+    tile = Tile.KEYNORM
 
     def score(self, keys, state):
         return torch.linalg.vector_norm(keys, dim=-1)
@@ -103,13 +149,11 @@ class Leverage(ScoringMethod):
     """
 
     name = "leverage"
-
-    def __init__(self, ridge: float = 1e-2, use_triton: bool | None = None, summaries: str = "separate",
-                 inverse: str = "triton"):
-        self.ridge = ridge
-        self.use_triton = use_triton
-        self.summaries = summaries
-        self.inverse = inverse
+    tile = Tile.LEVERAGE
+    ridge: float = 1e-2
+    use_triton: bool | None = None  # None: Triton on CUDA tensors, torch otherwise
+    summaries: str = "separate"
+    inverse: str = "triton"
 
     def state_size(self, head_size):
         return head_size + head_size * head_size
@@ -160,14 +204,12 @@ class KMeans(ScoringMethod):
     """
 
     name = "kmeans"
-
-    def __init__(self, k: int = 32, iters: int = 5, init_sample: int = 256, seed: int = 0,
-                 use_triton: bool | None = None):
-        self.k = k
-        self.iters = iters
-        self.init_sample = init_sample
-        self.seed = seed
-        self.use_triton = use_triton  # None: Triton on CUDA tensors, torch otherwise
+    tile = Tile.KMEANS
+    k: int = 32
+    iters: int = 5
+    init_sample: int = 256
+    seed: int = 0
+    use_triton: bool | None = None  # None: Triton on CUDA tensors, torch otherwise
 
     def state_size(self, head_size):
         return self.k * head_size + self.k
@@ -346,12 +388,16 @@ def score_prefill(kv_cache: torch.Tensor, summ: BlockSummaries, block_table_row:
         state, ks = method.fit_and_score_paged(kv_cache, phys, nv, use_triton, summ, int(tag))
         if ks is None:
             return state
+    else:
+        state = kv_cache.new_zeros(H, 0, dtype=torch.float32)
+        if method.state_size(D) == 0 and not _norm_scored(method):  # a stateless score of its own
+            ks = method.score(_paged_keys(kv_cache, phys, nv, use_triton).float(), state)
+        state = state if final else None
+    if ks is not None:
         if ks.stride(0) == n * BS and ks.stride(1) == 1:  # block-padded rows (Triton leverage): a view
             ks = ks.as_strided((n, H, BS), (BS, n * BS, 1))
         else:
             ks = torch.nn.functional.pad(ks, (0, n * BS - nv)).view(H, n, BS).transpose(0, 1)  # [n, H, BS]
-    elif final:
-        state = kv_cache.new_zeros(H, 0, dtype=torch.float32)
     summarize(kv_cache, summ, phys, nv, int(tag), ks, use_triton)
     return state
 
@@ -373,11 +419,11 @@ def score_decode_tail(kv_cache: torch.Tensor, summ: BlockSummaries, block_table:
     phys = torch.gather(block_table.long(), 1, lblk[:, None])[:, 0]  # [B]
     nvalid = (last - lblk * BS + 1).to(torch.int32)
     ks = None
-    stateful = {mid: m for mid, m in methods.items() if m.state_size(D) > 0}
-    if stateful:
+    own = {mid: m for mid, m in methods.items() if not _norm_scored(m)}  # else summarize's key norm
+    if own:
         kblk = key_view(kv_cache)[phys].float()  # [B, H, BS, D]
         ks = torch.linalg.vector_norm(kblk, dim=-1)
-        for mid, m in stateful.items():
+        for mid, m in own.items():
             s = m.score(kblk, states[..., : m.state_size(D)])
             ks = torch.where((method_ids == mid)[:, None, None], s, ks)
     nvalid = torch.where(seq > 0, nvalid, torch.zeros_like(nvalid))  # 0 valid tokens: the item writes nothing

@@ -20,6 +20,8 @@ import math
 import triton
 import triton.language as tl
 
+from .selection import MODE_HYBRID, MODE_PRIOR
+
 CH_MAX = 8192  # keys held in registers up to this many blocks per row (131k tokens at block 16)
 FORCED = tl.constexpr(3.0e38)
 MUST = tl.constexpr(1.0e38)
@@ -127,7 +129,7 @@ def _select_kernel(
         packed = _packed(nblk, budget, sink, window)
         ck = CKEY + r * stride_ck_r + h * stride_ck_h
         old_packed = tl.load(ck + 1)
-        same = (tl.load(ck) == rtag) & (mode == 0)
+        same = (tl.load(ck) == rtag) & (mode == MODE_PRIOR)
         hit = same & (old_packed == packed)
         # query-aware rows between re-selections (every EVERY tokens): keep the cached choice, appending the
         # block a new token opened (see _reuse)
@@ -192,14 +194,14 @@ def _packed(nblk, budget, sink, window):
 
 @triton.jit
 def _reuse(CKEY, KCOUNTS, r, h, rtag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h, stride_cn_b):
-    """Whether a query-aware row (mode != 0) keeps its cached selection this step: 0 = select afresh, 1 = keep
+    """Whether a query-aware row (mode != MODE_PRIOR) keeps its cached selection this step: 0 = select afresh, 1 = keep
     it (same block count), 2 = keep it and append the block the new token opened. A row re-selects when its
     length is a multiple of EVERY (EVERY 1: every step), when its request, controls or cached state changed, or
     when there is no room to append."""
     ck = CKEY + r * stride_ck_r + h * stride_ck_h
     old = tl.load(ck + 1)
     kc = tl.load(KCOUNTS + r * stride_cn_b + h)
-    ok = (tl.load(ck) == rtag) & (mode != 0) & ((old >> 24) == (packed >> 24)) & ((seq % EVERY) != 0)
+    ok = (tl.load(ck) == rtag) & (mode != MODE_PRIOR) & ((old >> 24) == (packed >> 24)) & ((seq % EVERY) != 0)
     old_n = (old & 0xFFFFFF).to(tl.int32)
     keep = ok & (old_n == nblk)
     app = ok & (old_n == nblk - 1) & (kc >= 0) & (kc < S)
@@ -269,10 +271,10 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
     total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
 
     if HAS_QKEY:
-        if mode != 0:
+        if mode != MODE_PRIOR:
             # first stage: forced (+ the prior share for hybrid) by the prior key
             n_first = n_forced
-            if mode == 2:
+            if mode == MODE_HYBRID:
                 n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
             n_first = tl.minimum(n_first, total)
             thr, ties = _threshold(ws, MB, n_first, CH, ONE)
@@ -419,7 +421,7 @@ def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, BND, PMAX, ROW, CKEY, KCOUNTS, 
     start = s * CHUNK
     offs_g = tl.arange(0, G_PAD)
     best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    live = (mode != 0) & (start < nblk)
+    live = (mode != MODE_PRIOR) & (start < nblk)
     if USE_CACHE:  # rows that keep their cached selection this step (the selection kernel decides the same)
         packed = _packed(nblk, tl.load(BUDGET + b).to(tl.int32), tl.load(SINK + b).to(tl.int32),
                          tl.load(WINDOW + b).to(tl.int32))

@@ -26,14 +26,29 @@ backend uses), such a row is returned dense instead (never drops a must-attend b
 
 from __future__ import annotations
 
+import enum
 import math
 from dataclasses import dataclass
 
 import torch
+import triton.language as tl
 
 from .scoring import BlockSummaries
 
-MODES = {"prior": 0, "quest": 1, "hybrid": 2}
+
+class Mode(enum.IntEnum):
+    """How a row spends its budget; the per-row ``mode`` tensors hold these integers. The one list of modes:
+    ``MODES`` / ``MODE_NAMES`` (params, HTTP schema, eval) and the Triton constants below derive from it."""
+
+    PRIOR = 0
+    QUEST = 1
+    HYBRID = 2
+
+
+MODES = {m.name.lower(): int(m) for m in Mode}  # name -> integer
+MODE_NAMES = tuple(MODES)
+# the same integers as Triton constants (the kernels compare the loaded per-row mode with these)
+MODE_PRIOR, MODE_QUEST, MODE_HYBRID = (tl.constexpr(int(m)) for m in Mode)
 
 _FORCED = 3.0e38  # sink / window
 _MUST = 1.0e38  # never scored for this request

@@ -26,9 +26,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from prescore.backend.params import (MAX_TOKENS, METHOD_NAMES, MODE_NAMES, PREFIX, REQUEST_FIELDS, PrescoreParams,
                                      policy_violation, validate_request)
 
-Method = Literal["kmeans", "leverage", "keynorm"]
-Mode = Literal["prior", "quest", "hybrid"]
-assert set(Method.__args__) == set(METHOD_NAMES) and set(Mode.__args__) == set(MODE_NAMES)
+Method = Literal[METHOD_NAMES]  # the scoring-method registry (prescore.kernels.scoring)
+Mode = Literal[MODE_NAMES]  # prescore.kernels.selection.Mode
 
 ENV_DEFAULT = "PRESCORE_DEFAULT_BUDGET"
 ENV_MIN = "PRESCORE_MIN_BUDGET"

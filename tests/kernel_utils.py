@@ -1,6 +1,10 @@
-"""Shared builders for the kernel tests: random paged caches in vLLM's layouts."""
+"""Shared builders for the kernel tests: random paged caches in vLLM's layouts, the methods x modes matrix."""
+
+import contextlib
 
 import torch
+
+from prescore.kernels import METHODS, MODE_NAMES, register_method
 
 
 def rel_err(out, ref):
@@ -30,3 +34,38 @@ def make_paged(seq_lens, Hkv, D, BS, dtype, layout="NHD", extra_blocks=3, scale=
         bt[b, n:] = perm[-1]  # padding entries point at a real block, as vLLM's do
         o += n
     return kv.to(device), bt.to(device), torch.tensor(seq_lens, dtype=torch.int32, device=device)
+
+
+# ----------------------------------------------------------------------------------------------------------
+# The one test matrix: every registered scoring method x every mode, from the registry (kernel tests
+# parametrize from these, never from hand-written lists)
+# ----------------------------------------------------------------------------------------------------------
+
+METHOD_NAMES = tuple(METHODS)
+QUERY_MODES = tuple(m for m in MODE_NAMES if m != "prior")  # the modes that read the query
+MATRIX = [(m, md) for m in METHOD_NAMES for md in MODE_NAMES]
+
+
+@contextlib.contextmanager
+def registered(cls):
+    """``cls`` registered as a scoring method for the block (appended: the others keep their ids), then removed."""
+    cls = register_method(cls)
+    try:
+        yield cls
+    finally:
+        METHODS.pop(cls.name, None)
+
+
+def compile_for_cuda(kernel, pointers: dict, constexprs: dict, arch: int = 90):
+    """Compile a Triton kernel for an NVIDIA GPU (sm_``arch``) on this machine, no GPU needed: what the CUDA
+    path would build. ``pointers``: {arg: "*bf16", ...}; other non-constexpr args are int64 scalars."""
+    import inspect
+
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.compiler import ASTSource
+
+    names = list(inspect.signature(kernel.fn).parameters)
+    sig = {n: pointers.get(n, "constexpr" if n in constexprs else "i64") for n in names}
+    return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
+                          target=GPUTarget("cuda", arch, 32))

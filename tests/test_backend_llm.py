@@ -138,11 +138,11 @@ def test_prescore_forward_ran_counters(runs):
 def test_sparse_rows_attend_what_the_spec_says(runs):
     from prescore.kernels.decode import sparse_decode_ref
     from prescore.backend.params import PrescoreParams
-    from prescore.kernels.selection import select_blocks_ref
+    from prescore.kernels.selection import MODES, select_blocks_ref
 
     cap = runs["capture"]
     assert len(cap) == len(SPARSE) * (NEW - 1) * 2
-    modes = {0: "prior", 1: "quest", 2: "hybrid"}
+    modes = {i: name for name, i in MODES.items()}
     mismatched = reused = 0
     prev = {}
     for c in cap:

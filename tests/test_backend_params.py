@@ -225,3 +225,23 @@ def test_worker_never_runs_dense_by_accident():
     assert t.params[0] == POLICY
     t.set(1, _sp(budget=96), 5)
     assert t.params[1].budget == 96
+
+
+def test_methods_and_modes_come_from_the_kernel_registry():
+    """One list of scoring methods (the registry) and one of modes (``Mode``): params, the HTTP schema, the
+    quality harness and the backend's per-method store derive theirs from them."""
+    from prescore.eval.engine import PRIOR_METHODS
+    from prescore.kernels import METHODS, MODE_NAMES, MODES, Mode
+    from prescore.kernels.step_triton import tail_tiles
+    from prescore.server.schema import Method, Mode as ModeLiteral
+
+    names = tuple(METHODS)
+    assert P.METHOD_NAMES == PRIOR_METHODS == Method.__args__ == names
+    assert P.MODE_NAMES == MODE_NAMES == ModeLiteral.__args__ == tuple(m.name.lower() for m in Mode)
+    assert [MODES[n] for n in MODE_NAMES] == [int(m) for m in Mode]
+    assert [METHODS[n].method_id for n in names] == list(range(len(names)))  # kernel id = store column
+    assert len(tail_tiles(64)[0]) == len(names)  # every shipped method has a Triton tail tile
+    for n in names:
+        P.validate_request({"prescore_method": n})
+    for n in MODE_NAMES:
+        P.validate_request({"prescore_mode": n})

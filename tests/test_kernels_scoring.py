@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernel_utils import make_paged, rel_err
+from kernel_utils import METHOD_NAMES, make_paged, rel_err
 from prescore.kernels import METHODS, BlockSummaries, get_method, score_decode_tail, score_prefill
 from prescore.kernels.scoring import KMeans, Leverage, block_scores_ref, gather_keys, kmeans_score_ref, leverage_ref
 
@@ -84,7 +84,7 @@ def test_kmeans_fewer_keys_than_clusters():
 
 
 @IMPLS
-@pytest.mark.parametrize("method", ["keynorm", "leverage", "kmeans"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 @pytest.mark.parametrize("BS,layout", [(16, "NHD"), (32, "HND")])
 def test_prefill_scores_every_block(method, BS, layout, triton):
     gen = torch.Generator().manual_seed(3)
@@ -95,7 +95,8 @@ def test_prefill_scores_every_block(method, BS, layout, triton):
     state = score_prefill(kv, summ, bt[0], 0, L, m, tag=11, final=True, use_triton=triton)
     assert state.shape == (H, m.state_size(D))
     keys = seq_keys(kv, bt[0], L)
-    ks = m.score(keys.float(), state) if method != "kmeans" else m.fit_and_score(keys.to(kv.dtype))[1]
+    # the prompt's own scores: k-means scores them by its last assignment (not a fresh one from the state)
+    ks = m.fit_and_score(keys.to(kv.dtype))[1] if isinstance(m, KMeans) else m.score(keys.float(), state)
     ref = block_scores_ref(ks.double(), L, BS)
     nblk = ref.shape[1]
     phys = bt[0, :nblk].long()
@@ -112,7 +113,7 @@ def test_prefill_scores_every_block(method, BS, layout, triton):
         assert rel_err(ks, keys.norm(dim=-1)) < 1e-5
 
 
-@pytest.mark.parametrize("method", ["keynorm", "leverage", "kmeans"])
+@pytest.mark.parametrize("method", METHOD_NAMES)
 def test_chunked_prefill_equals_one_shot(method):
     gen = torch.Generator().manual_seed(4)
     L, H, D, BS = 150, 2, 32, 16
@@ -139,7 +140,7 @@ def test_decode_tail_rescores_newest_block(triton):
     lens = [40, 64, 17, 100, 0]  # tail blocks: partial, exactly full, 1 token, partial; a padding row
     kv, bt, seq = make_paged(lens, H, D, BS, torch.bfloat16, gen=gen)
     summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.bfloat16, "cpu")
-    names = ["keynorm", "leverage", "kmeans", "leverage"]
+    names = [METHOD_NAMES[i % len(METHOD_NAMES)] for i in range(4)]
     methods = {get_method(n).method_id: get_method(n) for n in set(names)}
     S = max(mm.state_size(D) for mm in methods.values())
     states = torch.zeros(len(lens), H, S)

@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from kernel_utils import make_paged, rel_err
+from kernel_utils import MODE_NAMES, QUERY_MODES, make_paged, rel_err
 from prescore.kernels import (MODES, BlockSummaries, get_method, score_prefill, select_blocks, select_blocks_ref,
                               sparse_decode, sparse_decode_ref)
 
@@ -58,7 +58,7 @@ def check_against_ref(summ, bt, seq, tags, q, budgets, sinks, windows, modes, pr
 
 
 @IMPLS
-@pytest.mark.parametrize("mode", ["prior", "quest", "hybrid"])
+@pytest.mark.parametrize("mode", MODE_NAMES)
 def test_modes_match_reference(mode, triton):
     kv, bt, seq, summ, tags, q = build([400, 257, 90, 33], seed=1, stale=[(0, 5), (1, 7)])
     check_against_ref(summ, bt, seq, tags, q, budgets=[4, 3, 2, 8], sinks=[1, 2, 0, 1], windows=[2, 1, 1, 1],
@@ -67,7 +67,7 @@ def test_modes_match_reference(mode, triton):
 
 @IMPLS
 @pytest.mark.parametrize("beta", [0.5, 0.0])
-@pytest.mark.parametrize("mode", ["quest", "hybrid"])
+@pytest.mark.parametrize("mode", QUERY_MODES)
 def test_quest_beta_matches_reference(mode, beta, triton):
     kv, bt, seq, summ, tags, q = build([400, 257, 90, 33], seed=4, stale=[(0, 5)])
     check_against_ref(summ, bt, seq, tags, q, budgets=[4, 3, 2, 8], sinks=[1, 2, 0, 1], windows=[2, 1, 1, 1],
@@ -160,7 +160,7 @@ def test_selection_cache_is_exact_across_decode_steps():
     t = torch.tensor
     cache = SelectionCache.allocate(8, 2, 30, "cpu")
     rows = t([5, 0, 3], dtype=torch.int32)
-    modes = t([0, 2, 0])
+    modes = t([MODES["prior"], MODES["hybrid"], MODES["prior"]])
     for step in range(20):
         s = seq + step
         if step == 12:  # slot 3 gets a new request: new tag, different scores

@@ -1,78 +1,191 @@
 """The decode fast path's fused kernels (kernels/step_triton.py) and the selection's per-row method columns /
 overflow-to-dense, against the torch references (TRITON_INTERPRET=1 on CPU)."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import pytest
 import torch
 
-from kernel_utils import make_paged, rel_err
-from prescore.kernels import BlockSummaries, MODES, get_method, score_prefill, select_blocks
-from prescore.kernels.scoring import gather_keys
+from kernel_utils import METHOD_NAMES, make_paged, registered, rel_err
+from prescore.kernels import METHODS, MODES, BlockSummaries, ScoringMethod, get_method, score_prefill, select_blocks
+from prescore.kernels.scoring import Leverage, gather_keys, score_decode_tail
 from prescore.kernels.select_triton import select_blocks_triton
-from prescore.kernels.step_triton import row_stats_triton, score_tail_triton
+from prescore.kernels.step_triton import row_stats_triton, score_tail_triton, tail_tiles
 
-NAMES = ("kmeans", "leverage", "keynorm")  # column order, as the backend's per-layer store
+
+class RidgeOne(Leverage):
+    """A method registered by a test: leverage with another ridge (another fitted state), the leverage tile."""
+
+    name = "leverage_ridge1"
+    ridge: float = 1.0
+
+
+class AbsMax(ScoringMethod):
+    """A method registered by a test without a Triton tile: largest |channel| of the key (stateless)."""
+
+    name = "absmax"
+
+    def score(self, keys, state):
+        return keys.float().abs().amax(-1)
+
+
+EXTRA = {"registry": None, "new-tiled-method": RidgeOne}
 
 
 def _setup(lens, names, H=2, D=64, BS=16, seed=5, dtype=torch.bfloat16):
+    """Paged cache, per-method summaries (columns in registry order, as the backend's store) and each row's
+    fitted state after a prefill of all but its last token; ``names[b]`` None = a padding row."""
+    cols_all = tuple(METHODS)
     gen = torch.Generator().manual_seed(seed)
     kv, bt, seq = make_paged(lens, H, D, BS, dtype, gen=gen)
-    NB, M = kv.shape[0], len(NAMES)
+    NB, M = kv.shape[0], len(cols_all)
     scores = torch.zeros(NB, M, H)
     kmin = torch.zeros(NB, H, D, dtype=dtype)
     kmax = torch.zeros(NB, H, D, dtype=dtype)
     tags = torch.full((M, NB), -1, dtype=torch.int64)
-    S = max(get_method(n).state_size(D) for n in NAMES)
+    S = max(get_method(n).state_size(D) for n in cols_all)
     states = torch.zeros(len(lens) + 3, H, S)
     srows = torch.arange(len(lens)) + 2  # state rows != batch rows
     for b, (L, n) in enumerate(zip(lens, names)):
         if n is None or L == 0:
             continue
-        c = NAMES.index(n)
+        c = cols_all.index(n)
         summ = BlockSummaries(scores[:, c], kmin, kmax, tags[c])
         st = score_prefill(kv, summ, bt[b], 0, L - 1, get_method(n), tag=b, final=True)
         states[srows[b], :, : st.shape[1]] = st
     mids = torch.tensor([get_method(n).method_id if n else -1 for n in names])
-    cols = torch.tensor([NAMES.index(n) if n else 0 for n in names])
+    cols = torch.tensor([cols_all.index(n) if n else 0 for n in names])
     return kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols
 
 
+def _tail_rows(BS):
+    """Two rows per registered method (a partial and a full tail block), a padding row in between."""
+    lens, names = [], []
+    for i, n in enumerate(METHODS):
+        lens += [BS + 1 + 7 * i, BS * (2 + i)]
+        names += [n, n]
+    return lens[:3] + [0] + lens[3:], names[:3] + [None] + names[3:]
+
+
+@pytest.mark.parametrize("extra", list(EXTRA))
 @pytest.mark.parametrize("only_full", [False, True])
-def test_tail_kernel_scores_each_rows_own_method(only_full):
+def test_tail_kernel_scores_each_rows_own_method(only_full, extra):
+    """Every registered method (and one a test registers: it reaches the kernel's dispatch through the
+    registry alone) scores its rows' tail blocks with its own tile, as its torch ``score`` does."""
     BS, D = 16, 64
-    lens = [40, 64, 17, 96, 0, 48]  # partial, full, 1 token, full, a padding row, full
-    names = ["keynorm", "leverage", "kmeans", "kmeans", None, "leverage"]
-    kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols = _setup(lens, names, D=D, BS=BS)
-    bt[4] = bt[0]  # the padding row's table points at a live block: it must not touch it
-    before = (scores.clone(), tags.clone(), kmin.clone())
-    rtags = torch.arange(len(lens)) + 100
-    score_tail_triton(kv, scores, kmin, kmax, tags, bt, seq, mids, cols, states, srows, rtags, only_full=only_full)
-    written = [b for b, L in enumerate(lens) if L and (not only_full or L % BS == 0)]
-    touched = {int(bt[b, (lens[b] - 1) // BS]) for b in written}
-    others = torch.tensor([i not in touched for i in range(kv.shape[0])])
-    assert torch.equal(scores[others], before[0][others]) and torch.equal(tags[:, others], before[1][:, others])
-    assert torch.equal(kmin[others], before[2][others])
-    for b in written:
-        L, m = lens[b], get_method(names[b])
-        j, c = (L - 1) // BS, NAMES.index(names[b])
-        keys = gather_keys(kv, bt[b, j:j + 1])[:, : L - j * BS].float()
-        ref = m.score(keys, states[srows[b], :, : m.state_size(D)]).amax(-1)
-        phys = int(bt[b, j])
-        assert rel_err(scores[phys, c], ref) < 1e-4, names[b]
-        assert torch.equal(kmax[phys].float(), keys.amax(1)) and torch.equal(kmin[phys].float(), keys.amin(1))
-        assert tags[c, phys] == rtags[b]
-        assert (tags[[i for i in range(3) if i != c], phys] == before[1][[i for i in range(3) if i != c], phys]).all()
+    with registered(EXTRA[extra]) if EXTRA[extra] else _nothing():
+        lens, names = _tail_rows(BS)
+        kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols = _setup(lens, names, D=D, BS=BS)
+        pad = names.index(None)
+        bt[pad] = bt[0]  # the padding row's table points at a live block: it must not touch it
+        before = (scores.clone(), tags.clone(), kmin.clone())
+        rtags = torch.arange(len(lens)) + 100
+        score_tail_triton(kv, scores, kmin, kmax, tags, bt, seq, mids, cols, states, srows, rtags,
+                          only_full=only_full)
+        written = [b for b, L in enumerate(lens) if L and (not only_full or L % BS == 0)]
+        touched = {int(bt[b, (lens[b] - 1) // BS]) for b in written}
+        others = torch.tensor([i not in touched for i in range(kv.shape[0])])
+        assert torch.equal(scores[others], before[0][others]) and torch.equal(tags[:, others], before[1][:, others])
+        assert torch.equal(kmin[others], before[2][others])
+        M = len(METHODS)
+        for b in written:
+            L, m = lens[b], get_method(names[b])
+            j, c = (L - 1) // BS, int(cols[b])
+            keys = gather_keys(kv, bt[b, j:j + 1])[:, : L - j * BS].float()
+            ref = m.score(keys, states[srows[b], :, : m.state_size(D)]).amax(-1)
+            phys = int(bt[b, j])
+            assert rel_err(scores[phys, c], ref) < 1e-4, names[b]
+            assert torch.equal(kmax[phys].float(), keys.amax(1)) and torch.equal(kmin[phys].float(), keys.amin(1))
+            assert tags[c, phys] == rtags[b]
+            rest = [i for i in range(M) if i != c]
+            assert (tags[rest, phys] == before[1][rest, phys]).all()
+        if EXTRA[extra]:  # the new method's scores are not another method's (its own state and tile)
+            b = names.index(EXTRA[extra].name) + 1
+            j = (lens[b] - 1) // BS
+            keys = gather_keys(kv, bt[b, j:j + 1]).float()
+            assert rel_err(keys.norm(dim=-1).amax(-1), scores[int(bt[b, j]), int(cols[b])]) > 1e-2
+
+
+class _nothing:
+    def __enter__(self):
+        return None
+
+    def __exit__(self, *a):
+        return False
+
+
+def test_tail_kernel_compiles_for_cuda_with_every_registered_tile():
+    """The tail kernel's constexpr dispatch over the registry, a newly registered method included, builds for
+    an H100 (sm_90): Triton's NVIDIA compiler on this machine, no GPU (a process without the interpreter)."""
+    code = textwrap.dedent("""
+        from kernel_utils import compile_for_cuda, registered
+        from prescore.kernels import METHODS
+        from prescore.kernels.step_triton import _tail_kernel, tail_tiles
+        from test_kernels_step import RidgeOne
+
+        D = 128
+        ptrs = {"KV": "*bf16", "BT": "*i32", "SEQ": "*i32", "MID": "*i64", "COL": "*i64", "STATES": "*fp32",
+                "SROW": "*i64", "RTAG": "*i64", "SCORES": "*fp32", "KMIN": "*bf16", "KMAX": "*bf16", "TAGS": "*i64"}
+        with registered(RidgeOne):
+            tiles, sizes = tail_tiles(D)
+            assert len(tiles) == len(METHODS) and tiles[RidgeOne.method_id] == int(RidgeOne.tile)
+            try:
+                out = compile_for_cuda(_tail_kernel, ptrs, dict(HEAD_SIZE=D, D_PAD=D, BS=16, DC=32, KM_PAD=32,
+                                                               ONLY_FULL=True, TILES=tiles, STATES_S=sizes))
+            except ImportError as e:
+                raise SystemExit(f"SKIP {e}")
+        assert out.asm["cubin"]
+        print("compiled", tiles)
+    """)
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
+    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
+    if r.returncode and "SKIP" in r.stderr:
+        pytest.skip(r.stderr.strip()[-300:])
+    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+
+
+def test_method_without_tile_is_refused_on_cuda_and_scored_by_torch():
+    """A registered method without a Triton tile: the CUDA engine's start check (``tail_tiles``, called by
+    the CUDA builder) and the tail launch refuse it by name, never scoring it as another method; the torch
+    paths (CPU backend) score it with its own ``score``."""
+    BS, H, D = 16, 2, 32
+    with registered(AbsMax):
+        with pytest.raises(ValueError, match="absmax.*no Triton tail tile"):
+            tail_tiles(D)
+        gen = torch.Generator().manual_seed(8)
+        kv, bt, seq = make_paged([70, 40], H, D, BS, torch.float32, gen=gen)
+        summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.float32, "cpu")
+        m = get_method("absmax")
+        for b, L in enumerate(seq.tolist()):
+            score_prefill(kv, summ, bt[b], 0, L - 1, m, tag=b, final=True)
+        states = torch.zeros(2, H, 0)
+        mids = torch.full((2,), m.method_id)
+        with pytest.raises(ValueError, match="absmax"):
+            score_tail_triton(kv, summ.scores[:, None], summ.kmin, summ.kmax, summ.tags[None], bt, seq, mids,
+                              torch.zeros(2, dtype=torch.long), states, torch.arange(2), torch.arange(2))
+        score_decode_tail(kv, summ, bt, seq, mids, states, torch.arange(2), {m.method_id: m}, use_triton=False)
+        for b, L in enumerate(seq.tolist()):
+            nblk = -(-L // BS)
+            keys = gather_keys(kv, bt[b, :nblk])[:, :L]
+            ref = torch.stack([keys[:, j * BS:(j + 1) * BS].abs().amax((1, 2)) for j in range(nblk)], 1)
+            assert torch.allclose(summ.scores[bt[b, :nblk].long()].T, ref), b
 
 
 def test_select_per_row_columns_equal_per_method_selection():
     BS, H = 16, 2
+    names = [METHOD_NAMES[i % len(METHOD_NAMES)] for i in range(4)]
     lens = [300, 257, 160, 500]
-    names = ["kmeans", "leverage", "keynorm", "leverage"]
+    M = len(METHOD_NAMES)
     gen = torch.Generator().manual_seed(2)
     kv, bt, seq = make_paged(lens, H, 32, BS, torch.float32, gen=gen)
     NB = kv.shape[0]
-    scores = torch.rand(NB, 3, H, generator=gen)
-    tags = torch.randint(0, 3, (3, NB), generator=gen) + 100  # some blocks stale per column
-    cols = torch.tensor([NAMES.index(n) for n in names])
+    scores = torch.rand(NB, M, H, generator=gen)
+    tags = torch.randint(0, 3, (M, NB), generator=gen) + 100  # some blocks stale per column
+    cols = torch.tensor([METHOD_NAMES.index(n) for n in names])
     rtag = torch.full((4,), 101)
     t = lambda x: torch.tensor(x)  # noqa: E731
     args = (t([4, 3, 2, 6]), t([1, 0, 2, 1]), t([2, 1, 0, 2]), t([MODES["prior"]] * 4), t([4, 3, 2, 6]), rtag)
@@ -156,7 +269,7 @@ def test_split_quest_bound_matches_torch(G, beta):
     kmax = kv[..., :D].amax(2)
     B = len(lens)
     q = torch.randn(B, H * G, D, generator=gen) * 3
-    mode = torch.tensor([1, 2, 2, 0])
+    mode = torch.tensor([MODES[m] for m in ("quest", "hybrid", "hybrid", "prior")])
     bnd, pmax = st.quest_bounds_triton(q, kmin, kmax, bt, seq, mode, BS, beta=beta)
     assert pmax.shape[2] == -(-bt.shape[1] // st.QB_CHUNK) > 1
     out = st.quest_key_from_bounds(bnd, pmax, seq, BS)
