@@ -344,11 +344,6 @@ class BlockSummaries:
             tags=torch.full((num_blocks,), -1, dtype=torch.int64, device=device),
         )
 
-    @staticmethod
-    def bytes_per_block(num_kv_heads: int, head_size: int, dtype: torch.dtype) -> int:
-        el = torch.empty((), dtype=dtype).element_size()
-        return num_kv_heads * 4 + 2 * num_kv_heads * head_size * el + 8
-
 
 def key_view(kv_cache: torch.Tensor) -> torch.Tensor:
     """[NB, H, BS, 2D] -> K view [NB, H, BS, D] (strided, no copy)."""

@@ -331,8 +331,8 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     a query-aware row re-selects only when its length is a multiple of ``every`` (see ``_reuse``).
 
     ``stats = (sparse [B], labels [B], acc [L, 4] float64)``: also add each sparse row's (selected tokens,
-    context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (what
-    :func:`prescore.kernels.step_triton.row_stats_triton` does, without its own launch)."""
+    context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (a head
+    the selection turned dense adds nothing; the tail block's unfilled slots are not tokens)."""
     import torch
 
     # per-row controls are indexed by row without strides (contiguous() is free when they already are)

@@ -6,10 +6,11 @@ method and fitted state (methods mixed in one batch: ``method_ids [B]``, ``cols 
 in the per-method summaries) and write its summaries (score, key min/max, tag). ``only_full=True`` scores a
 block once, on the step it fills: a partial tail block is always inside the recent window (attended whatever
 its summaries say), so its summaries are first read once it is full. ``score_decode_tail`` (torch) is the
-reference: with ``only_full=False`` the results are the same.
+reference: with ``only_full=False`` the results are the same. The kernel is specialised on the method registry
+(:func:`tail_tiles`: each ``method_id``'s :class:`~prescore.kernels.scoring.Tile` and state size, constexpr);
+each row runs its own method's tile.
 
-``row_stats_triton``: the backend's device counters (selected tokens / context / selected blocks / context
-blocks per counter label) from the selection counts, one atomic add per row.
+(The backend's device counters are added by the selection launch: ``select_blocks_triton(stats=...)``.)
 """
 
 from __future__ import annotations
@@ -154,42 +155,6 @@ def score_tail_triton(kv_cache: torch.Tensor, scores: torch.Tensor, kmin: torch.
         HEAD_SIZE=D, D_PAD=D_PAD, BS=BS, DC=min(32, D_PAD), KM_PAD=max(16, triton.next_power_of_2(km_k)),
         ONLY_FULL=only_full, TILES=tiles, STATES_S=sizes, num_warps=4,
     )
-
-
-@triton.jit
-def _stats_kernel(KCOUNTS, SROW, SEQ, SPARSE, LABEL, ACC, s_kc_r, s_acc, H: tl.constexpr, H_PAD: tl.constexpr,
-                  BS: tl.constexpr):
-    b = tl.program_id(0)
-    sparse = tl.load(SPARSE + b)
-    if sparse != 0:
-        r = tl.load(SROW + b).to(tl.int64)
-        hh = tl.arange(0, H_PAD)
-        kc = tl.load(KCOUNTS + r * s_kc_r + hh, mask=hh < H, other=0)
-        seq = tl.load(SEQ + b).to(tl.int32)
-        nblk = (seq + BS - 1) // BS
-        ok = tl.min(tl.where(hh < H, kc, 0), 0) >= 0  # a row the selection turned dense counts as nothing here
-        if ok:
-            cnt = tl.sum(kc, 0).to(tl.float64) / H
-            # the tail block is always selected (recent window); its unfilled slots are not tokens
-            tok = cnt * BS - (nblk * BS - seq).to(tl.float64)
-            a = ACC + tl.load(LABEL + b).to(tl.int64) * s_acc
-            tl.atomic_add(a, tok)
-            tl.atomic_add(a + 1, seq.to(tl.float64))
-            tl.atomic_add(a + 2, cnt)
-            tl.atomic_add(a + 3, nblk.to(tl.float64))
-
-
-def row_stats_triton(kcounts: torch.Tensor, state_rows: torch.Tensor, seq_lens: torch.Tensor,
-                     sparse: torch.Tensor, labels: torch.Tensor, acc: torch.Tensor, block_size: int) -> None:
-    """acc[labels[b]] += (selected tokens, context tokens, selected blocks, context blocks) of each sparse row b
-    (per-KV-head means); ``kcounts [R, H]`` read at ``state_rows[b]`` (negative = dense: skipped)."""
-    B = seq_lens.shape[0]
-    H = kcounts.shape[1]
-    if B == 0:
-        return
-    state_rows, seq_lens, sparse, labels = (t.contiguous() for t in (state_rows, seq_lens, sparse, labels))
-    _stats_kernel[(B,)](kcounts, state_rows, seq_lens, sparse, labels, acc, kcounts.stride(0), acc.stride(0),
-                        H=H, H_PAD=max(2, triton.next_power_of_2(H)), BS=block_size, num_warps=1)
 
 
 @triton.jit

@@ -13,7 +13,7 @@ from kernel_utils import METHOD_NAMES, make_paged, registered, rel_err
 from prescore.kernels import METHODS, MODES, BlockSummaries, ScoringMethod, get_method, score_prefill, select_blocks
 from prescore.kernels.scoring import Leverage, gather_keys, score_decode_tail
 from prescore.kernels.select_triton import select_blocks_triton
-from prescore.kernels.step_triton import row_stats_triton, score_tail_triton, tail_tiles
+from prescore.kernels.step_triton import score_tail_triton, tail_tiles
 
 
 class RidgeOne(Leverage):
@@ -233,27 +233,6 @@ def test_tail_block_is_attended_with_zero_window():
         assert (sel.counts == 4).all() and (sel.ids[0, :, 3] == 15).all()
 
 
-def test_row_stats_kernel_matches_torch():
-    BS, H = 16, 4
-    kc = torch.tensor([[5, 5, 5, 5], [-1, -1, -1, -1], [7, 6, 7, 6], [3, 3, 3, 3], [9, 9, 9, 9]], dtype=torch.int32)
-    srows = torch.tensor([2, 0, 3, 1])
-    seq = torch.tensor([1000, 40, 333, 0], dtype=torch.int32)
-    sparse = torch.tensor([1, 1, 1, 0])
-    labels = torch.tensor([4, 1, 4, 0])
-    acc = torch.zeros(9, 4, dtype=torch.float64)
-    row_stats_triton(kc, srows, seq, sparse, labels, acc, BS)
-    exp = torch.zeros(9, 4, dtype=torch.float64)
-    for b in range(4):
-        k = kc[srows[b]]
-        if not sparse[b] or (k < 0).any():
-            continue
-        nblk = -(-int(seq[b]) // BS)
-        cnt = float(k.double().mean())
-        exp[labels[b]] += torch.tensor([cnt * BS - (nblk * BS - int(seq[b])), float(seq[b]), cnt, nblk],
-                                       dtype=torch.float64)
-    assert torch.allclose(acc, exp)
-
-
 @pytest.mark.parametrize("G,beta", [(1, 1.0), (3, 1.0), (4, 1.0), (3, 0.5), (4, 0.0), (8, 0.5)])
 def test_split_quest_bound_matches_torch(G, beta):
     """The split bound kernel (chunks of QB_CHUNK blocks over the grid) + the group key built from its per-head
@@ -290,26 +269,41 @@ def test_split_quest_bound_matches_torch(G, beta):
         assert torch.allclose(out[b, :, :n], ref[b, :, :n], atol=1e-4, rtol=1e-4)
 
 
+def _stats_ref(kcounts, rows, seq, sparse, labels, L, BS):
+    """The backend's device counters from the selection counts, in torch: per sparse row and KV head the
+    selection did not turn dense, acc[label] += (selected tokens, context tokens, selected blocks, context
+    blocks) / H (the tail block's unfilled slots are not tokens)."""
+    H = kcounts.shape[1]
+    acc = torch.zeros(L, 4, dtype=torch.float64)
+    for b in range(seq.numel()):
+        if not sparse[b]:
+            continue
+        S, nblk = int(seq[b]), -(-int(seq[b]) // BS)
+        for kc in kcounts[int(rows[b])].tolist():
+            if kc >= 0:
+                acc[labels[b]] += torch.tensor([kc * BS - (nblk * BS - S), S, kc, nblk], dtype=torch.float64) / H
+    return acc
+
+
 def test_selection_launch_adds_the_row_stats():
-    """``select_blocks_triton(stats=...)`` adds the same device counters as ``row_stats_triton`` run after it."""
+    """``select_blocks_triton(stats=...)`` adds the backend's device counters (torch computation beside it):
+    a sparse row, a dense-by-request row, a row the overflow turns dense, on full, cached and grown steps."""
     from prescore.kernels import SelectionCache
 
     BS, H = 16, 2
-    kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols = _setup([700, 333, 90], ["kmeans", "keynorm", "leverage"], H=H)
+    names = [METHOD_NAMES[i % len(METHOD_NAMES)] for i in range(4)]
+    kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols = _setup([700, 333, 90, 900], names, H=H)
+    tags[cols[3], bt[3, 5:45].long()] = -1  # row 3: 40 never-scored blocks, over the capacity: turned dense
     t = torch.tensor
-    cache = SelectionCache.allocate(6, H, 40, "cpu")
+    cache = SelectionCache.allocate(7, H, 40, "cpu")
     rows = srows.to(torch.int32)
-    sparse, labels = t([1, 1, 0]), t([2, 0, 1])
-    acc = torch.zeros(4, 4, dtype=torch.float64)
+    sparse, labels = t([1, 1, 0, 1]), t([2, 0, 1, 3])
+    ctl = (t([4, 3, 2, 4]), t([1, 1, 1, 1]), t([2, 2, 2, 2]), t([MODES["prior"]] * 4), t([0] * 4), t([0, 1, 2, 3]))
     for step in range(3):  # full, cached and one-block-more steps
         s = seq + 16 * step
-        select_blocks_triton(scores, tags, bt, s, t([4, 3, 2]), t([1, 1, 1]), t([2, 2, 2]), t([0, 0, 0]), t([0, 0, 0]),
-                             t([0, 1, 2]), 40, BS, cache=cache, rows=rows, cols=cols, overflow_dense=True,
-                             stats=(sparse, labels, acc))
-        exp = torch.zeros(4, 4, dtype=torch.float64)
-        row_stats_triton(cache.kcounts, rows, s, sparse, labels, exp, BS)
         got = torch.zeros(4, 4, dtype=torch.float64)
-        select_blocks_triton(scores, tags, bt, s, t([4, 3, 2]), t([1, 1, 1]), t([2, 2, 2]), t([0, 0, 0]), t([0, 0, 0]),
-                             t([0, 1, 2]), 40, BS, cache=cache, rows=rows, cols=cols, overflow_dense=True,
-                             stats=(sparse, labels, got))
-        assert torch.allclose(got, exp) and got.abs().sum() > 0
+        select_blocks_triton(scores, tags, bt, s, *ctl, 40, BS, cache=cache, rows=rows, cols=cols,
+                             overflow_dense=True, stats=(sparse, labels, got))
+        assert (cache.kcounts[rows[3].long()] < 0).all() and (cache.kcounts[rows[:3].long()] > 0).all()
+        exp = _stats_ref(cache.kcounts, rows, s, sparse, labels, 4, BS)
+        assert torch.allclose(got, exp) and got[[2, 0]].abs().sum() > 0 and not got[1:2].any() and not got[3].any()
