@@ -1,7 +1,7 @@
 """Probe: device time of each launch of the query-aware decode path (bound, selection, sparse decode) per layer."""
 import sys, torch, json
 sys.path.insert(0, ".")
-from kernels.bench import graph_time_ms, paged_cache, HQ, HKV, D, BS
+from kernels_bench import graph_time_ms, paged_cache, HQ, HKV, D, BS
 from kernels.selection import MODES, BlockSummaries
 from kernels.step_triton import quest_bound_triton
 from kernels.select_triton import select_blocks_triton

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
-from kernels.bench import BS, D, HKV, HQ, graph_time_ms, paged_cache  # noqa: E402
+from kernels_bench import BS, D, HKV, HQ, graph_time_ms, paged_cache  # noqa: E402
 from kernels.decode import sparse_decode  # noqa: E402
 from kernels.select_triton import quest_bounds_triton, select_blocks_triton  # noqa: E402
 from kernels.selection import MODES, SelectionCache  # noqa: E402

@@ -31,12 +31,11 @@ for step in ${STEPS:-bench smollm2 qwen}; do
   case $step in
     bench)
       log "kernels bench"
-      (cd /tmp && python3 -m prescore.kernels.bench --out "$RES/kernels-h100.json") > "$RES/kernels-bench.log" 2>&1
+      python3 benchmarks/kernels_bench.py --out "$RES/kernels-h100.json" > "$RES/kernels-bench.log" 2>&1
       log "bench rc=$?" ;;
     questbench)
       log "quest bound variants"
-      (cd /tmp && timeout 300 python3 -m prescore.kernels.bench --quest --out "$RES/quest-bench.json") \
-        > "$RES/quest-bench.log" 2>&1
+      timeout 300 python3 benchmarks/kernels_bench.py --quest --out "$RES/quest-bench.json" > "$RES/quest-bench.log" 2>&1
       log "questbench rc=$?" ;;
     smollm2) quality smollm2 2 SMOLLM2_DIR ;;
     qwen) quality qwen 8 QWEN_DIR ;;

@@ -1,11 +1,13 @@
 """Kernel benchmark on a CUDA GPU: checks, then times decode and scoring; prints a table, writes JSON.
 
-    python -m prescore.kernels.bench --out results/kernels-h100.json            # full table (H100: ~4 min)
-    python -m prescore.kernels.bench --quick                                    # small smoke run
-    python -m prescore.kernels.bench --sweep                                    # tile/warp sweep only
-    python -m prescore.kernels.bench --only-scoring                             # scoring rows only (~1 min)
-    python -m prescore.kernels.bench --leverage-variants                        # leverage: every stage variant
-    python -m prescore.kernels.bench --profile                                  # torch.profiler of scoring
+    python benchmarks/kernels_bench.py --out results/kernels-h100.json   # full table (H100: ~4 min)
+    python benchmarks/kernels_bench.py --quick                           # small smoke run
+    python benchmarks/kernels_bench.py --sweep                           # tile/warp sweep only
+    python benchmarks/kernels_bench.py --only-scoring                    # scoring rows only (~1 min)
+    python benchmarks/kernels_bench.py --leverage-variants               # leverage: every stage variant
+    python benchmarks/kernels_bench.py --profile                         # torch.profiler of scoring
+
+(from the repo root: it imports the repo's ``kernels/``, not an installed ``prescore``)
 
 Decode rows (Hq=32, Hkv=8, D=128, bf16, block 16, vLLM's GPU cache layout, shuffled physical blocks):
 ``dense_sdpa_ms``  torch SDPA (GQA) over contiguous K/V;
@@ -30,9 +32,10 @@ import time
 import torch
 import torch.nn.functional as F
 
-from .decode import sparse_decode, sparse_decode_ref
-from .scoring import BlockSummaries, get_method, score_prefill
-from .selection import MODES, SelectionCache, select_blocks
+sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repo's kernels/
+from kernels.decode import sparse_decode, sparse_decode_ref  # noqa: E402
+from kernels.scoring import BlockSummaries, get_method, score_prefill  # noqa: E402
+from kernels.selection import MODES, SelectionCache, select_blocks  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 SINK, WINDOW = 64, 256  # tokens (the backend's defaults)
@@ -128,7 +131,7 @@ def paged_cache(B: int, L: int, gen: torch.Generator):
 
 def check(gen: torch.Generator) -> list[str]:
     """Compiled kernels vs the float64 reference on fresh random inputs (odd sizes, GQA 1..8, D 64/128/256)."""
-    from .selection import Selection  # noqa: F401
+    from kernels.selection import Selection  # noqa: F401
 
     lines = []
     cases = [(64, 1, 16, [1, 17, 1000]), (64, 3, 16, [333, 5]), (128, 4, 16, [4099, 16, 70]),
@@ -172,9 +175,9 @@ def check(gen: torch.Generator) -> list[str]:
             if err > 1.5e-2:
                 raise SystemExit("\n".join(lines))
     # selection, summaries and k-means++ init: Triton vs the torch versions, on the GPU
-    from .kmeans_triton import kmeanspp_triton  # noqa: F401
-    from .scoring import KMeans
-    from .summarize import summarize_torch, summarize_triton
+    from kernels.kmeans_triton import kmeanspp_triton  # noqa: F401
+    from kernels.scoring import KMeans
+    from kernels.summarize import summarize_torch, summarize_triton
 
     for L in (4099, 20000):
         kv, bt = paged_cache(2, L - L % BS + BS, gen)
@@ -368,7 +371,7 @@ def print_scoring(scoring: list[dict]):
 def profile_scoring(L: int, gen: torch.Generator):
     from torch.profiler import ProfilerActivity, profile
 
-    from .leverage_triton import inverse_triton
+    from kernels.leverage_triton import inverse_triton
 
     a = torch.randn(HKV, D, D, device="cuda", generator=gen)
     a = a @ a.transpose(1, 2) + D * torch.eye(D, device="cuda")
@@ -394,7 +397,7 @@ def profile_scoring(L: int, gen: torch.Generator):
 
 
 def print_tuned():
-    from .leverage_triton import tuned_configs
+    from kernels.leverage_triton import tuned_configs
 
     for k, v in sorted(tuned_configs().items(), key=str):
         print(f"leverage tuned {k[0]:5s} T<2^{k[1]} H={k[2]} D={k[3]} BS={k[4]} {str(k[5])[6:]} {k[7:]}: {v}")
@@ -425,9 +428,9 @@ def _rel(x, y) -> float:
 
 def check_leverage(gen: torch.Generator) -> tuple[list[str], bool]:
     """Triton leverage (every summaries path, tuned configs) against the float64 reference on the GPU."""
-    from .leverage_triton import fit_and_score_triton
-    from .scoring import Leverage, gather_keys
-    from .summarize import summarize_torch
+    from kernels.leverage_triton import fit_and_score_triton
+    from kernels.scoring import Leverage, gather_keys
+    from kernels.summarize import summarize_torch
 
     lines, ok = [], True
     for dt, L, modes in ((torch.bfloat16, 4099, ("gram", "quad", "separate")), (torch.bfloat16, 32768, ("gram",)),
@@ -459,9 +462,9 @@ def check_leverage(gen: torch.Generator) -> tuple[list[str], bool]:
 def leverage_variants(L: int, gen: torch.Generator):
     """Device time of every variant of every leverage stage (median of CUDA-graph replays), its error against
     float64, and the end-to-end paths; one table, so that one GPU run can decide the defaults."""
-    from . import leverage_triton as lt
-    from .scoring import Leverage, gather_keys
-    from .summarize import summarize_triton
+    from kernels import leverage_triton as lt
+    from kernels.scoring import Leverage, gather_keys
+    from kernels.summarize import summarize_triton
 
     kv, bt = leverage_keys(L, gen)
     phys = bt[0]
@@ -536,8 +539,8 @@ def leverage_variants(L: int, gen: torch.Generator):
 def quest_rows(gen: torch.Generator) -> list[dict]:
     """Query-aware selection on the GPU: the Triton Quest bound against the torch reference, then device time of
     the bound alone, of hybrid selection + sparse decode (bound recomputed every step), and of dense SDPA."""
-    from .selection import quest_bound
-    from .step_triton import QUEST_DEFAULT, QUEST_VARIANTS, quest_bound_triton
+    from kernels.selection import quest_bound
+    from kernels.step_triton import QUEST_DEFAULT, QUEST_VARIANTS, quest_bound_triton
 
     default = "{}/chb{}/w{}".format(QUEST_DEFAULT, *QUEST_VARIANTS[QUEST_DEFAULT])  # what select_blocks runs
 
@@ -621,7 +624,7 @@ def sweep(gen: torch.Generator):
             for nw in (4, 8):
                 for ns in (2, 3, 4):
                     for split_mult in (1, 2):
-                        from .decode import choose_num_splits
+                        from kernels.decode import choose_num_splits
                         nsp = choose_num_splits(B, HKV, bt.shape[1], q.device, bpi) * split_mult
                         try:
                             t = graph_time_ms(lambda: sparse_decode(q, kv, bt, seq, out=out, blocks_per_iter=bpi,
@@ -638,7 +641,7 @@ def sweep(gen: torch.Generator):
 
 
 def main(argv=None):
-    from . import leverage_triton
+    from kernels import leverage_triton
 
     # the benchmark tunes the leverage configs on this GPU (opt-in in a serving engine: PRESCORE_LEVERAGE_TUNE=1)
     leverage_triton._TUNE = os.environ.get("PRESCORE_LEVERAGE_TUNE", "1") != "0"
@@ -677,7 +680,7 @@ def main(argv=None):
         if args.out:
             with open(args.out, "w") as f:
                 json.dump({"device": dev, "torch": torch.__version__, "quest": rows,
-                           "command": "python -m prescore.kernels.bench --quest --out " + args.out}, f, indent=1)
+                           "command": "python benchmarks/kernels_bench.py --quest --out " + args.out}, f, indent=1)
         return
     if args.only_scoring:
         lines, ok = check_leverage(gen) if not args.no_check else ([], True)
@@ -734,7 +737,7 @@ def main(argv=None):
               f"{r['dense_paged_vs_sdpa']:>10.3f}")
     print_scoring(scoring)
     res = {"device": dev, "copy_gbps": round(gbps, 1), "torch": torch.__version__,
-           "command": "python -m prescore.kernels.bench --out results/kernels-h100.json",
+           "command": "python benchmarks/kernels_bench.py --out results/kernels-h100.json",
            "decode": decode, "scoring": scoring}
     if args.out:
         with open(args.out, "w") as f:
