@@ -371,16 +371,6 @@ def print_scoring(scoring: list[dict]):
 def profile_scoring(L: int, gen: torch.Generator):
     from torch.profiler import ProfilerActivity, profile
 
-    from kernels.leverage_triton import inverse_triton
-
-    a = torch.randn(HKV, D, D, device="cuda", generator=gen)
-    a = a @ a.transpose(1, 2) + D * torch.eye(D, device="cuda")
-    for blk, nw in ((0, 4), (16, 4), (16, 8), (16, 16), (32, 8)):
-        ms = graph_time_ms(lambda: inverse_triton(a, num_warps=nw, block=blk), 8)
-        err = float((inverse_triton(a, num_warps=nw, block=blk) @ a - torch.eye(D, device="cuda")).abs().max())
-        print(f"inverse (pivot block {blk or 'scalar'}, num_warps={nw}): {ms * 1e3:.1f} us, "
-              f"max|A^-1 A - I| = {err:.1e}")
-
     kv, bt = paged_cache(1, L, gen)
     summ = BlockSummaries.allocate(kv.shape[0], HKV, D, torch.bfloat16, "cuda")
     for name in ("leverage", "kmeans"):
@@ -427,34 +417,30 @@ def _rel(x, y) -> float:
 
 
 def check_leverage(gen: torch.Generator) -> tuple[list[str], bool]:
-    """Triton leverage (every summaries path, tuned configs) against the float64 reference on the GPU."""
-    from kernels.leverage_triton import fit_and_score_triton
-    from kernels.scoring import Leverage, gather_keys
+    """Triton leverage (tuned configs) + the summarize pass, as the backend runs them, against the float64
+    reference on the GPU."""
+    from kernels.scoring import Leverage, gather_keys, score_prefill
     from kernels.summarize import summarize_torch
 
     lines, ok = [], True
-    for dt, L, modes in ((torch.bfloat16, 4099, ("gram", "quad", "separate")), (torch.bfloat16, 32768, ("gram",)),
-                         (torch.float16, 4099, ("gram",))):
+    for dt, L in ((torch.bfloat16, 4099), (torch.bfloat16, 32768), (torch.float16, 4099)):
         kv, bt = leverage_keys(L, gen, dt)
         phys = bt[0]
         st_ref, lev_ref = Leverage().fit_and_score(gather_keys(kv, phys)[:, :L].double())
         ref = BlockSummaries.allocate(kv.shape[0], HKV, D, dt, "cuda")
         summarize_torch(kv, ref, phys, L, 3, _per_block(lev_ref))
-        for mode in modes:
-            summ = BlockSummaries.allocate(kv.shape[0], HKV, D, dt, "cuda")
-            st, lev = fit_and_score_triton(kv, phys, L, 1e-2, summ, 3, summaries=mode)
-            if lev is None:
-                lev = fit_and_score_triton(kv, phys, L, 1e-2)[1]
-            else:
-                summarize_torch(kv, summ, phys, L, 3, _per_block(lev))
-            errs = (_rel(st, st_ref), _rel(lev, lev_ref), _rel(summ.scores[phys.long()], ref.scores[phys.long()]))
-            same = torch.equal(summ.kmin, ref.kmin) and torch.equal(summ.kmax, ref.kmax) \
-                and torch.equal(summ.tags, ref.tags)
-            good = max(errs) < 1e-4 and same
-            ok = ok and good
-            lines.append(f"check leverage {str(dt)[6:]:8s} L={L:5d} {mode:8s} rel_err state={errs[0]:.1e} "
-                         f"scores={errs[1]:.1e} block scores={errs[2]:.1e}, min/max/tags "
-                         f"{'equal' if same else 'DIFFER'} {'ok' if good else 'FAIL'}")
+        summ = BlockSummaries.allocate(kv.shape[0], HKV, D, dt, "cuda")
+        m = Leverage()
+        st, lev = m.fit_and_score_paged(kv, phys, L, use_triton=True)
+        score_prefill(kv, summ, torch.cat([phys, phys[:1]]), 0, L, m, tag=3, final=True)
+        errs = (_rel(st, st_ref), _rel(lev, lev_ref), _rel(summ.scores[phys.long()], ref.scores[phys.long()]))
+        same = torch.equal(summ.kmin, ref.kmin) and torch.equal(summ.kmax, ref.kmax) \
+            and torch.equal(summ.tags, ref.tags)
+        good = max(errs) < 1e-4 and same
+        ok = ok and good
+        lines.append(f"check leverage {str(dt)[6:]:8s} L={L:5d} rel_err state={errs[0]:.1e} "
+                     f"scores={errs[1]:.1e} block scores={errs[2]:.1e}, min/max/tags "
+                     f"{'equal' if same else 'DIFFER'} {'ok' if good else 'FAIL'}")
         del kv, bt
     return lines, ok
 
@@ -486,9 +472,7 @@ def leverage_variants(L: int, gen: torch.Generator):
 
     print(f"--- leverage variants, L={L}, H={HKV}, D={D}, bf16, block {BS} (device us: CUDA-graph replays)")
     for c in lt.GRAM_CONFIGS:
-        for ks in (False, True):
-            row("gram", f"{tuple(c)}{' +min/max' if ks else ''}",
-                lambda c=c, ks=ks: lt._gram_partials(kv, phys, L, c, summ if ks else None, 1))
+        row("gram", f"{tuple(c)}", lambda c=c: lt._gram_partials(kv, phys, L, c))
     pg, ps, P = lt._gram_partials(kv, phys, L, lt.GRAM_CONFIGS[0])
     state = torch.empty(HKV, D + D * D, device="cuda")
     row("reduce", f"P={P}", lambda: lt._reduce(pg, ps, P, L, state, D))
@@ -499,9 +483,6 @@ def leverage_variants(L: int, gen: torch.Generator):
                                    num_warps=c.warps)
         fit()
         row("fit", f"pivot block {c.block or 'scalar'}, {c.warps} warps", fit, _rel(state[:, D:], st_ref[:, D:]))
-    lt._inverse_torch(gc, state, 1e-2, D)
-    row("fit", "torch cholesky_ex + cholesky_inverse", lambda: lt._inverse_torch(gc, state, 1e-2, D),
-        _rel(state[:, D:], st_ref[:, D:]), graph=False)
     st = st_ref.float()
     mu, ainv = st[:, :D], st[:, D:]
     kc = keys - mu[:, None, :].double()
@@ -509,25 +490,17 @@ def leverage_variants(L: int, gen: torch.Generator):
     del kc, keys
     out = torch.empty(HKV, L, device="cuda")
     for c in lt.QUAD_CONFIGS:
-        lt._quad_launch(kv, phys, L, mu, ainv, out, None, 1, True, c)
-        row("quad", f"{tuple(c)} keys", lambda c=c: lt._quad_launch(kv, phys, L, mu, ainv, out, None, 1, True, c),
-            _rel(out, q_ref))
-        row("quad", f"{tuple(c)} +block max",
-            lambda c=c: lt._quad_launch(kv, phys, L, mu, ainv, None, summ, 1, False, c))
-        row("quad", f"{tuple(c)} +block max +min/max",
-            lambda c=c: lt._quad_launch(kv, phys, L, mu, ainv, None, summ, 1, True, c))
+        lt._quad_launch(kv, phys, L, mu, ainv, out, c)
+        row("quad", f"{tuple(c)} keys", lambda c=c: lt._quad_launch(kv, phys, L, mu, ainv, out, c), _rel(out, q_ref))
     ks = _per_block(out)
     row("summ", "separate summarize pass", lambda: summarize_triton(kv, summ, phys, L, 1, ks))
     row("summ", "torch.zeros_like (launch floor)", lambda: torch.zeros_like(mu))
     # end to end with the tuned configs, as the backend calls it: device time, then host + device (eager)
-    for mode in ("gram", "quad", "separate"):
-        for inv in ("triton", "torch"):
-            m = Leverage(summaries=mode, inverse=inv)
-            fn = lambda m=m: score_prefill(kv, summ, bt[0], 0, L, m, tag=1, final=True)  # noqa: E731
-            fn()
-            if inv == "triton":
-                row("e2e", f"summaries={mode} inverse={inv}", fn)
-            row("e2e-eager", f"summaries={mode} inverse={inv}", fn, graph=False)
+    m = Leverage()
+    fn = lambda: score_prefill(kv, summ, bt[0], 0, L, m, tag=1, final=True)  # noqa: E731
+    fn()
+    row("e2e", "score_prefill", fn)
+    row("e2e-eager", "score_prefill", fn, graph=False)
     print_tuned()
     print("\n--- best per stage")
     for stage in ("gram", "fit", "quad", "e2e", "e2e-eager"):

@@ -3,27 +3,26 @@
 ``fit_triton`` (state row per KV head: ``[mu | A^-1]``, ``A = K_c^T K_c + lam I``, ``lam = ridge * tr / D``):
 
 1. ``_gram_kernel``: grid (KV head, chunk of tokens); partial sums of K^T K (tensor-core dot of the bf16/fp16
-   keys, exact operands, fp32 accumulation) and of K. Optionally also the per-block key min/max and tag of the
-   blocks it reads (the Quest half of the block summaries; no separate pass over the keys).
+   keys, exact operands, fp32 accumulation) and of K.
 2. ``_reduce_kernel``: grid (KV head, row stripe); sums the partials and centres them
    (``K^T K - T mu mu^T``); writes ``mu`` into the state.
 3. ``_fit_kernel``: grid (KV head); adds the ridge and inverts in registers. Blocked symmetric sweep: for each
    pivot block of SB rows, invert the SB x SB pivot block by the scalar sweep, then one rank-SB update of the
    whole matrix (a ``tl.dot`` in 3xTF32: fp32-level accuracy on tensor cores; an IEEE fp32 dot that size
    spills). D / SB dependent block steps instead of D scalar ones; SB=0 is the plain scalar sweep.
-   ``inverse="torch"`` uses cuSOLVER (Cholesky) instead.
 
 ``quad_triton``: ``l_i = (k_i - mu)^T A^-1 (k_i - mu)``. The key tile is an exact dot operand in the cache dtype;
 A^-1 is split into hi + lo halves of that dtype (after an exact power-of-two scaling), so
 ``y = k A^-1 - mu^T A^-1`` is two tensor-core dots with ~16-bit-mantissa accuracy on A^-1 (fp32 caches: one
-3xTF32 dot of the centred keys); ``l = sum((k - mu) * y)`` in fp32. Optionally writes the block summaries
-itself (block max score, and the key min/max + tag when the Gram pass did not).
+3xTF32 dot of the centred keys); ``l = sum((k - mu) * y)`` in fp32. The caller summarises the blocks
+(``summarize``: a separate pass measured faster on the H100 than min/max fused into these tensor-core passes,
+263 us vs 390 us at 32k tokens).
 
 Configs (tile rows, warps, pipeline stages, programs per SM, pivot block) are chosen on the GPU by
 :func:`_pick`: on the first call for a (stage, shape bucket) every candidate is timed with CUDA events on the
 real inputs (all stages are idempotent) and the fastest is kept for the process. Never inside a CUDA-graph
 capture (the default is used there) nor in the interpreter. Tuning is opt-in (``PRESCORE_LEVERAGE_TUNE=1``,
-and always in ``prescore.kernels.bench``): inside a serving engine the first call would otherwise compile and
+and always in ``benchmarks/kernels_bench.py``): inside a serving engine the first call would otherwise compile and
 time every candidate (a stall of a minute or more on the first leverage request).
 The torch code in :class:`prescore.kernels.scoring.Leverage` is the reference.
 """
@@ -134,20 +133,6 @@ def _kv_args(kv_cache):
     return (kv_cache.stride(0), kv_cache.stride(1), kv_cache.stride(2), kv_cache.stride(3))
 
 
-def _summ_args(summ, dummy):
-    if summ is None:
-        return (dummy,) * 4 + (0,) * 5
-    mn = summ.kmin
-    return (summ.scores, mn, summ.kmax, summ.tags, summ.scores.stride(0), summ.scores.stride(-1), mn.stride(0),
-            mn.stride(1) if mn.dim() > 2 else 0, mn.stride(-1))
-
-
-def _fusable(kv_cache: torch.Tensor) -> bool:
-    """Block summaries can be written by the Triton passes (whole blocks per tile)."""
-    BS = kv_cache.shape[2]
-    return BS & (BS - 1) == 0 and BS <= 128
-
-
 # ----------------------------------------------------------------------------------------------------------
 # device helpers
 # ----------------------------------------------------------------------------------------------------------
@@ -159,27 +144,6 @@ def _paged_rows(KV, PHYS, h, t, d, T, s_kb, s_kh, s_kt, s_kd, BS: tl.constexpr):
     phys = tl.load(PHYS + t // BS, mask=tm, other=0).to(tl.int64)
     ptr = KV + phys[:, None] * s_kb + h * s_kh + (t % BS)[:, None] * s_kt + d[None, :] * s_kd
     return ptr, tm
-
-
-@triton.jit
-def _block_minmax(kf, t0, h, d, dm, PHYS, KMIN, KMAX, TAGS, tag, T, s_mn_b, s_mn_h, s_mn_d,
-                  BS: tl.constexpr, BLOCK_T: tl.constexpr, D_PAD: tl.constexpr):
-    """Per-channel key min/max (and tag) of the BLOCK_T // BS blocks of the tile of rows [t0, t0 + BLOCK_T)
-    (kf: the tile, fp32); only the valid rows count, blocks past T are not written."""
-    NBT: tl.constexpr = BLOCK_T // BS
-    blk = t0 // BS + tl.arange(0, NBT)
-    bm = blk * BS < T
-    phys = tl.load(PHYS + blk, mask=bm, other=0).to(tl.int64)
-    row = (blk[:, None] * BS + tl.arange(0, BS)[None, :]) < T
-    v3 = row[:, :, None] & dm[None, None, :]
-    k3 = tl.reshape(kf, (NBT, BS, D_PAD))
-    kmin = tl.min(tl.where(v3, k3, float("inf")), 1)
-    kmax = tl.max(tl.where(v3, k3, float("-inf")), 1)
-    mo = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
-    mm = bm[:, None] & dm[None, :]
-    tl.store(KMIN + mo, kmin.to(KMIN.dtype.element_ty), mask=mm)
-    tl.store(KMAX + mo, kmax.to(KMAX.dtype.element_ty), mask=mm)
-    tl.store(TAGS + phys, tl.zeros([NBT], dtype=tl.int64) + tag, mask=bm & (h == 0))
 
 
 @triton.jit
@@ -231,10 +195,9 @@ def _invert(a, i, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, SB: tl.constexpr
 # fit: Gram partials -> reduce + centre -> ridge + inverse
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["tag", "T", "CHUNK"])  # one compile for every length
-def _gram_kernel(KV, PHYS, PG, PS, KMIN, KMAX, TAGS, tag, T, CHUNK, s_kb, s_kh, s_kt, s_kd, s_mn_b, s_mn_h,
-                 s_mn_d, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
-                 UPCAST: tl.constexpr, KSUMM: tl.constexpr):
+@triton.jit(do_not_specialize=["T", "CHUNK"])  # one compile for every length
+def _gram_kernel(KV, PHYS, PG, PS, T, CHUNK, s_kb, s_kh, s_kt, s_kd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
+                 BS: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
     h = tl.program_id(0)
     p = tl.program_id(1)
     d = tl.arange(0, D_PAD)
@@ -252,9 +215,6 @@ def _gram_kernel(KV, PHYS, PG, PS, KMIN, KMAX, TAGS, tag, T, CHUNK, s_kb, s_kh, 
             k = kf
         acc = tl.dot(tl.trans(k), k, acc)
         s += tl.sum(kf, 0)
-        if KSUMM:
-            _block_minmax(kf, t0, h, d, dm, PHYS, KMIN, KMAX, TAGS, tag, T, s_mn_b, s_mn_h, s_mn_d, BS, BLOCK_T,
-                          D_PAD)
     base = (h * tl.num_programs(1) + p).to(tl.int64)
     tl.store(PG + base * D_PAD * D_PAD + d[:, None] * D_PAD + d[None, :], acc)
     tl.store(PS + base * D_PAD + d, s)
@@ -304,23 +264,21 @@ def _fit_kernel(GC, STATE, ridge, s_state, HEAD_SIZE: tl.constexpr, D_PAD: tl.co
     tl.store(STATE + h.to(tl.int64) * s_state + HEAD_SIZE + i[:, None] * HEAD_SIZE + i[None, :], a, mask=m2)
 
 
-def _gram_partials(kv_cache, phys, T, cfg: GramCfg, summ=None, tag: int = 0):
+def _gram_partials(kv_cache, phys, T, cfg: GramCfg):
     """Per-chunk partial sums of K^T K and of K over tokens [0, T) -> (pg [H, P, D_PAD, D_PAD], ps [H, P, D_PAD],
-    P); with ``summ``, also the key min/max and tag of every block of the range."""
+    P)."""
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
     D_PAD = _d_pad(D)
-    BLOCK_T = max(cfg.block_t, BS) if summ is not None else cfg.block_t
+    BLOCK_T = cfg.block_t
     P = max(1, min(triton.cdiv(T, BLOCK_T), cfg.waves * _num_sms(kv_cache.device) // H))  # whole waves
     CHUNK = triton.cdiv(triton.cdiv(T, P), BLOCK_T) * BLOCK_T
     P = triton.cdiv(T, CHUNK)
     ws = torch.empty(H * P * D_PAD * (D_PAD + 1), dtype=torch.float32, device=kv_cache.device)
     pg = ws[: H * P * D_PAD * D_PAD].view(H, P, D_PAD, D_PAD)
     ps = ws[H * P * D_PAD * D_PAD:].view(H, P, D_PAD)
-    sc, mn, mx, tg, _, _, s0, s1, s2 = _summ_args(summ, ps)
-    _gram_kernel[(H, P)](kv_cache, phys, pg, ps, mn, mx, tg, int(tag), T, CHUNK, *_kv_args(kv_cache), s0, s1, s2,
-                         HEAD_SIZE=D, D_PAD=D_PAD, BS=BS, BLOCK_T=BLOCK_T,
-                         UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16, KSUMM=summ is not None,
+    _gram_kernel[(H, P)](kv_cache, phys, pg, ps, T, CHUNK, *_kv_args(kv_cache), HEAD_SIZE=D, D_PAD=D_PAD, BS=BS,
+                         BLOCK_T=BLOCK_T, UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16,
                          num_warps=cfg.warps, num_stages=cfg.stages)
     return pg, ps, P
 
@@ -335,30 +293,17 @@ def _reduce(pg, ps, P, T, state, D):
     return gc
 
 
-def _inverse_torch(gc, state, ridge, D):
-    """Ridge + inverse by cuSOLVER (Cholesky): the alternative to ``_fit_kernel`` (bench --leverage-variants)."""
-    g = gc[:, :D, :D]
-    lam = ridge * g.diagonal(dim1=1, dim2=2).sum(-1).clamp_min(1e-12) / D
-    a = g + lam[:, None, None] * torch.eye(D, device=g.device, dtype=g.dtype)
-    state[:, D:].view(-1, D, D).copy_(torch.cholesky_inverse(torch.linalg.cholesky_ex(a).L))
-
-
-def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float, summ=None, tag: int = 0,
-               inverse: str = "triton", gram_cfg: GramCfg | None = None, fit_cfg: FitCfg | None = None) -> torch.Tensor:
-    """Leverage state [H, D + D*D] = [mu | (K_c^T K_c + lam I)^-1] of tokens [0, T) (four launches). With
-    ``summ`` (BlockSummaries), the Gram pass also writes the key min/max and ``tag`` of every block."""
+def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float, gram_cfg: GramCfg | None = None,
+               fit_cfg: FitCfg | None = None) -> torch.Tensor:
+    """Leverage state [H, D + D*D] = [mu | (K_c^T K_c + lam I)^-1] of tokens [0, T) (three launches)."""
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
     state = torch.empty(H, D + D * D, dtype=torch.float32, device=kv_cache.device)
     key = _shape_key(kv_cache, T)
     if gram_cfg is None:
-        gram_cfg = _pick("gram", key + (summ is not None,), GRAM_CONFIGS,
-                         lambda c: _gram_partials(kv_cache, phys, T, c, summ, tag))
-    pg, ps, P = _gram_partials(kv_cache, phys, T, gram_cfg, summ, tag)
+        gram_cfg = _pick("gram", key, GRAM_CONFIGS, lambda c: _gram_partials(kv_cache, phys, T, c))
+    pg, ps, P = _gram_partials(kv_cache, phys, T, gram_cfg)
     gc = _reduce(pg, ps, P, T, state, D)
-    if inverse == "torch":
-        _inverse_torch(gc, state, float(ridge), D)
-        return state
 
     def run(c):
         _fit_kernel[(H,)](gc, state, float(ridge), state.stride(0), HEAD_SIZE=D, D_PAD=gc.shape[-1],
@@ -368,42 +313,15 @@ def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float,
     return state
 
 
-@triton.jit
-def _inverse_kernel(A, OUT, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, SB: tl.constexpr):
-    h = tl.program_id(0)
-    i = tl.arange(0, D_PAD)
-    m2 = (i < HEAD_SIZE)[:, None] & (i < HEAD_SIZE)[None, :]
-    base = h.to(tl.int64) * HEAD_SIZE * HEAD_SIZE
-    a = tl.load(A + base + i[:, None] * HEAD_SIZE + i[None, :], mask=m2, other=0.0)
-    a = tl.where((i[:, None] == i[None, :]) & (i[:, None] >= HEAD_SIZE), 1.0, a)  # identity padding
-    tl.store(OUT + base + i[:, None] * HEAD_SIZE + i[None, :], _invert(a, i, HEAD_SIZE, D_PAD, SB), mask=m2)
-
-
-def inverse_triton(a: torch.Tensor, num_warps: int | None = None, block: int | None = None) -> torch.Tensor:
-    """[H, D, D] SPD float32 -> inverse (float32), one program per matrix; ``block``: pivot block of the blocked
-    sweep (0: scalar sweep); defaults: the fit kernel's default config."""
-    H, D, _ = a.shape
-    a = a.contiguous()
-    out = torch.empty_like(a)
-    D_PAD = _d_pad(D)
-    cfg = FIT_CONFIGS[0]
-    sb = cfg.block if block is None else block
-    _inverse_kernel[(H,)](a, out, HEAD_SIZE=D, D_PAD=D_PAD, SB=min(sb, D_PAD), num_warps=num_warps or cfg.warps)
-    return out
-
-
 # ----------------------------------------------------------------------------------------------------------
-# quadratic form (+ block summaries)
+# quadratic form
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["tag", "T", "NT"])  # one compile for every length
-def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T, NT, s_mu, s_ai, s_out,
-                 s_kb, s_kh, s_kt, s_kd, s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d,
+@triton.jit(do_not_specialize=["T", "NT"])  # one compile for every length
+def _quad_kernel(KV, PHYS, MU, AINV, OUT, T, NT, s_mu, s_ai, s_out, s_kb, s_kh, s_kt, s_kd,
                  HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
-                 SPLIT: tl.constexpr, UPCAST: tl.constexpr, KEYS: tl.constexpr, BSCORES: tl.constexpr,
-                 KSUMM: tl.constexpr):
-    """Leverage of the keys of tiles p, p + NP, ... (NT tiles of BLOCK_T rows) of head h. KEYS: store each
-    key's score; BSCORES: the max score of each whole block of the tile; KSUMM: the blocks' key min/max + tag."""
+                 SPLIT: tl.constexpr, UPCAST: tl.constexpr):
+    """Leverage of the keys of tiles p, p + NP, ... (NT tiles of BLOCK_T rows) of head h, stored per key."""
     h = tl.program_id(0)
     p = tl.program_id(1)
     NP = tl.num_programs(1)
@@ -440,62 +358,38 @@ def _quad_kernel(KV, PHYS, MU, AINV, OUT, SCORES, KMIN, KMAX, TAGS, tag, T, NT, 
         else:
             y = tl.dot(x, ainv, input_precision="tf32x3")
         lev = tl.sum(x * y, 1)
-        if KEYS:
-            tl.store(OUT + h * s_out + t, lev, mask=tm)
-        if BSCORES:
-            NBT: tl.constexpr = BLOCK_T // BS
-            blk = tile * NBT + tl.arange(0, NBT)
-            bm = blk * BS < T
-            phys = tl.load(PHYS + blk, mask=bm, other=0).to(tl.int64)
-            sc = tl.max(tl.reshape(tl.where(tm, lev, float("-inf")), (NBT, BS)), 1)
-            tl.store(SCORES + phys * s_sc_b + h * s_sc_h, sc, mask=bm)
-        if KSUMM:
-            _block_minmax(kf, t0, h, d, dm, PHYS, KMIN, KMAX, TAGS, tag, T, s_mn_b, s_mn_h, s_mn_d, BS, BLOCK_T,
-                          D_PAD)
+        tl.store(OUT + h * s_out + t, lev, mask=tm)
 
 
-def _quad_launch(kv_cache, phys, T, mu, ainv, out, summ, tag, ksumm, cfg: QuadCfg):
+def _quad_launch(kv_cache, phys, T, mu, ainv, out, cfg: QuadCfg):
     NB, H, BS, D2 = kv_cache.shape
     D = D2 // 2
-    BLOCK_T = max(cfg.block_t, BS) if summ is not None else cfg.block_t
-    NT = triton.cdiv(T, BLOCK_T)
+    NT = triton.cdiv(T, cfg.block_t)
     NP = max(1, min(NT, cfg.waves * _num_sms(kv_cache.device) // H))
-    sc, mn, mx, tg, s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d = _summ_args(summ, mu)
     _quad_kernel[(H, NP)](
-        kv_cache, phys, mu, ainv, out if out is not None else mu, sc, mn, mx, tg, int(tag), T, NT, mu.stride(0),
-        ainv.stride(0), out.stride(0) if out is not None else 0, *_kv_args(kv_cache), s_sc_b, s_sc_h, s_mn_b, s_mn_h,
-        s_mn_d, HEAD_SIZE=D, D_PAD=_d_pad(D), BS=BS, BLOCK_T=BLOCK_T,
+        kv_cache, phys, mu, ainv, out, T, NT, mu.stride(0), ainv.stride(0), out.stride(0), *_kv_args(kv_cache),
+        HEAD_SIZE=D, D_PAD=_d_pad(D), BS=BS, BLOCK_T=cfg.block_t,
         SPLIT=kv_cache.dtype in (torch.bfloat16, torch.float16), UPCAST=_INTERPRET and kv_cache.dtype == torch.bfloat16,
-        KEYS=out is not None, BSCORES=summ is not None, KSUMM=summ is not None and ksumm,
         num_warps=cfg.warps, num_stages=cfg.stages)
 
 
 def quad_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, mu: torch.Tensor, ainv: torch.Tensor,
-                summ=None, tag: int = 0, ksumm: bool = True, cfg: QuadCfg | None = None):
+                cfg: QuadCfg | None = None) -> torch.Tensor:
     """Leverage of tokens [0, T) read in place from the paged cache; mu [H, D], ainv [H, D, D] (or their views
-    of a state row: any head stride, rows contiguous) -> [H, T] f32. With ``summ`` (BlockSummaries), writes the
-    blocks' summaries (max score; with ``ksumm`` also key min/max and ``tag``) directly and returns None."""
+    of a state row: any head stride, rows contiguous) -> [H, T] f32."""
     NB, H, BS, D2 = kv_cache.shape
     Tp = -(-T // BS) * BS  # rows padded to whole blocks (the tail is never written), so [H, n, BS] is a view
-    out = torch.empty(H, Tp, dtype=torch.float32, device=kv_cache.device)[:, :T] if summ is None else None
+    out = torch.empty(H, Tp, dtype=torch.float32, device=kv_cache.device)[:, :T]
     if cfg is None:
-        key = _shape_key(kv_cache, T) + (summ is not None, summ is not None and ksumm)
-        cfg = _pick("quad", key, QUAD_CONFIGS, lambda c: _quad_launch(kv_cache, phys, T, mu, ainv, out, summ, tag,
-                                                                     ksumm, c))
-    _quad_launch(kv_cache, phys, T, mu, ainv, out, summ, tag, ksumm, cfg)
+        cfg = _pick("quad", _shape_key(kv_cache, T), QUAD_CONFIGS,
+                    lambda c: _quad_launch(kv_cache, phys, T, mu, ainv, out, c))
+    _quad_launch(kv_cache, phys, T, mu, ainv, out, cfg)
     return out
 
 
-def fit_and_score_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float, summ=None, tag: int = 0,
-                         summaries: str = "separate", inverse: str = "triton"):
-    """State and scores of tokens [0, T): (state, [H, T] scores), or (state, None) when the block summaries of
-    ``summ`` were written here. ``summaries``: "gram" (key min/max + tag in the Gram pass, block max score in
-    the quadratic-form pass), "quad" (all of them in the quadratic-form pass), "separate" (per-key scores
-    returned; the caller summarises)."""
-    if summ is not None and (summaries == "separate" or not _fusable(kv_cache)):
-        summ = None
-    in_gram = summ is not None and summaries == "gram"
-    state = fit_triton(kv_cache, phys, T, ridge, summ if in_gram else None, tag, inverse=inverse)
+def fit_and_score_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float):
+    """State [H, D + D*D] and key scores [H, T] of tokens [0, T) (rows padded to whole blocks: the caller's
+    block summaries view them in place)."""
+    state = fit_triton(kv_cache, phys, T, ridge)
     D = kv_cache.shape[-1] // 2
-    scores = quad_triton(kv_cache, phys, T, state[:, :D], state[:, D:], summ, tag, ksumm=not in_gram)
-    return state, scores
+    return state, quad_triton(kv_cache, phys, T, state[:, :D], state[:, D:])

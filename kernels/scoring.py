@@ -140,20 +140,14 @@ class Leverage(ScoringMethod):
     ``lam = ridge * trace(K_c^T K_c) / D``; K_c are the prompt's keys minus their mean ``mu`` (per KV head),
     ``K_c^T K_c = K^T K - T mu mu^T``. State: ``mu`` and ``A^-1 = (K_c^T K_c + lam I)^-1``, ``S = D + D * D``
     floats per KV head; the prompt's own keys are scored with the same exact formula. On CUDA (D <= 128) the
-    fit and the scores are Triton launches over the paged cache (:mod:`.leverage_triton`) that also write the
-    block summaries (``summaries``: "separate" = a separate summarize pass, the default: fastest on the H100,
-    263 us vs 390 us at 32k tokens, because min/max fused into the tensor-core passes costs them ~300 us;
-    "gram" = key min/max in the Gram pass, "quad" = all in the scoring pass; ``inverse``: "triton" or
-    "torch" = cuSOLVER); elsewhere torch
-    computes the same in float64 for the D x D algebra.
+    fit and the scores are Triton launches over the paged cache (:mod:`.leverage_triton`), then the usual
+    summarize pass; elsewhere torch computes the same in float64 for the D x D algebra.
     """
 
     name = "leverage"
     tile = Tile.LEVERAGE
     ridge: float = 1e-2
     use_triton: bool | None = None  # None: Triton on CUDA tensors, torch otherwise
-    summaries: str = "separate"
-    inverse: str = "triton"
 
     def state_size(self, head_size):
         return head_size + head_size * head_size
@@ -177,8 +171,8 @@ class Leverage(ScoringMethod):
             return super().fit_and_score_paged(kv_cache, phys, T, use_triton)
         from .leverage_triton import fit_and_score_triton
 
-        # Gram partials (+ key min/max), reduce, inverse, scores (+ block max): four launches, no host sync
-        return fit_and_score_triton(kv_cache, phys, T, self.ridge, summ, tag, self.summaries, self.inverse)
+        # Gram partials, reduce, inverse, scores: four launches, no host sync
+        return fit_and_score_triton(kv_cache, phys, T, self.ridge)
 
     def fit(self, keys):
         return self.fit_and_score(keys)[0]

@@ -221,12 +221,18 @@ def _spd(H, D, gen, cond_scale=3.0):
 
 @pytest.mark.parametrize("block", [0, 16, 32])
 @pytest.mark.parametrize("D", [16, 80, 128])
-def test_inverse_triton_blocked_sweep(block, D):
-    from prescore.kernels.leverage_triton import inverse_triton
+def test_fit_kernel_inverse_sweeps(block, D):
+    """The fit kernel's in-register inverse (scalar sweep, blocked sweeps) on ill-conditioned SPD matrices, with
+    no ridge: exactly (A)^-1 (the rest of the fit is tested against float64 below)."""
+    import prescore.kernels.leverage_triton as lt
 
     a = _spd(2, D, torch.Generator().manual_seed(D + block))
     ref = torch.linalg.inv(a)
-    got = inverse_triton(a.float(), block=block)
+    D_PAD = lt._d_pad(D)
+    gc = torch.nn.functional.pad(a.float(), (0, D_PAD - D, 0, D_PAD - D)).contiguous()
+    state = torch.zeros(2, D + D * D)
+    lt._fit_kernel[(2,)](gc, state, 0.0, state.stride(0), HEAD_SIZE=D, D_PAD=D_PAD, SB=min(block, D_PAD), num_warps=4)
+    got = state[:, D:].view(2, D, D)
     assert rel_err(got, ref) < 1e-4
     assert torch.allclose(got, got.transpose(1, 2), rtol=1e-4, atol=1e-6 * float(got.abs().max()))
 
@@ -273,39 +279,9 @@ def test_leverage_triton_configs_match_float64(cfgs, dtype, D, monkeypatch):
     assert lev.shape == (2, L)
 
 
-@pytest.mark.parametrize("summaries", ["gram", "quad", "separate"])
-@pytest.mark.parametrize("dtype,BS,layout", [(torch.bfloat16, 16, "NHD"), (torch.float16, 32, "HND")],
-                         ids=["bf16-16", "fp16-32"])
-def test_leverage_summaries_paths(summaries, dtype, BS, layout):
-    from prescore.kernels.summarize import summarize_torch
-
-    L, H, D = 203, 2, 64
-    kv, phys = _lev_cache(L, H, D, BS, dtype, seed=BS, layout=layout)
-    summ = BlockSummaries.allocate(kv.shape[0], H, D, dtype, "cpu")
-    summ.scores.fill_(-7.0)
-    m = Leverage(summaries=summaries)
-    full_row = torch.cat([phys, phys.new_zeros(1)])  # score_prefill slices the row itself
-    state = score_prefill(kv, summ, full_row, 0, L, m, tag=5, final=True, use_triton=True)
-    st_ref, lev_ref = _lev_ref(kv, phys, L)
-    ref = BlockSummaries.allocate(kv.shape[0], H, D, dtype, "cpu")
-    ref.scores.fill_(-7.0)
-    n = phys.numel()
-    ks = torch.nn.functional.pad(lev_ref.float(), (0, n * BS - L)).view(H, n, BS).transpose(0, 1)
-    summarize_torch(kv, ref, phys, L, 5, ks)
-    assert rel_err(state, st_ref) < 1e-4
-    assert rel_err(summ.scores[phys.long()], ref.scores[phys.long()]) < 1e-4
-    assert torch.equal(summ.kmin, ref.kmin) and torch.equal(summ.kmax, ref.kmax)
-    assert torch.equal(summ.tags, ref.tags)
-    others = torch.ones(kv.shape[0], dtype=torch.bool)
-    others[phys.long()] = False
-    assert (summ.scores[others] == -7.0).all()
-
-
-def test_leverage_quad_triton_writes_summaries_and_fp16_scaling():
-    """quad_triton's own summaries (public path), on fp16 keys large enough that A^-1 is below fp16's normal
-    range without the power-of-two scaling."""
+def test_leverage_quad_triton_fp16_scaling():
+    """fp16 keys large enough that A^-1 is below fp16's normal range without the power-of-two scaling."""
     from prescore.kernels.leverage_triton import fit_triton, quad_triton
-    from prescore.kernels.summarize import summarize_torch
 
     L, H, D, BS = 77, 1, 32, 16
     kv, phys = _lev_cache(L, H, D, BS, torch.float16, seed=11, scale=300.0)
@@ -314,22 +290,6 @@ def test_leverage_quad_triton_writes_summaries_and_fp16_scaling():
     assert float(st_ref[:, D:].abs().max()) < 6e-5
     assert rel_err(st, st_ref) < 1e-4
     assert rel_err(quad_triton(kv, phys, L, st[:, :D], st[:, D:]), lev_ref) < 1e-4
-    summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.float16, "cpu")
-    assert quad_triton(kv, phys, L, st[:, :D], st[:, D:], summ=summ, tag=3) is None
-    ref = BlockSummaries.allocate(kv.shape[0], H, D, torch.float16, "cpu")
-    n = phys.numel()
-    summarize_torch(kv, ref, phys, L, 3, torch.nn.functional.pad(lev_ref.float(), (0, n * BS - L)).view(H, n, BS)
-                    .transpose(0, 1))
-    assert rel_err(summ.scores, ref.scores) < 1e-4
-    assert torch.equal(summ.kmin, ref.kmin) and torch.equal(summ.kmax, ref.kmax) and torch.equal(summ.tags, ref.tags)
-
-
-def test_leverage_torch_inverse_variant():
-    L, D = 150, 32
-    kv, phys = _lev_cache(L, 2, D, 16, torch.bfloat16, seed=3)
-    st_ref, lev_ref = _lev_ref(kv, phys, L)
-    st, lev = Leverage(inverse="torch").fit_and_score_paged(kv, phys, L, use_triton=True)
-    assert rel_err(st, st_ref) < 1e-4 and rel_err(lev, lev_ref) < 1e-4
 
 
 def test_leverage_tuner_picks_fastest_and_never_tunes_in_capture(monkeypatch):
