@@ -9,10 +9,11 @@ import textwrap
 import pytest
 import torch
 
-from kernel_utils import METHOD_NAMES, make_paged, registered, rel_err
-from prescore.kernels import METHODS, MODES, BlockSummaries, ScoringMethod, get_method, score_prefill, select_blocks
+from kernel_utils import MATRIX, METHOD_NAMES, make_paged, registered, rel_err
+from prescore.kernels import (METHODS, MODES, BlockSummaries, ScoringMethod, get_method, score_prefill, select_blocks,
+                              sparse_decode, sparse_decode_ref)
 from prescore.kernels.scoring import Leverage, gather_keys, score_decode_tail
-from prescore.kernels.select_triton import select_blocks_triton
+from prescore.kernels.select_triton import quest_bounds_triton, select_blocks_triton
 from prescore.kernels.step_triton import score_tail_triton, tail_tiles
 
 
@@ -173,6 +174,40 @@ def test_method_without_tile_is_refused_on_cuda_and_scored_by_torch():
             keys = gather_keys(kv, bt[b, :nblk])[:, :L]
             ref = torch.stack([keys[:, j * BS:(j + 1) * BS].abs().amax((1, 2)) for j in range(nblk)], 1)
             assert torch.allclose(summ.scores[bt[b, :nblk].long()].T, ref), b
+
+
+@pytest.mark.parametrize("method,mode", MATRIX)
+def test_decode_step_triton_equals_torch(method, mode):
+    """One decode step of rows with this method and mode: the CUDA path's launches (tail tile, split bound,
+    selection on the method's column, sparse decode; interpreter) against the torch path the CPU backend runs
+    (score_decode_tail, select_blocks, sparse_decode_ref): same summaries, same blocks, same output."""
+    BS, H, D, G, B = 16, 2, 64, 2, 3
+    kv, bt, seq, scores, kmin, kmax, tags, states, srows, mids, cols = _setup([300, 257, 170], [method] * B, H=H,
+                                                                              D=D, BS=BS)
+    c, mid, rtag = int(cols[0]), int(mids[0]), torch.arange(B)  # _setup's prefills tagged row b with b
+    gen = torch.Generator().manual_seed(1)
+    scores += torch.rand(scores.shape, generator=gen) * 1e-3  # no tied priors (k-means scores 1 often): the two
+    # selections break ties differently, both right
+    t = torch.tensor
+    ctl = (t([4, 3, 2]), t([1, 1, 1]), t([2, 1, 2]), t([MODES[mode]] * B), t([2, 1, 1]), rtag)
+    q = torch.randn(B, H * G, D, generator=gen).to(kv.dtype)
+    ref = BlockSummaries(scores[:, c].clone(), kmin.clone(), kmax.clone(), tags[c].clone())
+    score_decode_tail(kv, ref, bt, seq, mids, states[srows], rtag, {mid: get_method(method)}, use_triton=False)
+    sel = select_blocks(ref, bt, seq, *ctl, 40, q=q, block_size=BS, use_triton=False)
+    out_ref = sparse_decode_ref(q, kv, bt, seq, sel.ids, sel.kernel_counts())
+
+    score_tail_triton(kv, scores, kmin, kmax, tags, bt, seq, mids, cols, states, srows, rtag, only_full=False)
+    qb = quest_bounds_triton(q, kmin, kmax, bt, seq, ctl[3], BS) if mode != "prior" else None
+    ids, counts, kcounts, dense = select_blocks_triton(scores, tags, bt, seq, *ctl, 40, BS, qb, cols=cols)
+    out = sparse_decode(q, kv, bt, seq, ids, kcounts)
+
+    assert rel_err(scores[:, c], ref.scores) < 1e-5 and torch.equal(tags[c], ref.tags)
+    assert torch.equal(kmin, ref.kmin) and torch.equal(kmax, ref.kmax)
+    assert torch.equal(counts, sel.counts) and not dense.any() and not sel.dense.any()
+    for b in range(B):
+        for h in range(H):
+            assert torch.equal(ids[b, h, : int(counts[b, h])], sel.ids[b, h, : int(counts[b, h])]), (b, h)
+    assert rel_err(out, out_ref) < 1.5e-2
 
 
 def test_select_per_row_columns_equal_per_method_selection():
