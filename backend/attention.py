@@ -41,7 +41,7 @@ logger = logging.getLogger("vllm.prescore")
 CPUBackend, CPUBuilder, CPUImpl, CPUMetadata = compat.cpu_attention()
 _DECODER = "decoder"
 _METHOD_NAMES = list(P.METHOD_NAMES)
-_LABELS = [(m, md) for m in P.METHOD_NAMES for md in P.MODE_NAMES]  # counter row = method * 3 + mode
+_LABELS = [(m, md) for m in P.METHOD_NAMES for md in P.MODE_NAMES]  # counter row = method * len(modes) + mode
 _ALIGN = 64
 
 # Test hook: when a list, every sparse decode appends what it attended (see tests/test_backend_*).
