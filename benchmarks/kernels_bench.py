@@ -509,78 +509,6 @@ def leverage_variants(L: int, gen: torch.Generator):
     return rows
 
 
-def quest_rows(gen: torch.Generator) -> list[dict]:
-    """Query-aware selection on the GPU: the Triton Quest bound against the torch reference, then device time of
-    the bound alone, of hybrid selection + sparse decode (bound recomputed every step), and of dense SDPA."""
-    from kernels.selection import quest_bound
-    from kernels.step_triton import QUEST_DEFAULT, QUEST_VARIANTS, quest_bound_triton
-
-    default = "{}/chb{}/w{}".format(QUEST_DEFAULT, *QUEST_VARIANTS[QUEST_DEFAULT])  # what select_blocks runs
-
-    rows = []
-    for B, L, budget in ((32, 32768, 4096), (8, 131072, 2048), (8, 32768, 2048), (1, 131072, 2048)):
-        kv, bt = paged_cache(B, L, gen)
-        NB = kv.shape[0]
-        seq = torch.full((B,), L, dtype=torch.int32, device="cuda")
-        seq[0] = L - 1000  # one shorter row: blocks past its context are neither read nor written
-        q = torch.randn(B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
-        kmin = kv[..., :D].amin(2)
-        kmax = kv[..., :D].amax(2)
-        hyb = torch.full((B,), MODES["hybrid"], device="cuda")
-        nblk = (seq.long() + BS - 1) // BS
-        in_ctx = torch.arange(bt.shape[1], device="cuda")[None, :] < nblk[:, None]
-        ref = quest_bound(q.float().view(B, HKV, HQ // HKV, D), kmin[bt.long()].transpose(1, 2),
-                          kmax[bt.long()].transpose(1, 2), in_ctx)
-        m = in_ctx[:, None, :].expand_as(ref)
-        variants = {}
-        for var, chb, nw in (("dot", 64, 4), ("ew", 16, 4), ("ew", 32, 4), ("ew", 64, 4), ("ew", 32, 8)):
-            try:
-                got = quest_bound_triton(q, kmin, kmax, bt, seq, hyb, BS, variant=var, chb=chb, num_warps=nw)
-                e = float((got[m] - ref[m]).abs().max())
-                t = graph_time_ms(lambda: quest_bound_triton(q, kmin, kmax, bt, seq, hyb, BS, variant=var, chb=chb,
-                                                             num_warps=nw), 4)
-            except Exception as ex:  # noqa: BLE001
-                print(f"  quest {var} chb={chb} w={nw}: {type(ex).__name__}: {str(ex)[:200]}", flush=True)
-                e, t = float("nan"), float("inf")
-            variants[f"{var}/chb{chb}/w{nw}"] = {"max_abs_err": e, "ms": round(t, 5)}
-        err = variants[default]["max_abs_err"]
-        summ = BlockSummaries(scores=torch.rand(NB, HKV, device="cuda", generator=gen), kmin=kmin, kmax=kmax,
-                              tags=torch.zeros(NB, dtype=torch.int64, device="cuda"))
-        zeros = torch.zeros(B, dtype=torch.long, device="cuda")
-        bb = torch.full((B,), budget // BS, device="cuda")
-        sink = torch.full((B,), SINK // BS, device="cuda")
-        win = torch.full((B,), WINDOW // BS, device="cuda")
-        share = torch.full((B,), budget // BS // 2, device="cuda")
-        cap = budget // BS + SINK // BS + WINDOW // BS
-        out = torch.empty_like(q)
-        k_c = kv[..., :D][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
-        v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
-        sdpa = graph_time_ms(lambda: F.scaled_dot_product_attention(q[:, :, None], k_c, v_c, enable_gqa=True), 4)
-        del k_c, v_c
-        bound_ms = variants[default]["ms"]
-
-        def hybrid():
-            sel = select_blocks(summ, bt, seq, bb, sink, win, hyb, share, zeros, cap, q=q, block_size=BS,
-                                need_query=True)
-            sparse_decode(q, kv, bt, seq, sel.ids, sel.kcounts, out=out)
-
-        hyb_ms = graph_time_ms(hybrid, 4)
-        best = min(variants, key=lambda k: variants[k]["ms"])
-        os.environ["PRESCORE_QUEST_KERNEL"] = best.split("/")[0]  # hybrid with the fastest variant's kernel
-        # (at that kernel's default CHB / warps: select_blocks does not pass them)
-        hyb_best = graph_time_ms(hybrid, 4)
-        del os.environ["PRESCORE_QUEST_KERNEL"]
-        rows.append(dict(B=B, L=L, budget=budget, quest_bound_variant=default, quest_bound_max_abs_err=err,
-                         quest_bound_ms=round(bound_ms, 5),
-                         sparse_hybrid_ms=round(hyb_ms, 5), dense_sdpa_ms=round(sdpa, 5),
-                         speedup_vs_sdpa=round(sdpa / hyb_ms, 2), bound_variants=variants, fastest=best,
-                         sparse_hybrid_fastest_kernel_ms=round(hyb_best, 5)))
-        print(json.dumps(rows[-1]), flush=True)
-        del kv, bt, summ, kmin, kmax
-        torch.cuda.empty_cache()
-    return rows
-
-
 def sweep(gen: torch.Generator):
     print("sweep: dense paged kernel, (blocks_per_iter, num_warps, num_stages) -> ms", flush=True)
     for B, L in ((1, 32768), (8, 32768), (32, 32768), (8, 131072)):
@@ -624,7 +552,6 @@ def main(argv=None):
     ap.add_argument("--sweep", action="store_true")
     ap.add_argument("--no-check", action="store_true")
     ap.add_argument("--profile", action="store_true", help="profile the scoring methods and exit")
-    ap.add_argument("--quest", action="store_true", help="query-aware selection only (check + timings) and exit")
     ap.add_argument("--only-scoring", action="store_true", help="leverage check + scoring rows only")
     ap.add_argument("--leverage-variants", action="store_true", help="time every leverage stage variant and exit")
     ap.add_argument("--scoring-len", type=int, default=32768)
@@ -637,23 +564,6 @@ def main(argv=None):
     print(f"device: {dev}; torch {torch.__version__}", flush=True)
     if args.leverage_variants:
         leverage_variants(args.scoring_len, gen)
-        return
-    if args.quest:
-        rows = quest_rows(gen)
-        print(f"\n{'B':>3} {'L':>7} {'budget':>6} {'bound err':>9} {'bound ms':>9} {'hybrid ms':>9} {'sdpa ms':>8} "
-              f"{'x sdpa':>6}  fastest bound variant (ms, hybrid ms with it)")
-        for r in rows:
-            f = r["fastest"]
-            print(f"{r['B']:>3} {r['L']:>7} {r['budget']:>6} {r['quest_bound_max_abs_err']:>9.1e} "
-                  f"{r['quest_bound_ms']:>9.4f} {r['sparse_hybrid_ms']:>9.4f} {r['dense_sdpa_ms']:>8.4f} "
-                  f"{r['speedup_vs_sdpa']:>6.1f}  {f} ({r['bound_variants'][f]['ms']:.4f}, "
-                  f"{r['sparse_hybrid_fastest_kernel_ms']:.4f})")
-            print("      " + "  ".join(f"{k}: {v['ms']:.4f} ms err {v['max_abs_err']:.1e}"
-                                      for k, v in r["bound_variants"].items()))
-        if args.out:
-            with open(args.out, "w") as f:
-                json.dump({"device": dev, "torch": torch.__version__, "quest": rows,
-                           "command": "python benchmarks/kernels_bench.py --quest --out " + args.out}, f, indent=1)
         return
     if args.only_scoring:
         lines, ok = check_leverage(gen) if not args.no_check else ([], True)

@@ -9,7 +9,8 @@ re-selecting), ``select_ms`` (selection kernel on those bounds), ``decode_ms`` (
 blocks), and ``step_ms`` = what one layer of one decode step costs in the backend's order (bound + selection +
 decode, with the selection cache and ``reselect_every``), averaged over 16 consecutive decode steps captured in
 one CUDA graph (rows cross a block boundary inside the run). ``sel_ms`` = step_ms - decode_ms: the amortised
-query-aware selection. ``old_bound_ms``: the previous one-program-per-(row, KV head) bound kernel, if present.
+query-aware selection. ``old_bound_ms`` (results/select-h100.json): the previous one-program-per-(row, KV
+head) bound kernel, measured in the same run before it was deleted.
 """
 
 from __future__ import annotations
@@ -31,7 +32,7 @@ from kernels.selection import MODES, SelectionCache  # noqa: E402
 SINK, WINDOW = 16, 64  # backend defaults (tokens)
 
 
-def run(B, L, budget, mode_name, every, gen, old=None):
+def run(B, L, budget, mode_name, every, gen):
     kv, bt = paged_cache(B, L, gen)
     NB = kv.shape[0]
     seq0 = torch.full((B,), L - 16, dtype=torch.int32, device="cuda")
@@ -59,8 +60,6 @@ def run(B, L, budget, mode_name, every, gen, old=None):
                                                                   prior, rtag, cap, BS, qb), 4)
     ids, counts, kc, _ = select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode, prior, rtag, cap, BS, qb)
     row["decode_ms"] = graph_time_ms(lambda: sparse_decode(q[0], kv, bt, seqs[0], ids, kc, out=out), 4)
-    if old is not None:
-        row["old_bound_ms"] = graph_time_ms(lambda: old(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=0.5), 4)
 
     def steps():
         for i in range(16):
@@ -122,26 +121,22 @@ def main(argv=None):
     ap.add_argument("--shapes", default="1x32768,8x32768,32x32768,1x131072,8x131072")
     ap.add_argument("--budget", type=int, default=2048)
     a = ap.parse_args(argv)
-    try:
-        from kernels.step_triton import quest_bound_triton as old
-    except ImportError:
-        old = None
     gen = torch.Generator(device="cuda").manual_seed(0)
     check(gen)
     rows = []
     hdr = f"{'B':>3} {'L':>7} {'mode':>7} {'every':>5} {'bound':>8} {'select':>8} {'decode':>8} {'sel/step':>8} " \
-          f"{'step':>8} {'sdpa':>8} {'x sdpa':>6} {'old bound':>9}"
+          f"{'step':>8} {'sdpa':>8} {'x sdpa':>6}"
     print(torch.cuda.get_device_name(), torch.__version__, flush=True)
     print(hdr, flush=True)
     for shape in a.shapes.split(","):
         B, L = (int(x) for x in shape.split("x"))
         for m in a.modes.split(","):
             for e in (int(x) for x in a.every.split(",")):
-                r = run(B, L, a.budget, m, e, gen, old if e == 1 else None)
+                r = run(B, L, a.budget, m, e, gen)
                 rows.append(r)
                 print(f"{B:>3} {L:>7} {m:>7} {e:>5} {r['bound_ms']:8.4f} {r['select_ms']:8.4f} {r['decode_ms']:8.4f} "
-                      f"{r['sel_ms']:8.4f} {r['step_ms']:8.4f} {r['dense_sdpa_ms']:8.4f} {r['speedup_vs_sdpa']:6.2f} "
-                      f"{r.get('old_bound_ms', float('nan')):9.4f}", flush=True)
+                      f"{r['sel_ms']:8.4f} {r['step_ms']:8.4f} {r['dense_sdpa_ms']:8.4f} {r['speedup_vs_sdpa']:6.2f}",
+                      flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

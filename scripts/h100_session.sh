@@ -8,7 +8,7 @@
 #   # then, one call per piece: bash scripts/devgpu_models.sh stash .devgpu/s00 (s01, q00 .. q07)
 #
 # Writes under RES: kernels-h100.json + kernels-bench.log, quality-smollm2.json, quality-qwen2.5-coder-0.5b.json,
-# eval-*.log, assemble.log, DONE. Env: STEPS (default "bench smollm2 qwen"; also "questbench": bench --quest),
+# eval-*.log, assemble.log, DONE. Env: STEPS (default "bench smollm2 qwen"; also "selbench": benchmarks/select_bench.py),
 # run in the order given; SWEEPS (passed to eval/h100.sh: "beta sw" runs the quest_beta and sink/window sweeps).
 set -uo pipefail
 RES=${1:-/tmp/res}
@@ -33,10 +33,10 @@ for step in ${STEPS:-bench smollm2 qwen}; do
       log "kernels bench"
       python3 benchmarks/kernels_bench.py --out "$RES/kernels-h100.json" > "$RES/kernels-bench.log" 2>&1
       log "bench rc=$?" ;;
-    questbench)
-      log "quest bound variants"
-      timeout 300 python3 benchmarks/kernels_bench.py --quest --out "$RES/quest-bench.json" > "$RES/quest-bench.log" 2>&1
-      log "questbench rc=$?" ;;
+    selbench)
+      log "query-aware selection bench"
+      timeout 300 python3 benchmarks/select_bench.py --out "$RES/select-bench.json" > "$RES/select-bench.log" 2>&1
+      log "selbench rc=$?" ;;
     smollm2) quality smollm2 2 SMOLLM2_DIR ;;
     qwen) quality qwen 8 QWEN_DIR ;;
     *) log "unknown step $step" ;;
