@@ -22,8 +22,8 @@ Configs (tile rows, warps, pipeline stages, programs per SM, pivot block) are ch
 :func:`_pick`: on the first call for a (stage, shape bucket) every candidate is timed with CUDA events on the
 real inputs (all stages are idempotent) and the fastest is kept for the process. Never inside a CUDA-graph
 capture (the default is used there) nor in the interpreter. Tuning is opt-in (``PRESCORE_LEVERAGE_TUNE=1``,
-and always in ``benchmarks/kernels_bench.py``): inside a serving engine the first call would otherwise compile and
-time every candidate (a stall of a minute or more on the first leverage request).
+and always in ``benchmarks/kernels_bench.py``): inside a serving engine the first call would otherwise compile
+and time every candidate (a stall of a minute or more on the first leverage request).
 The torch code in :class:`prescore.kernels.scoring.Leverage` is the reference.
 """
 
