@@ -6,6 +6,9 @@ Examples::
     prescore-eval --model smollm2 --device cuda --dtype bfloat16 \\
         --ppl-context 8192 --passkey-contexts 2048,4096,8192 --budgets 128,256,512,1024,2048 ...
     prescore-eval --model tiny --tasks ppl --ppl-context 256 --budgets 128            # seconds, random weights
+    prescore-eval --tasks passkey,multikey,multivalue,vartrack,freqwords --task-contexts 4096 --task-trials 100
+    prescore-eval report results/quality-smollm2-cpu.json      # tables (accuracy with its 95% Wilson interval)
+    prescore-eval plot results/quality-smollm2-cpu.json        # budget curves -> results/quality-smollm2-cpu.png
 """
 
 from __future__ import annotations
@@ -80,7 +83,8 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--cache-dir", default=None, help="model cache root (default $PRESCORE_CACHE or ~/.cache/prescore)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")
-    ap.add_argument("--tasks", default="ppl,passkey", help="comma list of ppl, passkey")
+    ap.add_argument("--tasks", default="ppl,passkey",
+                    help="comma list of ppl, passkey, multikey, multivalue, vartrack, freqwords (RULER-style)")
     ap.add_argument("--budgets", default="128,256,512", type=_ints,
                     help="total attended tokens per KV head (sink + window + selected)")
     ap.add_argument("--methods", default=",".join(P.METHOD_NAMES), help="prior methods (registered scoring methods)")
@@ -113,6 +117,17 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--passkey-question", default="prefill", choices=("prefill", "decode"),
                     help="prefill: the question is part of the dense prefill, as in serving (its last token is "
                          "the first decode step); decode: the question is decoded sparsely too (stricter)")
+    ap.add_argument("--task-contexts", default=None, type=_ints,
+                    help="contexts of multikey/multivalue/vartrack/freqwords (default: --passkey-contexts)")
+    ap.add_argument("--task-trials", type=int, default=4, help="trials per (task, context) of the RULER-style tasks")
+    ap.add_argument("--multikey-keys", type=int, default=4, help="multikey: needles, one per distinct key")
+    ap.add_argument("--multikey-queries", type=int, default=1, help="multikey: keys asked (their values in order)")
+    ap.add_argument("--multivalue-values", type=int, default=4, help="multivalue: values of the one key")
+    ap.add_argument("--vartrack-hops", type=int, default=4, help="vartrack: assignments after the first, per chain")
+    ap.add_argument("--vartrack-chains", type=int, default=2, help="vartrack: chains (the others distract)")
+    ap.add_argument("--freqwords-words", type=int, default=6, help="freqwords: distinct listed words")
+    ap.add_argument("--freqwords-top", type=int, default=2, help="freqwords: most frequent words asked")
+    ap.add_argument("--no-plot", action="store_true", help="no budget-curve PNG next to --out")
     ap.add_argument("--trial-batch", type=int, default=8, help="trials decoded together (rows = trials x configs)")
     ap.add_argument("--text-dir", default=None, help="folder of *.txt (default: the excerpts shipped in eval/data)")
     ap.add_argument("--seed", type=int, default=0)
@@ -138,9 +153,10 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
         head = f"{task} context={ctx} trials={sub[0]['trials']}"
         if dense:
             d = dense[0]["value"]
-            head += f"  dense={d:.4f}" if task == "ppl" else f"  dense={d:.2f}"
-        lines.append(head + ("   (e-perplexity, ratio to dense)" if task == "ppl" else "   (accuracy)"))
-        lines.append(f"  {'method':<18}" + "".join(f"{b:>16}" for b in budgets))
+            head += f"  dense={d:.4f}" if task == "ppl" else f"  dense={_acc(dense[0])}"
+        lines.append(head + ("   (e-perplexity, ratio to dense)" if task == "ppl"
+                             else "   (accuracy [95% Wilson interval])"))
+        lines.append(f"  {'method':<18}" + "".join(f"{b:>18}" for b in budgets))
         labels = []
         for r in sub:
             if r["budget"] is not None and _key(r) not in labels:
@@ -150,11 +166,11 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
             for b in budgets:
                 x = [r for r in sub if _key(r) == (m, md, v) and r["budget"] == b]
                 if not x:
-                    cells.append(f"{'-':>16}")
+                    cells.append(f"{'-':>18}")
                 elif task == "ppl":
-                    cells.append(f"{x[0]['value']:>9.3f} {x[0]['ratio_to_dense']:>5.3f}x")
+                    cells.append(f"{x[0]['value']:>11.3f} {x[0]['ratio_to_dense']:>5.3f}x")
                 else:
-                    cells.append(f"{x[0]['value']:>16.2f}")
+                    cells.append(f"{_acc(x[0]):>18}")
             lines.append(f"  {config_label(m, md, v):<18}" + "".join(cells))
         lines.append("")
     if fid_rows:
@@ -170,6 +186,18 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
                           f"{'-':>10}") for b in budgets]
             lines.append(f"  {config_label(m, md, v):<18}" + "".join(cells))
     return "\n".join(lines)
+
+
+def _acc(r: dict) -> str:
+    """An accuracy cell: ``0.95 [0.76,0.99]`` (the interval from the row, or from value x trials for files
+    written before rows carried ``ci_low``/``ci_high``)."""
+    if "ci_low" in r:
+        lo, hi = r["ci_low"], r["ci_high"]
+    else:
+        from .tasks import wilson
+
+        lo, hi = wilson(round(r["value"] * r["trials"]), r["trials"])
+    return f"{r['value']:.2f} [{lo:.2f},{hi:.2f}]"
 
 
 def _key(r: dict) -> tuple:
@@ -194,12 +222,16 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["report"]:
         return report(argv[1:])
+    if argv[:1] == ["plot"]:
+        from .plot import main as plot_main
+
+        return plot_main(argv[1:])
     args = build_parser().parse_args(argv)
     t_start = time.perf_counter()
     if args.threads:
         torch.set_num_threads(args.threads)
     from .engine import SparseEvalEngine, make_configs
-    from .tasks import load_texts, passkey_task, ppl_task
+    from .tasks import NEW_TASKS, load_texts, passkey_task, ppl_task, ruler_task
 
     dev = torch.device(args.device)
     dtype = getattr(torch, args.dtype) if args.dtype else (torch.bfloat16 if dev.type == "cuda" else torch.float32)
@@ -217,6 +249,14 @@ def main(argv: list[str] | None = None) -> int:
         engine.controls(c)  # validate budgets early
     texts = load_texts(args.text_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
+    unknown = set(tasks) - {"ppl", "passkey", *NEW_TASKS}
+    if unknown:
+        raise SystemExit(f"--tasks: unknown {sorted(unknown)}; one of ppl, passkey, {', '.join(NEW_TASKS)}")
+    task_contexts = args.task_contexts or args.passkey_contexts
+    task_kw = {"multikey": {"keys": args.multikey_keys, "queries": args.multikey_queries},
+               "multivalue": {"values": args.multivalue_values},
+               "vartrack": {"hops": args.vartrack_hops, "chains": args.vartrack_chains},
+               "freqwords": {"words": args.freqwords_words, "top": args.freqwords_top}}
     rows, fid_rows, timings = [], [], {}
     _log(f"prescore-eval: {short} on {dev} ({dtype}), {len(configs)} configs, budgets {args.budgets}, "
          f"block {args.block_size}, sink {args.sink}, window {args.window}")
@@ -238,6 +278,15 @@ def main(argv: list[str] | None = None) -> int:
             rows += r
             timings[f"passkey@{ctx}"] = {**{k: round(v, 1) for k, v in tm.items()},
                                          "total_s": round(time.perf_counter() - t0, 1)}
+    for task in [t for t in NEW_TASKS if t in tasks]:
+        for ctx in task_contexts:
+            t0 = time.perf_counter()
+            r, tm = ruler_task(engine, tok, texts, configs, task, ctx, args.task_trials, seed=args.seed,
+                               trial_batch=args.trial_batch, log=_log, question=args.passkey_question,
+                               **task_kw[task])
+            rows += r
+            timings[f"{task}@{ctx}"] = {**{k: round(v, 1) for k, v in tm.items()},
+                                        "total_s": round(time.perf_counter() - t0, 1)}
     table = format_table(rows, fid_rows)
     print(table)
     contexts = [r["context"] for r in rows]
@@ -259,6 +308,9 @@ def main(argv: list[str] | None = None) -> int:
             "ppl": {"context": args.ppl_context, "decode": args.ppl_decode, "trials": args.ppl_trials},
             "passkey": {"contexts": args.passkey_contexts, "depths": args.passkey_depths,
                         "trials_per_depth": args.passkey_trials, "question": args.passkey_question},
+            "tasks": {t: {"contexts": task_contexts, "trials": args.task_trials, **task_kw[t]}
+                      for t in NEW_TASKS if t in tasks},
+            "interval": "95% Wilson score interval of hits / trials (ci_low, ci_high)",
             "texts": args.text_dir or "eval/data (shipped excerpts)", "seed": args.seed,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         },
@@ -270,6 +322,12 @@ def main(argv: list[str] | None = None) -> int:
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(result, indent=1) + "\n")
     _log(f"wrote {out} ({result['runtime_s']}s)")
+    if not args.no_plot:
+        from .plot import plot, png_path
+
+        png = plot(result, png_path(out))
+        if png:
+            _log(f"wrote {png}")
     return 0
 
 

@@ -1,4 +1,5 @@
-"""Tasks: decode-mode perplexity, passkey retrieval, attention-output fidelity. Each returns JSON rows.
+"""Tasks: decode-mode perplexity, passkey retrieval, attention-output fidelity, and the RULER-style multikey,
+multivalue, vartrack and freqwords (accuracy rows carry a 95% Wilson interval). Each returns JSON rows.
 
 Texts: the public-domain excerpts shipped in ``eval/data`` (Emma, Moby-Dick, Truman's 1946 State of the Union,
 ~175 KB each, from ../shared/data/text) or any folder of ``*.txt`` (``--text-dir``).
@@ -167,8 +168,218 @@ def passkey_task(engine: SparseEvalEngine, tok, texts, configs, context: int, de
     rows = []
     for i, c in enumerate(configs):
         by_depth = {f"{d:g}": float(hit[dep == d, i].mean()) for d in depths}
+        h = int(hit[:, i].sum())
         rows.append({"task": "passkey", "method": c.method, "mode": c.mode, "budget": c.budget,
-                     "value": float(hit[:, i].mean()), "trials": len(prompts), "context": N + QA,
+                     "value": float(hit[:, i].mean()), "trials": len(prompts), **ci_fields(h, len(prompts)),
+                     "context": N + QA,
                      "prefill": N, "decode_tokens": QA - 1, "question": question, "by_depth": by_depth,
                      **engine.row_fields(c)})
+    return rows, timing
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# RULER-style tasks (Hsieh et al. 2024, "RULER: What's the Real Context Size of Your Long-Context Language
+# Models?"), generated offline from the shipped texts, decode mode as serving runs them: the haystack with its
+# needles and the question are prefilled densely (but the question's last token), the answer is decoded sparsely
+# and scored teacher-forced: a trial is a hit when every answer token is the argmax.
+
+WILSON_Z = 1.959963984540054  # two-sided 95%
+
+
+def wilson(hits: int, n: int, z: float = WILSON_Z) -> tuple[float, float]:
+    """Wilson score interval of ``hits`` successes in ``n`` trials (95% by default); (0, 1) when n == 0."""
+    if n <= 0:
+        return 0.0, 1.0
+    p = hits / n
+    den = 1 + z * z / n
+    mid = (p + z * z / (2 * n)) / den
+    half = z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n)) / den
+    return max(0.0, mid - half), min(1.0, mid + half)
+
+
+def ci_fields(hits: int, n: int) -> dict:
+    lo, hi = wilson(hits, n)
+    return {"ci_low": lo, "ci_high": hi, "hits": int(hits)}
+
+
+# keys of multikey / multivalue and the words of freqwords (common nouns; drawn without replacement by seed)
+WORDS = ("apple", "river", "candle", "garden", "hammer", "violin", "pepper", "marble", "window", "rabbit",
+         "silver", "forest", "ladder", "pillow", "rocket", "saddle", "tomato", "walnut", "anchor", "basket",
+         "castle", "dragon", "falcon", "ginger", "helmet", "island", "jacket", "kettle", "lemon", "mirror",
+         "needle", "orange", "parrot", "pencil", "planet", "shadow", "spider", "tunnel", "wallet", "zebra")
+
+MK_NEEDLE = "\n\nThe special magic number for {key} is: {value}.\n\n"
+RULER_INTRO = ("Some special magic numbers are hidden within the following text. Make sure to memorize them. "
+               "I will quiz you about the numbers afterwards.\n\n")
+VT_INTRO = ("Memorize and track the chain(s) of variable assignment hidden in the following text.\n\n")
+VT_NEEDLE = "\n\nVAR {name} = {value}.\n\n"
+FW_INTRO = ("Some words are listed within the following text. Count how often each listed word appears; "
+            "I will ask you which words were listed most often.\n\n")
+FW_NEEDLE = "\n\nListed word: {word}.\n\n"
+NEW_TASKS = ("multikey", "multivalue", "vartrack", "freqwords")
+
+
+def _magic(rng: random.Random) -> int:
+    return rng.randrange(1000000, 10000000)  # 7 digits, as RULER
+
+
+def _var_name(rng: random.Random, taken: set) -> str:
+    while True:
+        n = "".join(rng.choice("ABCDEFGHIJKLMNOPQRSTUVWXYZ") for _ in range(5))
+        if n not in taken:
+            taken.add(n)
+            return n
+
+
+def ruler_spec(task: str, rng: random.Random, **kw) -> dict:
+    """One trial's text pieces: ``intro``, ``needles`` (strings, in context order), ``question`` (ends where the
+    answer starts), ``answer`` (with its leading space), ``meta``. Deterministic given the rng state.
+
+    - multikey: ``keys`` needles "The special magic number for <key> is: <value>", one per distinct key; the
+      question asks ``queries`` of them (RULER's multikey / multiquery); the answer lists their values in the
+      order asked.
+    - multivalue: ``values`` needles with the same key and different values; the answer lists all of them in
+      context order.
+    - vartrack: ``chains`` chains of ``hops`` + 1 assignments (VAR A = 12345, VAR B = A, ...), interleaved in
+      order; the question asks the value of the last variable of the first chain.
+    - freqwords: ``words`` listed words, the ``top`` most frequent with counts top_count, top_count-1, ... and
+      the others fewer (1..``rest_max``); the answer lists the top words, most frequent first.
+    """
+    if task == "multikey":
+        n, k = kw.get("keys", 4), kw.get("queries", 1)
+        keys = rng.sample(WORDS, n)
+        vals = [_magic(rng) for _ in keys]
+        asked = sorted(rng.sample(range(n), k))
+        needles = [MK_NEEDLE.format(key=a, value=v) for a, v in zip(keys, vals)]
+        ks = " and ".join(keys[i] for i in asked)
+        if k == 1:
+            q = f"\n\nWhat is the special magic number for {ks} mentioned in the provided text? " \
+                f"The special magic number for {ks} mentioned in the provided text is"
+        else:
+            q = f"\n\nWhat are the special magic numbers for {ks} mentioned in the provided text? " \
+                f"The special magic numbers for {ks} mentioned in the provided text are"
+        ans = " " + ", ".join(str(vals[i]) for i in asked)
+        return {"intro": RULER_INTRO, "needles": needles, "question": q, "answer": ans,
+                "meta": {"keys": keys, "values": vals, "asked": [keys[i] for i in asked]}}
+    if task == "multivalue":
+        n = kw.get("values", 4)
+        key = rng.choice(WORDS)
+        vals = rng.sample(range(1000000, 10000000), n)
+        needles = [MK_NEEDLE.format(key=key, value=v) for v in vals]
+        q = f"\n\nWhat are all the special magic numbers for {key} mentioned in the provided text? " \
+            f"The special magic numbers for {key} mentioned in the provided text are"
+        return {"intro": RULER_INTRO, "needles": needles, "question": q,
+                "answer": " " + ", ".join(str(v) for v in vals), "meta": {"key": key, "values": vals}}
+    if task == "vartrack":
+        hops, nch = kw.get("hops", 4), kw.get("chains", 2)
+        taken: set = set()
+        values = rng.sample(range(10000, 100000), nch)
+        chains = []
+        for c in range(nch):
+            names = [_var_name(rng, taken) for _ in range(hops + 1)]
+            chains.append((names, [VT_NEEDLE.format(name=names[0], value=values[c])]
+                           + [VT_NEEDLE.format(name=names[i], value=names[i - 1]) for i in range(1, hops + 1)]))
+        # interleave the chains at random, each chain's assignments in order
+        order = [c for c in range(nch) for _ in range(hops + 1)]
+        rng.shuffle(order)
+        nxt = [0] * nch
+        needles = []
+        for c in order:
+            needles.append(chains[c][1][nxt[c]])
+            nxt[c] += 1
+        last = chains[0][0][-1]
+        q = f"\n\nWhat is the value of the variable {last}? Follow the chain of assignments. " \
+            f"The value of {last} is"
+        return {"intro": VT_INTRO, "needles": needles, "question": q, "answer": f" {values[0]}",
+                "meta": {"chain": chains[0][0], "value": values[0], "distractors": [c[0] for c in chains[1:]]}}
+    if task == "freqwords":
+        nw, top, rest_max = kw.get("words", 6), kw.get("top", 2), kw.get("rest_max", 2)
+        top_count = kw.get("top_count", rest_max + top + 1)
+        words = rng.sample(WORDS, nw)
+        counts = {w: top_count - i for i, w in enumerate(words[:top])}
+        counts.update({w: rng.randint(1, rest_max) for w in words[top:]})
+        mentions = [w for w in words for _ in range(counts[w])]
+        rng.shuffle(mentions)
+        needles = [FW_NEEDLE.format(word=w) for w in mentions]
+        what = "word was" if top == 1 else f"{top} words were"
+        q = f"\n\nWhich {what} listed most often in the text above, most frequent first? " \
+            f"Answer: the most frequently listed {'word is' if top == 1 else 'words are'}"
+        return {"intro": FW_INTRO, "needles": needles, "question": q, "answer": " " + ", ".join(words[:top]),
+                "meta": {"counts": counts, "top": words[:top]}}
+    raise ValueError(f"unknown task {task!r}; one of {NEW_TASKS}")
+
+
+def ruler_prompts(task: str, tok, corpus: Corpus, context: int, trials: int, block_size: int, seed: int = 0,
+                  question: str = "prefill", **kw) -> list[dict]:
+    """``trials`` prompts of one task, all with the same prefill length ``N`` (a block multiple; the longest
+    prompt fits ``context``). Each: ``prefix`` (ids [N]), ``dec`` (decode ids: the question's last token + the
+    answer, or with ``question="decode"`` the whole question + answer), ``answer_len``, ``needle_at`` (token
+    offsets of every needle in ``prefix``), ``needle_ids``, ``spec``. The needles go at sorted random depths of
+    a haystack window (document ``trial``), in the spec's order. Deterministic by (seed, context)."""
+    rng = random.Random(seed * 1000003 + context * 7 + NEW_TASKS.index(task))
+    parts = []
+    for t in range(trials):
+        s = ruler_spec(task, rng, **kw)
+        q = _ids(tok, s["question"])
+        qa = _ids(tok, s["question"] + s["answer"])
+        a = qa[len(q):] if qa[:len(q)] == q else _ids(tok, s["answer"])
+        tail, dec = (q[:-1], q[-1:] + a) if question == "prefill" else ([], q + a)
+        if question not in ("prefill", "decode"):
+            raise ValueError(f"question must be 'prefill' or 'decode', got {question!r}")
+        parts.append((s, _ids(tok, s["intro"]), [_ids(tok, x) for x in s["needles"]], tail, dec, len(a)))
+    N = min((context - len(p[4])) // block_size * block_size for p in parts)
+    out = []
+    for t, (s, intro, needles, tail, dec, A) in enumerate(parts):
+        n_hay = N - len(intro) - sum(map(len, needles)) - len(tail)
+        if n_hay < 16:
+            raise ValueError(f"context {context} too short for {task} ({len(needles)} needles)")
+        _, hay = corpus.window(t, n_hay, rng)
+        cuts = sorted(rng.randrange(0, n_hay + 1) for _ in needles)
+        prefix, at, prev = list(intro), [], 0
+        for c, nd in zip(cuts, needles):
+            prefix += hay[prev:c]
+            at.append(len(prefix))
+            prefix += nd
+            prev = c
+        prefix += hay[prev:] + tail
+        assert len(prefix) == N
+        out.append({"prefix": prefix, "dec": dec, "answer_len": A, "needle_at": at, "needle_ids": needles,
+                    "spec": s})
+    return out
+
+
+def ruler_task(engine: SparseEvalEngine, tok, texts, configs, task: str, context: int, trials: int, seed: int = 0,
+               trial_batch: int = 8, log=print, question: str = "prefill", **kw) -> tuple[list, dict]:
+    """Accuracy of ``task`` (multikey | multivalue | vartrack | freqwords) at ``context`` per config, with a 95%
+    Wilson interval. Prompts share the prefill length; decode lengths may differ (batched by shape)."""
+    corpus = Corpus(tok, texts, context)
+    prompts = ruler_prompts(task, tok, corpus, context, trials, engine.BS, seed, question, **kw)
+    N = len(prompts[0]["prefix"])
+    shapes: dict[tuple, list[int]] = {}
+    for i, p in enumerate(prompts):
+        shapes.setdefault((len(p["dec"]), p["answer_len"]), []).append(i)
+    hit = torch.zeros(len(prompts), len(configs))
+    nll = torch.zeros(len(prompts), len(configs), dtype=torch.float64)
+    timing = {"prefill_s": 0.0, "decode_s": 0.0}
+    for (QA, A), idx in sorted(shapes.items()):
+        for s in range(0, len(idx), trial_batch):
+            b = idx[s:s + trial_batch]
+            pre = torch.tensor([prompts[i]["prefix"] for i in b])
+            qa = torch.tensor([prompts[i]["dec"] for i in b])
+            r = engine.run(pre, qa[:, :-1], qa[:, 1:], configs, log=log)
+            hit[b] = r["hit"][:, :, -A:].all(-1).float()
+            nll[b] = r["nll"][:, :, -A:].double().mean(-1)
+            for k in timing:
+                timing[k] += r["timing"][k]
+            log(f"  {task} ctx={context}: {len(b)} trials (answer {A} tokens) prefill "
+                f"{r['timing']['prefill_s']:.1f}s decode {r['timing']['decode_s']:.1f}s")
+    QA = max(len(p["dec"]) for p in prompts)
+    rows = []
+    for i, c in enumerate(configs):
+        h = int(hit[:, i].sum())
+        rows.append({"task": task, "method": c.method, "mode": c.mode, "budget": c.budget,
+                     "value": h / len(prompts), "trials": len(prompts), **ci_fields(h, len(prompts)),
+                     "context": N + QA, "prefill": N, "decode_tokens": QA - 1, "question": question,
+                     "answer_nll": float(nll[:, i].mean()), "per_trial": [int(x) for x in hit[:, i]],
+                     "task_args": {k: v for k, v in sorted(kw.items())}, **engine.row_fields(c)})
     return rows, timing
