@@ -316,6 +316,10 @@ def ruler_prompts(task: str, tok, corpus: Corpus, context: int, trials: int, blo
     answer, or with ``question="decode"`` the whole question + answer), ``answer_len``, ``needle_at`` (token
     offsets of every needle in ``prefix``), ``needle_ids``, ``spec``. The needles go at sorted random depths of
     a haystack window (document ``trial``), in the spec's order. Deterministic by (seed, context)."""
+    if question not in ("prefill", "decode"):
+        raise ValueError(f"question must be 'prefill' or 'decode', got {question!r}")
+    if task not in NEW_TASKS:
+        raise ValueError(f"unknown task {task!r}; one of {NEW_TASKS}")
     rng = random.Random(seed * 1000003 + context * 7 + NEW_TASKS.index(task))
     parts = []
     for t in range(trials):
@@ -324,8 +328,6 @@ def ruler_prompts(task: str, tok, corpus: Corpus, context: int, trials: int, blo
         qa = _ids(tok, s["question"] + s["answer"])
         a = qa[len(q):] if qa[:len(q)] == q else _ids(tok, s["answer"])
         tail, dec = (q[:-1], q[-1:] + a) if question == "prefill" else ([], q + a)
-        if question not in ("prefill", "decode"):
-            raise ValueError(f"question must be 'prefill' or 'decode', got {question!r}")
         parts.append((s, _ids(tok, s["intro"]), [_ids(tok, x) for x in s["needles"]], tail, dec, len(a)))
     N = min((context - len(p[4])) // block_size * block_size for p in parts)
     out = []
