@@ -13,6 +13,6 @@ cd /tmp/repo
 case $what in
   sel) bash /tmp/devgpu/bg start sel -- python3 benchmarks/select_bench.py --modes "${MODES:-hybrid}" \
          --out /tmp/res/select-bench.json ;;
-  s6) bash /tmp/devgpu/bg start s6 -- bash -c 'while pgrep -f select_bench.py >/dev/null; do sleep 2; done;
+  s6) bash /tmp/devgpu/bg start s6 -- bash -c 'while pgrep -f "[s]elect_bench[.]py" >/dev/null; do sleep 2; done;
          STEPS="${STEPS:-e2e serve}" bash scripts/gpu_session6.sh /tmp/res' ;;
 esac
