@@ -76,6 +76,7 @@ class MethodGroup:
     sparse_rows: torch.Tensor  # [Bs]
     sparse_tokens: torch.Tensor  # [Bs] query token of each sparse row
     sparse_slots: torch.Tensor  # [Bs] request slot of each sparse row (its selection-cache row)
+    ctags: torch.Tensor  # [Bs] admission serial of each sparse row (the selection cache's key)
     budget: torch.Tensor  # [Bs] blocks
     sink: torch.Tensor
     window: torch.Tensor
@@ -107,10 +108,10 @@ def _i(vals, device, dtype=torch.int32):
     return torch.tensor(vals, dtype=dtype, device=device)
 
 
-_KEYS = ("score_rows", "score_slots", "score_tags", "sparse_rows", "sparse_tokens", "sparse_slots", "budget", "sink",
-         "window", "mode", "prior", "tags", "labels")
+_KEYS = ("score_rows", "score_slots", "score_tags", "sparse_rows", "sparse_tokens", "sparse_slots", "ctags", "budget",
+         "sink", "window", "mode", "prior", "tags", "labels")
 _DTYPES = {"score_rows": torch.long, "score_slots": torch.long, "score_tags": torch.int64, "sparse_rows": torch.long,
-           "sparse_tokens": torch.long, "tags": torch.int64, "labels": torch.long}
+           "sparse_tokens": torch.long, "tags": torch.int64, "labels": torch.long, "ctags": torch.int64}
 
 
 def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
@@ -149,7 +150,8 @@ def plan_step(cm, block_size: int, device) -> tuple[StepPlan, list[int]]:
             metrics.add(p.method, p.mode, decode_rows_dense=1)
             continue
         metrics.add(p.method, p.mode, decode_rows_sparse=1)
-        for k, v in (("sparse_rows", i), ("sparse_tokens", qsl[i]), ("sparse_slots", slot), ("budget", budget),
+        for k, v in (("sparse_rows", i), ("sparse_tokens", qsl[i]), ("sparse_slots", slot),
+                     ("ctags", TABLE.serial[slot]), ("budget", budget),
                      ("sink", sink),
                      ("window", window), ("mode", MODES[p.mode]), ("prior", prior), ("tags", tag),
                      ("labels", _label(p))):
@@ -176,7 +178,7 @@ class DecodeBuffers:
     (its request slot; padding rows get a private scratch row past the slots, so no two rows share one)."""
 
     FIELDS = ("slot", "method", "col", "srow", "budget", "sink", "window", "mode", "prior", "tag", "label",
-              "sparse")
+              "sparse", "ctag")
 
     def __init__(self, max_rows: int, device):
         self.max_rows = max_rows
@@ -201,12 +203,12 @@ def _row_fields(slot: int, p, ctx: int, block_size: int, scratch_row: int) -> tu
     if p is None or p.budget == 0:
         if p is not None:
             metrics.add(p.method, p.mode, decode_rows_dense=1)
-        return (max(slot, 0), -1, 0, scratch_row, 0, 0, 0, 0, 0, 0, 0, 0)
+        return (max(slot, 0), -1, 0, scratch_row, 0, 0, 0, 0, 0, 0, 0, 0, 0)
     budget, sink, window, prior = p.blocks(block_size)
     sparse = -(-ctx // block_size) > sink + window + budget
     metrics.add(p.method, p.mode, **{"decode_rows_sparse" if sparse else "decode_rows_dense": 1})
     return (slot, METHODS[p.method].method_id, _METHOD_NAMES.index(p.method), slot, budget, sink, window,
-            MODES[p.mode], prior, TABLE.tag[slot], _label(p), int(sparse))
+            MODES[p.mode], prior, TABLE.tag[slot], _label(p), int(sparse), TABLE.serial[slot])
 
 
 def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers, capture: bool = False) -> bool:
@@ -222,7 +224,7 @@ def plan_uniform_decode(cm, block_size: int, bufs: DecodeBuffers, capture: bool 
         if any(qsl[i + 1] - qsl[i] > 1 for i in range(n)):
             return False
         scratch = max(TABLE.capacity, 1)
-        bufs.fill([(0, -1, 0, scratch + i, 0, 0, 0, 0, 0, 0, 0, 0) for i in range(n)])
+        bufs.fill([(0, -1, 0, scratch + i, 0, 0, 0, 0, 0, 0, 0, 0, 0) for i in range(n)])
         return True
     seq = compat.host_seq_lens(cm).tolist()
     slots = TABLE.slots(n, compat.req_slots(cm))
@@ -353,10 +355,10 @@ def uniform_decode_forward(store: "LayerStore", plan: UniformDecodePlan, query, 
     every = TABLE.defaults.reselect_every
     budget, sink, window, tag = f("budget"), f("sink"), f("window"), f("tag")
     qb = quest_bounds_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size, beta=TABLE.defaults.quest_beta,
-                             reuse=(cache, srow, tag, budget, sink, window, plan.max_selected, every))
+                             reuse=(cache, srow, f("ctag"), budget, sink, window, plan.max_selected, every))
     select_blocks_triton(store.scores3, store.tags2, bt, sl, budget, sink, window, mode, f("prior"), tag,
                          plan.max_selected, block_size, qb, cache, srow, cols=cols, overflow_dense=True,
-                         stats=(f("sparse"), f("label"), store.acc), every=every)
+                         stats=(f("sparse"), f("label"), store.acc), every=every, ctags=f("ctag"))
     o = output[:n]
     if o.dtype == q.dtype:  # straight into the layer's output (no temporary, no copy launch)
         decode_fn(q, kv, bt, sl, cache.ids, cache.kcounts, scale, sel_rows=srow, out=o)
@@ -546,7 +548,7 @@ def sparse_rows_forward(store: LayerStore, plan: StepPlan, query, kv, block_tabl
         sel = select_blocks(summ, bt, sl, g.budget, g.sink, g.window, g.mode, g.prior, g.tags, plan.max_selected,
                             q=q, block_size=block_size, need_query=g.need_query,
                             quest_beta=TABLE.defaults.quest_beta, cache=cache, rows=g.sparse_slots,
-                            every=TABLE.defaults.reselect_every).per_row()
+                            every=TABLE.defaults.reselect_every, ctags=g.ctags).per_row()
         out = decode_fn(q, kv, bt, sl, sel.ids, sel.kernel_counts(), scale)
         output[g.sparse_tokens] = out.to(output.dtype)
         # counters (device-side, no sync)

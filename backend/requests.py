@@ -30,6 +30,7 @@ from . import compat, params as P
 
 logger = logging.getLogger("vllm.prescore")
 
+_SERIALS = itertools.count(1)  # one per admission: the selection cache's key (content tags repeat across requests)
 _TAGS = itertools.count(2, 2)  # 0 is never a tag (zeroed summary memory), -1 marks "never scored"
 
 
@@ -63,6 +64,7 @@ class RequestTable:
         self.params = [None] * capacity
         self.prefill_len = [0] * capacity
         self.tag = [-1] * capacity
+        self.serial = [0] * capacity
         self.row_slot = {}
         self._free = list(range(capacity - 1, -1, -1))
 
@@ -77,6 +79,7 @@ class RequestTable:
             self.params[slot] = self.defaults  # obey the policy (checked at startup), never dense by accident
         self.prefill_len[slot] = int(prefill_len)
         self.tag[slot] = content_tag(self.params[slot].method, tokens) if tokens else next(_TAGS)
+        self.serial[slot] = next(_SERIALS)
 
     # ---- V1: persistent-batch rows -> own slots --------------------------------------------------------
     def _release_row(self, row: int) -> None:

@@ -99,7 +99,7 @@ def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, BND, PMAX, WS,
+    SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, CTAG, BND, PMAX, WS,
     IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL, SPARSE, LABEL, ACC,
     stride_sc_b, stride_sc_h, stride_sc_m, stride_tg_m, stride_bt_b, stride_bt_n,
     s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
@@ -129,11 +129,12 @@ def _select_kernel(
         packed = _packed(nblk, budget, sink, window)
         ck = CKEY + r * stride_ck_r + h * stride_ck_h
         old_packed = tl.load(ck + 1)
-        same = (tl.load(ck) == rtag) & (mode == MODE_PRIOR)
+        ctag = tl.load(CTAG + b).to(tl.int64)  # the cache key: one per admission (content tags repeat)
+        same = (tl.load(ck) == ctag) & (mode == MODE_PRIOR)
         hit = same & (old_packed == packed)
         # query-aware rows between re-selections (every EVERY tokens): keep the cached choice, appending the
         # block a new token opened (see _reuse)
-        reuse = _reuse(CKEY, KCOUNTS, r, h, rtag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h,
+        reuse = _reuse(CKEY, KCOUNTS, r, h, ctag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h,
                        stride_cn_b)
         if reuse == 2:
             kc_app = tl.load(KCOUNTS + r * stride_cn_b + h)
@@ -162,7 +163,7 @@ def _select_kernel(
                             s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
                             stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY,
                             OVERFLOW_DENSE, G, G_PAD, NS_PAD)
-            tl.store(ck, rtag)
+            tl.store(ck, ctag)
             tl.store(ck + 1, packed)
     else:
         _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, b, nblk, budget,
@@ -193,7 +194,7 @@ def _packed(nblk, budget, sink, window):
 
 
 @triton.jit
-def _reuse(CKEY, KCOUNTS, r, h, rtag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h, stride_cn_b):
+def _reuse(CKEY, KCOUNTS, r, h, ctag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h, stride_cn_b):
     """Whether a query-aware row (mode != MODE_PRIOR) keeps its cached selection this step: 0 = select afresh, 1 = keep
     it (same block count), 2 = keep it and append the block the new token opened. A row re-selects when its
     length is a multiple of EVERY (EVERY 1: every step), when its request, controls or cached state changed, or
@@ -201,7 +202,7 @@ def _reuse(CKEY, KCOUNTS, r, h, rtag, packed, nblk, seq, mode, S, EVERY, stride_
     ck = CKEY + r * stride_ck_r + h * stride_ck_h
     old = tl.load(ck + 1)
     kc = tl.load(KCOUNTS + r * stride_cn_b + h)
-    ok = (tl.load(ck) == rtag) & (mode != MODE_PRIOR) & ((old >> 24) == (packed >> 24)) & ((seq % EVERY) != 0)
+    ok = (tl.load(ck) == ctag) & (mode != MODE_PRIOR) & ((old >> 24) == (packed >> 24)) & ((seq % EVERY) != 0)
     old_n = (old & 0xFFFFFF).to(tl.int32)
     keep = ok & (old_n == nblk)
     app = ok & (old_n == nblk - 1) & (kc >= 0) & (kc < S)
@@ -315,7 +316,7 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                          prior_blocks, req_tags, max_selected, block_size, qbounds=None, cache=None, rows=None,
-                         cols=None, overflow_dense=False, stats=None, every=1):
+                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
@@ -371,6 +372,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         G, NS = 1, 1
     if cache is None:
         every = 1
+    ctags = req_tags if ctags is None else ctags.contiguous()  # the cache's key per row (one per admission)
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
     if stats is not None:
         sparse, labels, acc = stats
@@ -380,7 +382,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         acc = torch.empty(1, 4, dtype=torch.float64, device=dev)
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
-        req_tags, bnd, pmax, ws, ids, counts, kcounts, dense, rows, ckey, cols, sparse, labels, acc,
+        req_tags, ctags, bnd, pmax, ws, ids, counts, kcounts, dense, rows, ckey, cols, sparse, labels, acc,
         scores.stride(0), scores.stride(-1), s_sc_m, s_tg_m, block_table.stride(0), block_table.stride(1),
         bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2), NS,
         ws.stride(0), ws.stride(1),
@@ -483,7 +485,8 @@ def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: 
     key (see :func:`prescore.kernels.selection.quest_bound`); rows in prior mode (0) are skipped. The selection
     kernel combines them into the group's key (:func:`quest_key_from_bounds` is the same in torch).
 
-    ``reuse = (cache, rows, req_tags, budget, sink, window, max_selected, every)``: also skip the rows that
+    ``reuse = (cache, rows, ctags, budget, sink, window, max_selected, every)`` (``ctags``: the cache keys that
+    ``select_blocks_triton`` gets, by default the request tags): also skip the rows that
     ``select_blocks_triton`` with the same arguments will serve from the cache this step."""
     import torch
 

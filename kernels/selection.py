@@ -127,7 +127,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                   q: torch.Tensor | None = None, block_size: int | None = None,
                   need_query: bool | None = None, use_triton: bool | None = None,
                   cache: SelectionCache | None = None, rows: torch.Tensor | None = None,
-                  overflow_dense: bool = False, quest_beta: float = 1.0, every: int = 1) -> Selection:
+                  overflow_dense: bool = False, quest_beta: float = 1.0, every: int = 1,
+                  ctags: torch.Tensor | None = None) -> Selection:
     """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode
     (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
     (:mod:`.select_triton`); otherwise this torch implementation runs. ``cache`` + ``rows`` (Triton only): keep
@@ -135,7 +136,9 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     prior selection only changes at block boundaries); the result then holds the cache buffers and ``rows``
     (``Selection.per_row()`` gathers; ``sparse_decode(..., sel_rows=sel.rows)`` reads them in place). With a
     cache, ``every`` > 1 makes a query-aware row re-select only when its length is a multiple of ``every``; in
-    between it keeps its cached blocks plus each block a new token opens (LServe-style reuse)."""
+    between it keeps its cached blocks plus each block a new token opens (LServe-style reuse). ``ctags [B]``
+    (default ``req_tags``): the cache's key per row, unique per admitted request (request tags are content
+    tags and repeat when a prompt is sent again: a new request must never start from an older one's choice)."""
     if need_query is None:
         need_query = bool((mode.long() != MODES["prior"]).any())
     if use_triton is None:
@@ -143,13 +146,13 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     if use_triton:
         return _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows,
-                              overflow_dense, quest_beta, every)
+                              overflow_dense, quest_beta, every, ctags)
     if cache is not None:
         fresh = select_blocks(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, False,
                               overflow_dense=overflow_dense, quest_beta=quest_beta)
-        return _reuse_torch(fresh, cache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, req_tags,
-                            block_size, every)
+        return _reuse_torch(fresh, cache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
+                            req_tags if ctags is None else ctags, block_size, every)
     B, MB = block_table.shape
     H = summ.scores.shape[1]
     BS = block_size
@@ -280,21 +283,21 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
 
 def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
                    req_tags, max_selected, q, block_size, need_query, cache=None, rows=None,
-                   overflow_dense=False, quest_beta=1.0, every=1) -> Selection:
+                   overflow_dense=False, quest_beta=1.0, every=1, ctags=None) -> Selection:
     from .select_triton import quest_bounds_triton, select_blocks_triton
 
     qb = None
     if need_query:
         if q is None:
             raise ValueError("query-aware selection needs q")
-        reuse = None if cache is None else (cache, rows, req_tags, budget_blocks, sink_blocks, window_blocks,
-                                             max_selected, every)
+        reuse = None if cache is None else (cache, rows, req_tags if ctags is None else ctags, budget_blocks,
+                                             sink_blocks, window_blocks, max_selected, every)
         qb = quest_bounds_triton(q, summ.kmin, summ.kmax, block_table, seq_lens, mode, block_size, beta=quest_beta,
                                  reuse=reuse)
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
         prior_blocks, req_tags, max_selected, block_size, qb, cache, rows, overflow_dense=overflow_dense,
-        every=every)
+        every=every, ctags=ctags)
     if cache is not None:  # per-slot buffers, not gathered: pass sel_rows=selection.rows to sparse_decode
         return Selection(ids=ids, counts=counts, dense=dense, kcounts=kcounts, rows=rows)
     return Selection(ids=ids, counts=counts, dense=dense.bool(), kcounts=kcounts)

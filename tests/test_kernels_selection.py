@@ -262,6 +262,7 @@ def test_query_aware_reuse_schedule(every, triton):
     modes = t([1, 2, 0, 1])
     gen = torch.Generator().manual_seed(9)
     last = None
+    ctags = torch.arange(4, dtype=torch.int64) + 1000  # the cache's key per row (one per admission)
     for step in range(36):
         s = seq + step
         qs = torch.randn(q.shape, generator=gen)  # a new query every step
@@ -269,12 +270,15 @@ def test_query_aware_reuse_schedule(every, triton):
             tags = tags.clone()
             tags[3] = 777
             summ.tags[bt[3].long()] = 777
+            ctags[3] += 100
+        if step == 27:  # slot 5 gets a new request with the same prompt: same content tag, new admission
+            ctags[0] += 100
         args = (summ, bt, s, t([6, 5, 3, 4]), t([1, 1, 1, 1]), t([2, 2, 2, 2]), modes, t([0, 2, 0, 0]), tags, 40)
         fresh = select_blocks(*args, q=qs, block_size=BS, use_triton=True)
         got = select_blocks(*args, q=qs, block_size=BS, use_triton=triton, cache=cache, rows=rows,
-                            every=every).per_row()
+                            every=every, ctags=ctags.clone()).per_row()
         for b in range(len(lens)):
-            new_req = step == 20 and b == 3
+            new_req = (step == 20 and b == 3) or (step == 27 and b == 0)
             if every == 1 or int(modes[b]) == 0 or int(s[b]) % every == 0 or step == 0 or new_req:
                 assert torch.equal(fresh.counts[b], got.counts[b]), (step, b)
                 assert torch.equal(fresh.ids[b], got.ids[b]), (step, b)
