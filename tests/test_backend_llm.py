@@ -91,7 +91,11 @@ def _runs(tiny_model):
     eng = llm.llm_engine
     shared = {"prompt_token_ids": _prompt(99)["prompt_token_ids"]}
     sp = _sp(prescore_budget=64, prescore_method="keynorm", prescore_mode="prior", **COMMON)
-    eng.add_request("x", shared, sp)
+    # x decodes long enough that y's admission (and its rescoring of the shared blocks) always lands while x is
+    # still decoding, however far the engine's steps run ahead
+    sp_x = sp.clone()
+    sp_x.max_tokens = 4 * NEW
+    eng.add_request("x", shared, sp_x)
     for _ in range(3):
         eng.step()
     A.CAPTURE = []
