@@ -107,7 +107,8 @@ def _select_kernel(
     stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h, stride_acc,
     MB, S, EVERY, H: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
     USE_CACHE: tl.constexpr, HAS_COL: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, S_PAD: tl.constexpr,
-    STATS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, NS_PAD: tl.constexpr,
+    STATS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, NS_PAD: tl.constexpr, REG: tl.constexpr,
+    RB: tl.constexpr, KB: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -158,19 +159,19 @@ def _select_kernel(
                                     stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n, stride_id_b, stride_id_h,
                                     stride_id_s, S_PAD)
             else:
-                _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk,
+                _select_any(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk,
                             budget, sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                             s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
                             stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY,
-                            OVERFLOW_DENSE, G, G_PAD, NS_PAD)
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD, REG, RB, KB)
             tl.store(ck, ctag)
             tl.store(ck + 1, packed)
     else:
-        _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, b, nblk, budget,
+        _select_any(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, b, nblk, budget,
                     sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                     s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
                     stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE,
-                    G, G_PAD, NS_PAD)
+                    G, G_PAD, NS_PAD, REG, RB, KB)
     if STATS:  # device counters of sparse rows: this head's share of (selected tokens, context, blocks)
         if USE_CACHE:
             r_out = tl.load(ROW + b)
@@ -184,6 +185,27 @@ def _select_kernel(
             tl.atomic_add(a + 1, seq.to(tl.float64) / H)
             tl.atomic_add(a + 2, kc.to(tl.float64) / H)
             tl.atomic_add(a + 3, nblk.to(tl.float64) / H)
+
+
+@triton.jit
+def _select_any(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
+                stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH: tl.constexpr, ONE: tl.constexpr,
+                HAS_QKEY: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                NS_PAD: tl.constexpr, REG: tl.constexpr, RB: tl.constexpr, KB: tl.constexpr):
+    if REG:
+        _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                        sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                        s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
+                        stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, HAS_QKEY, OVERFLOW_DENSE,
+                        G, G_PAD, NS_PAD, RB, KB)
+    else:
+        _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                    sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                    s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
+                    stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE,
+                    G, G_PAD, NS_PAD)
 
 
 @triton.jit
@@ -314,9 +336,95 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
     tl.store(DENSE + r, dense.to(tl.int8), mask=h == 0)
 
 
+@triton.jit
+def _ukey(x, KB: tl.constexpr):
+    """float32 -> uint32 with the same order, keeping the top KB bits (KB < 32: nearby keys tie)."""
+    i = x.to(tl.int32, bitcast=True)
+    i = i ^ ((i >> 31) & 0x7FFFFFFF)
+    u = (i ^ -2147483648).to(tl.uint32, bitcast=True)
+    return u >> (32 - KB)
+
+
+@triton.jit
+def _threshold_reg(u, valid, total, RB: tl.constexpr, KB: tl.constexpr):
+    """(t, ties) of register-resident keys: radix-2^RB search, KB // RB steps, each counting every candidate digit
+    in one reduction; then how many keys == t complete the top ``total``."""
+    prefix = tl.zeros([], dtype=tl.uint32)
+    digits = tl.arange(0, 1 << RB).to(tl.uint32)
+    for step in tl.static_range(KB // RB):
+        shift: tl.constexpr = KB - RB * (step + 1)
+        cand = prefix | (digits << shift)
+        cnt = tl.sum(((u[:, None] >= cand[None, :]) & valid[:, None]).to(tl.int32), 0)
+        best = tl.max(tl.where(cnt >= total, digits, 0), 0)
+        prefix = prefix | (best << shift)
+    n_gt = tl.sum(((u > prefix) & valid).to(tl.int32), 0)
+    return prefix, total - n_gt
+
+
+@triton.jit
+def _top_reg(u, valid, thr, ties, n):
+    """The top n of register-resident keys (> thr, then the first ``ties`` == thr in index order)."""
+    eq = (u == thr) & valid
+    eq_rank = tl.cumsum(eq.to(tl.int32), 0) - 1
+    return (((u > thr) & valid) | (eq & (eq_rank < ties))) & (n > 0)
+
+
+@triton.jit
+def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                    sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                    s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
+                    stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH: tl.constexpr,
+                    HAS_QKEY: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
+                    NS_PAD: tl.constexpr, RB: tl.constexpr, KB: tl.constexpr):
+    """:func:`_select_row` for a block table of at most CH blocks: every key stays in registers."""
+    dense = (budget == 0) | (nblk <= sink + window + budget)
+    j = tl.arange(0, CH)
+    in_ctx = j < nblk
+    valid = j < MB
+    phys = tl.load(BT + b * stride_bt_b + j * stride_bt_n, mask=in_ctx & valid, other=0).to(tl.int64)
+    sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=in_ctx & valid, other=0.0)
+    tg = tl.load(TAGS + phys, mask=in_ctx & valid, other=0)
+    sw = (j < sink) | (j >= nblk - window) | (j == nblk - 1)
+    stale = tg != rtag
+    key = tl.where(sw, FORCED, tl.where(stale, MUST, sc))
+    u = _ukey(tl.where(in_ctx, key, float("-inf")), KB)
+    n_forced = tl.sum(((sw | stale) & in_ctx).to(tl.int32), 0)
+    if OVERFLOW_DENSE:
+        dense = dense | (n_forced + budget > S)
+    total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
+    if HAS_QKEY:
+        if mode != MODE_PRIOR:
+            n_first = n_forced
+            if mode == MODE_HYBRID:
+                n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
+            n_first = tl.minimum(n_first, total)
+            thr, ties = _threshold_reg(u, valid, n_first, RB, KB)
+            first = _top_reg(u, valid, thr, ties, n_first)
+            best = _qkey_best(PMAX, b, h, s_pm_b, s_pm_h, s_pm_s, NS, NS_PAD, G, G_PAD)
+            qk = _qkey_load(BND, best, b, h, j, in_ctx & valid, s_bd_b, s_bd_h, s_bd_g, G, G_PAD)
+            u = _ukey(tl.where(in_ctx, tl.where(first, FORCED, qk), float("-inf")), KB)
+    thr, ties = _threshold_reg(u, valid, total, RB, KB)
+    take = _top_reg(u, valid, thr, ties, total)
+    pos = tl.cumsum(take.to(tl.int32), 0) - 1
+    written = tl.sum(take.to(tl.int32), 0)
+    if dense:
+        take = in_ctx & (j < S)
+        pos = j
+        written = tl.minimum(nblk, S)
+    ids = IDS + r * stride_id_b + h * stride_id_h
+    tl.store(ids + pos * stride_id_s, j.to(tl.int32), mask=take & (pos < S))
+    for c in range(0, S, CH):  # padding
+        p = c + tl.arange(0, CH)
+        tl.store(ids + p * stride_id_s, tl.full([CH], 0, tl.int32) + MB, mask=(p >= written) & (p < S))
+    cnt = tl.where(dense, nblk, total)
+    tl.store(COUNTS + r * stride_cn_b + h, cnt)
+    tl.store(KCOUNTS + r * stride_cn_b + h, tl.where(dense, -1, total))
+    tl.store(DENSE + r, dense.to(tl.int8), mask=h == 0)
+
+
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                          prior_blocks, req_tags, max_selected, block_size, qbounds=None, cache=None, rows=None,
-                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None):
+                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None, variant=None):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
@@ -374,6 +482,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         every = 1
     ctags = req_tags if ctags is None else ctags.contiguous()  # the cache's key per row (one per admission)
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
+    reg, rb, kb, nw = variant or (False, 2, 32, 8 if CH >= 4096 else 4)
     if stats is not None:
         sparse, labels, acc = stats
         sparse, labels = sparse.contiguous(), labels.contiguous()
@@ -390,7 +499,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         MB, S, int(every), H, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
         HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, S_PAD=max(16, triton.next_power_of_2(S)),
         STATS=stats is not None, G=G, G_PAD=max(2, triton.next_power_of_2(G)),
-        NS_PAD=max(2, triton.next_power_of_2(NS)), num_warps=8 if CH >= 4096 else 4,
+        NS_PAD=max(2, triton.next_power_of_2(NS)), REG=reg and MB <= CH, RB=rb, KB=kb, num_warps=nw,
     )
     return ids, counts, kcounts, dense
 
