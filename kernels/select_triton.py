@@ -22,6 +22,7 @@ import triton.language as tl
 
 from .selection import MODE_HYBRID, MODE_PRIOR
 
+CH_LO = tl.constexpr(2048)  # the register path's short tier (32k tokens at block 16)
 CH_MAX = 8192  # keys held in registers up to this many blocks per row (131k tokens at block 16)
 FORCED = tl.constexpr(3.0e38)
 MUST = tl.constexpr(1.0e38)
@@ -195,11 +196,19 @@ def _select_any(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
                 HAS_QKEY: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
                 NS_PAD: tl.constexpr, REG: tl.constexpr, RB: tl.constexpr, KB: tl.constexpr):
     if REG:
-        _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
-                        sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
-                        s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
-                        stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, HAS_QKEY, OVERFLOW_DENSE,
-                        G, G_PAD, NS_PAD, RB, KB)
+        # a short row in a wide block table (a long max_model_len) searches only its own tier of the table
+        if (CH > CH_LO) & (nblk <= CH_LO):
+            _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                            sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                            s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
+                            stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH_LO, HAS_QKEY,
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD, RB, KB)
+        else:
+            _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                            sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                            s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
+                            stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, HAS_QKEY,
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD, RB, KB)
     else:
         _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                     sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
