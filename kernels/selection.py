@@ -215,7 +215,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
 
 
 def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks,
-                 mode, req_tags, block_size: int, every: int) -> Selection:
+                 mode, ctags, block_size: int, every: int) -> Selection:
     """The selection cache in torch, with the Triton kernel's rule (``select_triton._reuse``): a query-aware row
     whose length is not a multiple of ``every`` keeps its cached blocks (appending the block a new token opened);
     every other row takes the fresh selection. Prior rows always take it (the kernel's prior cache is exact)."""
@@ -226,15 +226,15 @@ def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget
     packed = nblk | (budget_blocks.long() << 24) | (sink_blocks.long() << 40) | (window_blocks.long() << 52)
     old_tag, old = cache.key[r, :, 0], cache.key[r, :, 1]  # [B, H]
     kc = cache.kcounts[r]
-    ok = ((old_tag == req_tags.long()[:, None]) & (mode.long() != MODES["prior"])[:, None]
+    ok = ((old_tag == ctags.long()[:, None]) & (mode.long() != MODES["prior"])[:, None]
           & ((old >> 24) == (packed >> 24)[:, None]) & ((seq % every) != 0)[:, None])
     keep = ok & ((old & 0xFFFFFF) == nblk[:, None])
     app = ok & ((old & 0xFFFFFF) == (nblk - 1)[:, None]) & (kc >= 0) & (kc < S)
     take = ~(keep | app)
-    ids, counts, kcounts = cache.ids[r], cache.counts[r], kc.clone()
+    ids, counts = cache.ids[r], cache.counts[r]
     ids = torch.where(take[..., None], fresh.ids.to(ids.dtype), ids)
     counts = torch.where(take, fresh.counts.to(counts.dtype), counts)
-    kcounts = torch.where(take, fresh.kernel_counts().to(kcounts.dtype), kcounts)
+    kcounts = torch.where(take, fresh.kernel_counts().to(kc.dtype), kc)
     if bool(app.any()):
         bb, hh = app.nonzero(as_tuple=True)
         ids[bb, hh, kc[bb, hh].long()] = (nblk[bb] - 1).to(ids.dtype)
@@ -242,7 +242,7 @@ def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget
         kcounts = kcounts + app.to(kcounts.dtype)
     cache.ids[r], cache.counts[r], cache.kcounts[r] = ids, counts, kcounts
     cache.dense[r] = torch.where(take[:, 0], fresh.dense.to(cache.dense.dtype), cache.dense[r])
-    cache.key[r, :, 0] = req_tags.long()[:, None].expand_as(old_tag)
+    cache.key[r, :, 0] = ctags.long()[:, None].expand_as(old_tag)
     cache.key[r, :, 1] = torch.where(take | app, packed[:, None], old)
     return Selection(ids=cache.ids, counts=cache.counts, dense=cache.dense, kcounts=cache.kcounts, rows=rows)
 
