@@ -491,7 +491,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         every = 1
     ctags = req_tags if ctags is None else ctags.contiguous()  # the cache's key per row (one per admission)
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
-    reg, rb, kb, nw = variant or (False, 2, 32, 8 if CH >= 4096 else 4)
+    reg, rb, kb, nw = variant or (True, 4, 32, 8 if CH >= 4096 else 4)
     if stats is not None:
         sparse, labels, acc = stats
         sparse, labels = sparse.contiguous(), labels.contiguous()
