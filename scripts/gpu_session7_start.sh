@@ -1,10 +1,16 @@
 #!/usr/bin/env bash
-# Start the session-7 GPU job detached, from a private copy of the repo.
-#   call 1: bash .devgpu/c00/unpack   (carry .devgpu/c00)
-#   call 2: eval "$(bash .devgpu/c01/unpack)"; bash scripts/gpu_session7_start.sh   (carry .devgpu/c01)
+# Start the session-7 GPU jobs detached, from a private copy of the repo (later calls re-sync the checkout).
+#   call 1 (carry .devgpu/c00): bash .devgpu/c00/unpack; bash scripts/gpu_session7_start.sh probe
+#   call 2 (carry .devgpu/c01): eval "$(bash .devgpu/c01/unpack)"; bash scripts/gpu_session7_start.sh s7
+#   then: bash /tmp/devgpu/bg wait s7 540 '/tmp/res/*.json' ...
 set -u
-rm -rf /tmp/repo && mkdir -p /tmp/repo && tar --exclude=./.devgpu -cf - . | tar -xf - -C /tmp/repo
+what=$1
+[ -d /tmp/repo ] || { mkdir -p /tmp/repo && tar --exclude=./.devgpu -cf - . | tar -xf - -C /tmp/repo; }
 mkdir -p /tmp/res /tmp/tools
 [ -f .devgpu/c01/tools/dummy_model.py ] && cp .devgpu/c01/tools/dummy_model.py /tmp/tools/
 cd /tmp/repo
-bash /tmp/devgpu/bg start s7 -- bash scripts/gpu_session7.sh /tmp/res
+case $what in
+  probe) bash /tmp/devgpu/bg start probe -- bash -c 'python3 benchmarks/probe_select_variants.py > /tmp/res/probe.log 2>&1' ;;
+  s7) bash /tmp/devgpu/bg start s7 -- bash -c 'while pgrep -f "[p]robe_select_variants" >/dev/null; do sleep 2; done;
+        bash scripts/gpu_session7.sh /tmp/res' ;;
+esac
