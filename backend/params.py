@@ -20,7 +20,8 @@ midpoint c and half range r: 1 = Quest's upper bound, default 0.5, see results/Q
 sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated) and
 ``reselect_every`` (decode steps, default 4: a quest/hybrid row runs the query-aware selection when its length
 is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step). Token counts are
-rounded up to whole KV blocks. Any unknown ``prescore_*`` key or bad value is an error naming the field.
+rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
+first layer's prefill scoring and selections. Any unknown ``prescore_*`` key or bad value is an error naming the field.
 
 Server policy (same config keys; the ``PRESCORE_*`` variables in :data:`ENV_POLICY`, set by ``prescore-serve``'s
 flags, override them): ``min_budget`` / ``max_budget`` (the sparse budgets a request may ask for, default
@@ -63,6 +64,8 @@ class PrescoreParams:
     max_budget: int = MAX_TOKENS
     allow_dense: bool = True
     max_attended: int = 0  # 0: max_budget + the default sink + window (load_defaults fills it in)
+    # diagnostics (never per request): log the builder's plans and the first layer's scoring and selections
+    debug: bool = False
 
     def capacity_blocks(self, block_size: int) -> int:
         """Static selection capacity in blocks: max_selected + the default sink and window + the tail block."""
@@ -87,7 +90,7 @@ def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float,
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
 POLICY_FIELDS = ("min_budget", "max_budget", "allow_dense", "max_attended")
 CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected",
-                                   "reselect_every") + POLICY_FIELDS
+                                   "reselect_every") + POLICY_FIELDS + ("debug",)
 # environment variables that override the config (prescore-serve's flags set them)
 ENV_POLICY = {"PRESCORE_DEFAULT_BUDGET": "budget", "PRESCORE_MIN_BUDGET": "min_budget",
               "PRESCORE_MAX_BUDGET": "max_budget", "PRESCORE_ALLOW_DENSE": "allow_dense",
@@ -133,7 +136,7 @@ def _check(field: str, value, shown: str):
         if value not in MODE_NAMES:
             raise _err(f"{shown} must be one of {', '.join(MODE_NAMES)}; got {_show(value)}", shown, value)
         return value
-    if field == "allow_dense":
+    if field in ("allow_dense", "debug"):
         if not isinstance(value, bool):
             raise _err(f"{shown} must be true or false, got {_show(value)}", shown, value)
         return value

@@ -19,7 +19,7 @@ H, D, BS, HQ = 2, 32, 16, 4
 
 def _gpu_layout_cache(nb, dtype=torch.bfloat16):
     """[NB, H, BS, 2D] view, token-major inside a block (LBNHC), pages padded for the summaries."""
-    from prescore.backend.attention import extra_page_bytes
+    from prescore.backend.store import extra_page_bytes
 
     el = torch.empty((), dtype=dtype).element_size()
     page = H * BS * 2 * D * el
@@ -36,11 +36,20 @@ def _cm(qlens, seqs, bt, req_idx):
                            block_table_tensor=bt, req_idx=np.array(req_idx))
 
 
-def test_cuda_style_path_on_cpu():
-    from prescore.backend import attention as A
-    from prescore.backend import params as P
+def _plan(cm, bufs, fused_dense=True, capture=False, max_selected=20):
+    from prescore.backend.plan import plan
     from prescore.backend.requests import TABLE
-    from prescore.kernels.decode import sparse_decode, sparse_decode_ref
+
+    return plan(cm, BS, bufs, TABLE, max_selected=max_selected, fused_dense=fused_dense, capture=capture)
+
+
+def test_cuda_style_path_on_cpu():
+    from prescore.backend import params as P
+    from prescore.backend import step as S
+    from prescore.backend.plan import DecodeBuffers
+    from prescore.backend.requests import TABLE
+    from prescore.backend.store import LayerStore
+    from prescore.kernels.decode import sparse_decode_ref
 
     g = torch.Generator().manual_seed(0)
     NB, L = 40, 300  # 19 blocks per request
@@ -54,29 +63,30 @@ def test_cuda_style_path_on_cpu():
     sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
     TABLE.set(1, sp(budget=32, sink=16, window=32, method="leverage", mode="prior"), L)
     TABLE.set(3, sp(budget=48, sink=16, window=16, method="kmeans", mode="hybrid"), L)
-    store = A.LayerStore(kv, mirror=False, num_slots=4)
+    store = LayerStore(kv, mirror=False, num_slots=4)
     assert store.in_page
+    bufs = DecodeBuffers(8, "cpu")
 
-    # step 1: both prompts prefill (dense rows; blocks scored)
-    plan, dense_rows = A.plan_step(_cm([L, L], [L, L], bt, [1, 3]), BS, "cpu")
-    assert dense_rows == [0, 1] and len(plan.prefill) == 2 and plan.num_sparse == 0
+    # step 1: both prompts prefill (vLLM's kernel attends them; the step scores their blocks)
+    plan = _plan(_cm([L, L], [L, L], bt, [1, 3]), bufs)
+    assert plan.dense_rows == [0, 1] and len(plan.prefill) == 2 and plan.num_rows == 0 and not plan.uniform
     q = torch.randn(2 * L, HQ, D, generator=g).to(torch.bfloat16)
     out = torch.zeros_like(q)
-    A.sparse_rows_forward(store, plan, q, kv, bt, torch.tensor([L, L]), out, D ** -0.5, BS, None)
+    S.run(store, plan, q, kv, bt, torch.tensor([L, L]), out, D ** -0.5, BS, S.TRITON)
     assert torch.equal(kv, before)  # summaries live in the padding, never in K/V
     for m, row in (("leverage", 0), ("kmeans", 1)):
         assert bool((store.summ[m].tags[bt[row, :19].long()] == TABLE.tag[[1, 3][row]]).all())
 
-    # step 2: one decode token each (KV of the new token written by the attention layer beforehand)
-    A.CAPTURE = []
-    plan, dense_rows = A.plan_step(_cm([1, 1], [L + 1, L + 1], bt, [1, 3]), BS, "cpu")
-    assert dense_rows == [] and plan.num_sparse == 2 and [gr.method for gr in plan.groups] == ["kmeans", "leverage"]
+    # step 2: one decode token each (KV of the new token written by the attention layer beforehand), planned as
+    # the CPU backend does (a mixed plan: the step attends the sparse rows), torch ops
+    S.CAPTURE = []
+    plan = _plan(_cm([1, 1], [L + 1, L + 1], bt, [1, 3]), bufs, fused_dense=False)
+    assert plan.dense_rows == [] and plan.num_rows == plan.num_attend == 2 and plan.rows.tolist() == [0, 1]
     q = torch.randn(2, HQ, D, generator=g).to(torch.bfloat16)
     out = torch.zeros_like(q)
-    decode = lambda *a, **k: sparse_decode(*a, **k)  # noqa: E731 - the CUDA path's kernel
-    A.sparse_rows_forward(store, plan, q, kv, bt, torch.tensor([L + 1, L + 1]), out, D ** -0.5, BS, decode)
-    cap, A.CAPTURE = A.CAPTURE, None
-    assert len(cap) == 2
+    S.run(store, plan, q, kv, bt, torch.tensor([L + 1, L + 1]), out, D ** -0.5, BS, S.TORCH)
+    cap, S.CAPTURE = S.CAPTURE, None
+    assert sorted(c["method"] for c in cap) == ["kmeans", "leverage"]
     for c in cap:
         row = 0 if c["method"] == "leverage" else 1
         sink, window, budget = (1, 2, 2) if row == 0 else (1, 1, 3)
@@ -86,49 +96,50 @@ def test_cuda_style_path_on_cpu():
                                 c["ids"][None], c["counts"][None], D ** -0.5)
         torch.testing.assert_close(out[row].double(), ref[0], atol=3e-2, rtol=3e-2)  # bf16 output
 
-    # the same step through the fixed-shape path FULL decode CUDA graphs replay (persistent buffers), plus a
-    # dense-by-request row and a padded row
+    # the same step as a uniform plan (what FULL decode CUDA graphs replay: column i of the persistent buffers is
+    # batch row i) through the Triton ops, plus a dense-by-request row and a padded row
     TABLE.set(2, sp(budget=0), 49)
     bt4 = torch.cat([bt, bt[:1], torch.zeros_like(bt[:1])])
     seq4 = torch.tensor([L + 1, L + 1, 50, 0], dtype=torch.int32)
-    bufs = A.DecodeBuffers(8, "cpu")
-    assert not A.plan_uniform_decode(_cm([L, 1], [L, L + 1], bt, [1, 3]), BS, bufs)  # a prefill row: no
-    assert A.plan_uniform_decode(_cm([1, 1, 1, 0], seq4.tolist(), bt4, [1, 3, 2, -1]), BS, bufs)
+    assert not _plan(_cm([L, 1], [L, L + 1], bt, [1, 3]), bufs).uniform  # a prefill row: no
+    plan = _plan(_cm([1, 1, 1, 0], seq4.tolist(), bt4, [1, 3, 2, -1]), bufs)
+    assert plan.uniform and plan.num_rows == plan.num_attend == 4 and plan.dense_rows == []
     q4 = torch.cat([q, torch.randn(2, HQ, D, generator=g).to(torch.bfloat16)])
     out4 = torch.zeros_like(q4)
-    A.uniform_decode_forward(store, A.UniformDecodePlan(bufs, 4, bt4.shape[1]), q4, kv, bt4, seq4, out4,
-                             D ** -0.5, BS, decode)
+    S.run(store, plan, q4, kv, bt4, seq4, out4, D ** -0.5, BS, S.TRITON)
     torch.testing.assert_close(out4[:2].float(), out.float(), atol=2e-2, rtol=2e-2)
     dense = sparse_decode_ref(q4[2:3], kv, bt4[2:3], seq4[2:3], scale=D ** -0.5)
     torch.testing.assert_close(out4[2].double(), dense[0], atol=3e-2, rtol=3e-2)
     assert bool(torch.isfinite(out4[3].float()).all())
-    # a mixed step (a new prompt prefilling beside the two decode rows): the decode rows take the same fused
-    # path on their subset and give the same output as the pure-decode step above
+    # a mixed step (a new prompt prefilling beside the two decode rows): the decode rows take the same step on a
+    # prefix of the same buffers and give the same output as the uniform step above; vLLM's kernel gets the rest
     TABLE.set(0, sp(budget=32, sink=16, window=32, method="keynorm", mode="prior"), 40)
     bt3 = torch.cat([bt, bt[:1]])
-    plan, dense_rows = A.plan_mixed_step(_cm([1, 1, 40], [L + 1, L + 1, 40], bt3, [1, 3, 0]), BS, "cpu", 20, 8)
-    assert dense_rows == [2] and plan.decode_rows.tolist() == [0, 1] and plan.decode_tokens.tolist() == [0, 1]
-    assert [p[4] for p in plan.prefill] == [0]
-    o = torch.zeros(2, HQ, D, dtype=torch.bfloat16)
+    plan = _plan(_cm([1, 1, 40], [L + 1, L + 1, 40], bt3, [1, 3, 0]), bufs)
+    assert plan.dense_rows == [2] and plan.rows.tolist() == [0, 1] and plan.tokens.tolist() == [0, 1]
+    assert [p.slot for p in plan.prefill] == [0] and plan.num_attend == 2 and not plan.uniform
+    assert bufs.field("slot", 2).tolist() == [1, 3]
+    q3 = torch.cat([q, torch.randn(40, HQ, D, generator=g).to(torch.bfloat16)])
+    o = torch.zeros_like(q3)
     store.cache.invalidate()
-    A.uniform_decode_forward(store, A.UniformDecodePlan(plan.fields, 2, plan.max_selected), q, kv, bt,
-                             seq4[:2], o, D ** -0.5, BS, decode)
-    torch.testing.assert_close(o.float(), out4[:2].float(), atol=0, rtol=0)
+    S.run(store, plan, q3, kv, bt3, torch.tensor([L + 1, L + 1, 40]), o, D ** -0.5, BS, S.TRITON)
+    torch.testing.assert_close(o[:2].float(), out4[:2].float(), atol=0, rtol=0)
+    assert not o[2:].any()  # vLLM's kernel's rows: untouched by the step
 
 
 def test_capture_plans_every_row_as_padding():
     """CUDA graph capture: whatever the request table holds (vLLM's sampler warmup leaves requests there), the
     dummy decode batch is planned as padding so the graph records the fused decode path."""
-    from prescore.backend import attention as A
     from prescore.backend import params as P
+    from prescore.backend.plan import DecodeBuffers
     from prescore.backend.requests import TABLE
 
     TABLE.configure(4, P.PrescoreParams())
     TABLE.set(0, SimpleNamespace(extra_args=None), 16)  # a "warmup" request still prefilling per the table
     bt = torch.zeros(3, 4, dtype=torch.int32)
-    bufs = A.DecodeBuffers(8, "cpu")
-    assert not A.plan_uniform_decode(_cm([1, 1, 1], [1, 1, 1], bt, [0, 1, 2]), BS, bufs)
-    assert A.plan_uniform_decode(_cm([1, 1, 1], [1, 1, 1], bt, [0, 1, 2]), BS, bufs, capture=True)
+    bufs = DecodeBuffers(8, "cpu")
+    assert not _plan(_cm([1, 1, 1], [1, 1, 1], bt, [0, 1, 2]), bufs).uniform
+    assert _plan(_cm([1, 1, 1], [1, 1, 1], bt, [0, 1, 2]), bufs, capture=True).uniform
     assert bufs.field("method", 3).tolist() == [-1, -1, -1] and bufs.field("budget", 3).tolist() == [0, 0, 0]
     assert bufs.field("srow", 3).tolist() == [4, 5, 6]  # private scratch rows past the 4 slots
-    assert not A.plan_uniform_decode(_cm([2, 1, 1], [2, 1, 1], bt, [0, 1, 2]), BS, bufs, capture=True)
+    assert not _plan(_cm([2, 1, 1], [2, 1, 1], bt, [0, 1, 2]), bufs, capture=True).uniform

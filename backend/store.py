@@ -1,0 +1,133 @@
+"""Per-layer storage of the prescore core (no vLLM import): block summaries per scoring method (own scores +
+tags, shared key min/max), on CPU the K|V mirror in the kernels' layout, the per-request fitted states, the
+per-slot selection cache and the device counters.
+
+Summaries (and the mirror) live in the padding of each KV page, which the platform backends' ``customize_spec``
+adds (:func:`extra_page_bytes`), so vLLM counts them in the KV-cache memory; the per-request fitted states are a
+separate ``[slots, Hkv, S]`` float32 buffer per layer.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import torch
+
+from prescore.kernels import BlockSummaries, SelectionCache, get_method
+
+from . import metrics
+from . import params as P
+
+logger = logging.getLogger("vllm.prescore")
+
+METHOD_NAMES = P.METHOD_NAMES
+LABELS = [(m, md) for m in P.METHOD_NAMES for md in P.MODE_NAMES]  # counter row = method * len(modes) + mode
+_ALIGN = 64
+_STORES = [0]
+_once: set = set()
+
+
+def label(p: P.PrescoreParams) -> int:
+    """The device counter row of a request's (method, mode)."""
+    return P.METHOD_NAMES.index(p.method) * len(P.MODE_NAMES) + P.MODE_NAMES.index(p.mode)
+
+
+def extra_page_bytes(num_kv_heads: int, head_size: int, block_size: int, dtype: torch.dtype, mirror: bool) -> int:
+    el = torch.empty((), dtype=dtype).element_size()
+    M = len(P.METHOD_NAMES)  # scores per method, key min/max shared (tags: a separate contiguous tensor)
+    summ = 4 * M * num_kv_heads + 2 * num_kv_heads * head_size * el + el
+    kv = num_kv_heads * block_size * 2 * head_size * el if mirror else 0
+    return -(-(kv + summ + _ALIGN) // _ALIGN) * _ALIGN
+
+
+def log_once(msg, *args) -> None:
+    if msg not in _once:
+        _once.add(msg)
+        logger.info(msg, *args)
+
+
+def _view(kv_cache: torch.Tensor, dtype, byte_off: int, tail: tuple, block_stride_bytes: int):
+    """A [NB, *tail] view of dtype ``dtype`` at ``byte_off`` inside every page of ``kv_cache``'s storage."""
+    es = torch.empty((), dtype=dtype).element_size()
+    base = kv_cache.storage_offset() * kv_cache.element_size() + byte_off
+    if base % es or block_stride_bytes % es:
+        return None
+    strides, acc = [], 1
+    for s in reversed(tail):
+        strides.insert(0, acc)
+        acc *= s
+    t = torch.empty(0, dtype=dtype, device=kv_cache.device)
+    t.set_(kv_cache.untyped_storage(), base // es, (kv_cache.shape[0], *tail), (block_stride_bytes // es, *strides))
+    return t
+
+
+class LayerStore:
+    """Per-method block summaries (own scores + tags, shared key min/max) and, on CPU, the K|V mirror: in
+    the page padding when present, else separately allocated. Tags are always a separate [M, NB] tensor."""
+
+    def __init__(self, kv_cache: torch.Tensor, mirror: bool, num_slots: int):
+        NB, H, BS, D2 = kv_cache.shape
+        D, el, dtype = D2 // 2, kv_cache.element_size(), kv_cache.dtype
+        M = len(P.METHOD_NAMES)
+        self.key = kv_cache.data_ptr()
+        page = H * BS * D2 * el
+        stride_b = kv_cache.stride(0) * el
+        dense_page = (sum((n - 1) * s for n, s in zip(kv_cache.shape[1:], kv_cache.stride()[1:])) + 1) * el == page
+        room = stride_b - page if dense_page else 0
+        self.in_page = room >= extra_page_bytes(H, D, BS, dtype, mirror) - _ALIGN
+        self.mirror = None
+        if self.in_page:
+            off = page
+            if mirror:
+                self.mirror = _view(kv_cache, dtype, off, (H, BS, D2), stride_b)
+                off += H * BS * D2 * el
+            off = -(-off // 4) * 4
+            scores = _view(kv_cache, torch.float32, off, (M, H), stride_b)
+            off = -(-(off + 4 * M * H) // el) * el
+            kmin = _view(kv_cache, dtype, off, (H, D), stride_b)
+            kmax = _view(kv_cache, dtype, off + H * D * el, (H, D), stride_b)
+            views = (scores, kmin, kmax) + ((self.mirror,) if mirror else ())
+            self.in_page = all(v is not None for v in views)
+        if self.in_page:
+            log_once("prescore: block summaries%s live in the KV page padding (%d extra bytes per block and "
+                      "layer, counted in the KV-cache budget)", " + K|V mirror" if mirror else "",
+                      stride_b - page)
+        else:
+            logger.warning("prescore: KV pages carry no room for block summaries; allocating %.1f MiB outside "
+                           "the KV-cache budget", NB * extra_page_bytes(H, D, BS, dtype, mirror) / 2**20)
+            dev = kv_cache.device
+            scores = torch.zeros(NB, M, H, dtype=torch.float32, device=dev)
+            kmin = torch.zeros(NB, H, D, dtype=dtype, device=dev)
+            kmax = torch.zeros(NB, H, D, dtype=dtype, device=dev)
+            if mirror:
+                self.mirror = torch.zeros(NB, H, BS, D2, dtype=dtype, device=dev)
+        # tags [M, NB] contiguous per method (the Triton kernels index tags by block id); 8 B/block/method
+        tags = torch.full((M, NB), -1, dtype=torch.int64, device=kv_cache.device)
+        self.summ = {m: BlockSummaries(scores=scores[:, j], kmin=kmin, kmax=kmax, tags=tags[j])
+                     for j, m in enumerate(P.METHOD_NAMES)}
+        self.scores3, self.tags2, self.kmin, self.kmax = scores, tags, kmin, kmax  # [NB, M, H], [M, NB]
+        self.num_slots = num_slots
+        self.cache: SelectionCache | None = None
+        S = max(get_method(m).state_size(D) for m in P.METHOD_NAMES)
+        need = num_slots * H * S * 4
+        if kv_cache.is_cuda:
+            free = torch.cuda.mem_get_info(kv_cache.device)[0]
+            if need > free:
+                raise RuntimeError(
+                    f"prescore: the per-request scoring states need {need / 2**20:.0f} MiB per layer ({num_slots} "
+                    f"request slots x {H} KV heads x {S} floats) but only {free / 2**20:.0f} MiB are free after the "
+                    "KV cache: lower --max-num-seqs or --gpu-memory-utilization")
+        self.states = torch.zeros(num_slots, H, S, dtype=torch.float32, device=kv_cache.device)
+        self.acc = metrics.device_accumulator(LABELS, kv_cache.device)
+        self.index = _STORES[0]
+        _STORES[0] += 1
+
+    def selection_cache(self, capacity: int, scratch_rows: int) -> SelectionCache:
+        """Per-slot selections (rows: the request slots, then one scratch row per batch row for padding)."""
+        c = self.cache
+        if c is None or c.ids.shape[2] != capacity or c.ids.shape[0] < self.num_slots + scratch_rows:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("prescore: the selection cache must be allocated before CUDA graph capture")
+            self.cache = c = SelectionCache.allocate(self.num_slots + scratch_rows, self.scores3.shape[2], capacity,
+                                                     self.scores3.device)
+        return c
