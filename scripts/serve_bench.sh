@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # `vllm bench serve` (vLLM's own client) against `vllm serve` with prescore's default mode and against stock FA3,
 # one after the other on the same GPU (issue 14): random dataset, 32k-token inputs, 1024 output tokens,
-# --ignore-eos, --max-concurrency 8, 64 requests; CUDA graphs and vLLM's default flags apart from the model
+# --ignore-eos, --max-concurrency 8, 64 requests after 8 warm-up requests (both backends); CUDA graphs and vLLM's default flags apart from the model
 # length and --max-num-seqs 16. Needs the devgpu bundle unpacked, prescore on PYTHONPATH (/tmp/site) and the
 # dummy model (shared/devgpu/dummy_model.py). Then: python3 scripts/collect_serve_bench.py OUT/*.json.
 #   bash scripts/serve_bench.sh /tmp/res/serve            # env: RUNS, PROMPTS, CONC, INLEN, OUTLEN
@@ -22,7 +22,8 @@ for run in ${RUNS:-prescore:2048 FLASH_ATTN:none}; do
   for _ in $(seq 300); do curl -sf 127.0.0.1:$PORT/health >/dev/null && break; sleep 1; done
   vllm bench serve --backend vllm --base-url http://127.0.0.1:$PORT --model "$MODEL" --dataset-name random \
     --random-input-len "${INLEN:-32768}" --random-output-len "${OUTLEN:-1024}" --ignore-eos \
-    --max-concurrency "${CONC:-8}" --num-prompts "${PROMPTS:-64}" --percentile-metrics ttft,tpot,itl,e2el \
+    --max-concurrency "${CONC:-8}" --num-prompts "${PROMPTS:-64}" --num-warmups "${WARMUPS:-8}" \
+    --percentile-metrics ttft,tpot,itl,e2el \
     --metric-percentiles 50,99 --save-result --result-dir "$RES" --result-filename "bench-$be-$budget.json" \
     > "$RES/bench-$be.log" 2>&1
   echo "[serve_bench $(date +%T)] $be bench rc=$?"; grep -E "throughput|TTFT|TPOT|Failed" "$RES/bench-$be.log" | head -12
