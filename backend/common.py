@@ -11,7 +11,8 @@ import torch
 from . import compat
 from . import params as P
 from .plan import Plan
-from .store import extra_page_bytes
+from .requests import TABLE
+from .store import LayerStore, extra_page_bytes
 
 logger = logging.getLogger("vllm.prescore")
 DECODER = "decoder"
@@ -49,6 +50,20 @@ def dense_rows_forward(base_forward, plan: Plan, layer, query, key, value, kv_ca
         o = output.new_empty((tok.numel(), *output.shape[1:]))
         base_forward(layer, query[tok], key, value, kv_cache, plan.dense_md, o)
         output[tok] = o
+
+
+class StoreOwner:
+    """Mixin of the platform impls: the layer's :class:`LayerStore`, (re)built when vLLM hands it another cache."""
+
+    MIRROR = False  # CPU: keep a K|V mirror in the kernels' layout
+    store: LayerStore | None = None
+
+    def store_for(self, kv_cache) -> LayerStore:
+        if self.store is None or self.store.key != kv_cache.data_ptr():
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("prescore: layer storage must be allocated before CUDA graph capture")
+            self.store = LayerStore(kv_cache, mirror=self.MIRROR, num_slots=max(TABLE.capacity, 1))
+        return self.store
 
 
 def padded_spec(spec, mirror: bool):

@@ -13,11 +13,10 @@ from functools import partial
 import torch
 
 from . import compat, metrics
-from .common import DECODER, attach, dense_rows_forward, log_start, logger, padded_spec
+from .common import DECODER, StoreOwner, attach, dense_rows_forward, log_start, logger, padded_spec
 from .plan import DecodeBuffers, plan
 from .requests import TABLE
 from .step import TORCH, run
-from .store import LayerStore
 
 CPUBackend, CPUBuilder, CPUImpl, CPUMetadata = compat.cpu_attention()
 
@@ -43,21 +42,14 @@ class PrescoreCPUBuilder(CPUBuilder):
         return attach(md, cm, p, partial(super().build, 0))
 
 
-class PrescoreCPUImpl(CPUImpl):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.store: LayerStore | None = None
-
-    def _store(self, kv_cache) -> LayerStore:
-        if self.store is None or self.store.key != kv_cache.data_ptr():
-            self.store = LayerStore(kv_cache, mirror=True, num_slots=max(TABLE.capacity, 1))
-        return self.store
+class PrescoreCPUImpl(StoreOwner, CPUImpl):
+    MIRROR = True
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)
         if self.attn_type != DECODER or self.sliding_window != -1:
             return
-        mirror = self._store(kv_cache).mirror
+        mirror = self.store_for(kv_cache).mirror
         n = slot_mapping.shape[0]
         slots = slot_mapping.long()
         ok = slots >= 0
@@ -74,7 +66,7 @@ class PrescoreCPUImpl(CPUImpl):
             return super().forward(layer, query, key, value, kv_cache, attn_metadata, output, output_scale,
                                    output_block_scale)
         dense_rows_forward(super().forward, p, layer, query, key, value, kv_cache, attn_metadata, output)
-        store = self._store(kv_cache)
+        store = self.store_for(kv_cache)
         n = attn_metadata.num_actual_tokens
         run(store, p, query[:n], store.mirror, attn_metadata.block_table, attn_metadata.seq_lens, output, self.scale,
             kv_cache.shape[2], TORCH, getattr(layer, "layer_name", ""))

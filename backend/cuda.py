@@ -21,11 +21,10 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from prescore.kernels.step_triton import tail_tiles
 
 from . import compat, metrics
-from .common import DECODER, attach, dense_rows_forward, log_start, logger, padded_spec
+from .common import DECODER, StoreOwner, attach, dense_rows_forward, log_start, logger, padded_spec
 from .plan import DecodeBuffers, plan
 from .requests import TABLE
 from .step import TRITON, run
-from .store import LayerStore
 
 _flash = compat.flash_attention()
 BaseBackend, BaseBuilder, BaseImpl, _ = _flash or compat.triton_attention()
@@ -97,21 +96,12 @@ def _debug_build(cm, uniform: bool) -> None:
     if k <= 60 or k % 500 == 0:
         qsl = cm.query_start_loc_cpu[: cm.num_reqs + 1]
         q = (qsl[1:] - qsl[:-1]).tolist()
+        slots = compat.req_slots(cm)
         logger.info("prescore debug build %d: rows %d qlens %s seq %s req_idx %s uniform %s", k, cm.num_reqs, q[:8],
-                    compat.host_seq_lens(cm).tolist()[:8], list(compat.req_slots(cm) if compat.req_slots(cm) is not None else [])[:8], uniform)
+                    compat.host_seq_lens(cm).tolist()[:8], list(slots if slots is not None else [])[:8], uniform)
 
 
-class PrescoreCudaImpl(BaseImpl):
-    def __init__(self, *args, **kwargs):
-        super().__init__(*args, **kwargs)
-        self.store: LayerStore | None = None
-
-    def store_for(self, kv_cache) -> LayerStore:
-        if self.store is None or self.store.key != kv_cache.data_ptr():
-            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-                raise RuntimeError("prescore: layer storage must be allocated before CUDA graph capture")
-            self.store = LayerStore(kv_cache, mirror=False, num_slots=max(TABLE.capacity, 1))
-        return self.store
+class PrescoreCudaImpl(StoreOwner, BaseImpl):
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

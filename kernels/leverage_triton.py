@@ -21,9 +21,9 @@ A^-1 is split into hi + lo halves of that dtype (after an exact power-of-two sca
 Configs (tile rows, warps, pipeline stages, programs per SM, pivot block) are chosen on the GPU by
 :func:`_pick`: on the first call for a (stage, shape bucket) every candidate is timed with CUDA events on the
 real inputs (all stages are idempotent) and the fastest is kept for the process. Never inside a CUDA-graph
-capture (the default is used there) nor in the interpreter. Tuning is opt-in (``PRESCORE_LEVERAGE_TUNE=1``,
-and always in ``benchmarks/kernels_bench.py``): inside a serving engine the first call would otherwise compile
-and time every candidate (a stall of a minute or more on the first leverage request).
+capture (the default is used there) nor in the interpreter. Tuning is off in a serving engine (the first call
+would compile and time every candidate: a stall of a minute or more on the first leverage request);
+``benchmarks/kernels_bench.py`` turns it on for its process (``leverage_triton._TUNE = True``).
 The torch code in :class:`prescore.kernels.scoring.Leverage` is the reference.
 """
 
@@ -39,7 +39,7 @@ import triton.language as tl
 
 # Triton's interpreter (CPU tests) computes bf16 dots wrongly (triton 3.7): upcast there, never on a GPU.
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
-_TUNE = os.environ.get("PRESCORE_LEVERAGE_TUNE", "0") == "1"
+_TUNE = False  # time every candidate config on first use (benchmarks only; see the module doc)
 
 
 class GramCfg(NamedTuple):

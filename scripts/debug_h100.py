@@ -1,6 +1,6 @@
 #!/usr/bin/env python3
 """Diagnostics on a GPU: two long prompts prefilled in several chunks, then sparse decode, with
-PRESCORE_DEBUG=1 (builder paths, first layer's prefill scoring and selections in eager mode); prints the
+the config's ``debug`` on (builder paths, first layer's prefill scoring and selections in eager mode); prints the
 prescore counters and decode step times for budget 512 vs dense (budget 0).
 
     python3 scripts/debug_h100.py [--graphs]
@@ -10,7 +10,6 @@ import random
 import sys
 import time
 
-os.environ.setdefault("PRESCORE_DEBUG", "1")
 os.environ.setdefault("PRESCORE_METRICS_DIR", f"/tmp/psm-debug-{os.getpid()}")
 os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")
 from vllm import LLM, SamplingParams  # noqa: E402
@@ -18,7 +17,8 @@ from vllm import LLM, SamplingParams  # noqa: E402
 graphs = "--graphs" in sys.argv
 llm = LLM(model="/tmp/llama3-8b-dummy", load_format="dummy", dtype="bfloat16", max_model_len=32768,
           enforce_eager=not graphs, enable_prefix_caching=False, gpu_memory_utilization=0.6,
-          attention_backend="PRESCORE", max_num_seqs=8, max_num_batched_tokens=4096)
+          attention_backend="PRESCORE", max_num_seqs=8, max_num_batched_tokens=4096,
+          additional_config={"prescore": {"debug": True}})
 rng = random.Random(0)
 prompts = [{"prompt_token_ids": [rng.randrange(0, 100000) for _ in range(n)]} for n in [16000] * 4]
 for budget in (512, 0, 512):

