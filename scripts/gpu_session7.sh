@@ -27,7 +27,16 @@ for step in ${STEPS:-sel e2e serve}; do
         python3 scripts/e2e_h100.py --backend "$be" --mode "$mode" --graphs --workloads "${WORKLOADS:-8x32768,1x130816}" \
           --max-model-len 131072 --budgets "${BUDGETS:-2048,512,4096}" --out "$RES/e2e-$be-$mode.json" \
           > "$RES/e2e-$be-$mode.log" 2>&1
-        log "e2e $be rc=$?"; grep "^ROW" "$RES/e2e-$be-$mode.log"
+        rc=$?; log "e2e $be rc=$rc"; grep "^ROW" "$RES/e2e-$be-$mode.log"
+        if [ $rc != 0 ] && [ "$be" = PRESCORE ] && [ -d "${OLD:-/tmp/old}" ]; then
+          # fallback: the code before the single-step refactor (session 7, commit 7fb9e41), same kernels
+          log "e2e $be again with ${OLD:-/tmp/old}"
+          python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site_old "${OLD:-/tmp/old}" >> "$RES/install.log" 2>&1
+          (cd "${OLD:-/tmp/old}" && PYTHONPATH=/tmp/site_old:$PYTHONPATH python3 scripts/e2e_h100.py --backend "$be" --mode "$mode" --graphs \
+            --workloads "${WORKLOADS:-8x32768,1x130816}" --max-model-len 131072 --budgets "${BUDGETS:-2048,512,4096}" \
+            --out "$RES/e2e-$be-$mode-old.json" > "$RES/e2e-$be-$mode-old.log" 2>&1)
+          log "e2e $be old rc=$?"; grep "^ROW" "$RES/e2e-$be-$mode-old.log"
+        fi
       done ;;
     serve)
       log "serve bench"; bash scripts/serve_bench.sh "$RES/serve"; log "serve bench rc=$?" ;;

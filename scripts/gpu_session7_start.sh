@@ -5,9 +5,10 @@
 #   then: bash /tmp/devgpu/bg wait s7 540 '/tmp/res/*.json' ...
 set -u
 what=$1
-[ -d /tmp/repo ] || { mkdir -p /tmp/repo && tar --exclude=./.devgpu -cf - . | tar -xf - -C /tmp/repo; }
+[ -d /tmp/repo ] || { mkdir -p /tmp/repo && tar --exclude=./.devgpu --exclude=./.gpu_old -cf - . | tar -xf - -C /tmp/repo; }
 mkdir -p /tmp/res /tmp/tools
 [ -f .devgpu/c01/tools/dummy_model.py ] && cp .devgpu/c01/tools/dummy_model.py /tmp/tools/
+[ -d .gpu_old ] && [ ! -d /tmp/old ] && cp -r .gpu_old /tmp/old  # fallback tree (carried, ignored)
 cd /tmp/repo
 case $what in
   probe) bash /tmp/devgpu/bg start probe -- bash -c 'python3 benchmarks/probe_select_variants.py > /tmp/res/probe.log 2>&1' ;;
