@@ -141,8 +141,7 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
     qsl = cm.query_start_loc_cpu[: n + 1].tolist()
     qlens = [qsl[i + 1] - qsl[i] for i in range(n)]
     d = table.defaults
-    consts = dict(max_selected=max_selected, quest_beta=d.quest_beta, every=d.reselect_every,
-                  debug=getattr(d, "debug", False))
+    consts = dict(max_selected=max_selected, quest_beta=d.quest_beta, every=d.reselect_every, debug=d.debug)
     scratch = max(table.capacity, 1)
     fits = n <= bufs.max_rows and all(q <= 1 for q in qlens)
     if capture and fused_dense and fits:
