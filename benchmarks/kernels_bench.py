@@ -544,8 +544,8 @@ def sweep(gen: torch.Generator):
 def main(argv=None):
     from kernels import leverage_triton
 
-    # the benchmark tunes the leverage configs on this GPU (opt-in in a serving engine: PRESCORE_LEVERAGE_TUNE=1)
-    leverage_triton._TUNE = os.environ.get("PRESCORE_LEVERAGE_TUNE", "1") != "0"
+    # the benchmark tunes the leverage configs on this GPU (off in a serving engine)
+    leverage_triton._TUNE = True
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--out", default=None)
     ap.add_argument("--quick", action="store_true")
