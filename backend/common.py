@@ -12,7 +12,7 @@ from . import compat
 from . import params as P
 from .plan import Plan
 from .requests import TABLE
-from .store import LayerStore, extra_page_bytes
+from .store import LayerStore, extra_page_bytes, request_memory
 
 logger = logging.getLogger("vllm.prescore")
 DECODER = "decoder"
@@ -52,17 +52,48 @@ def dense_rows_forward(base_forward, plan: Plan, layer, query, key, value, kv_ca
         output[tok] = o
 
 
+def batch_rows(vllm_config, cuda: bool) -> int:
+    """Rows of the planner's DecodeBuffers (= scratch selection rows): CUDA graphs may pad a batch past
+    max_num_seqs up to the largest capture size."""
+    n = compat.max_num_seqs(vllm_config)
+    if cuda:
+        n = max(n, getattr(vllm_config.compilation_config, "max_cudagraph_capture_size", None) or 0)
+    return n
+
+
 class StoreOwner:
-    """Mixin of the platform impls: the layer's :class:`LayerStore`, (re)built when vLLM hands it another cache."""
+    """Mixin of the platform impls: the layer's :class:`LayerStore`, (re)built when vLLM hands it another cache.
+    The per-request memory (fitted states, selection cache) is allocated when the impl is built, with the model,
+    before vLLM's memory profiling (:meth:`alloc_request_memory`)."""
 
     MIRROR = False  # CPU: keep a K|V mirror in the kernels' layout
+    CUDA = False
     store: LayerStore | None = None
+    prealloc: tuple | None = None
+
+    def alloc_request_memory(self, device) -> None:
+        if getattr(self, "attn_type", DECODER) != DECODER or getattr(self, "kv_sharing_target_layer_name", None):
+            return
+        try:
+            from vllm.config import get_current_vllm_config
+
+            cfg = get_current_vllm_config()
+            defaults = P.load_defaults(compat.additional_config(cfg))
+            bs = cfg.cache_config.block_size
+        except Exception:  # noqa: BLE001 - built outside an engine: allocate with the first KV cache instead
+            return
+        if not bs:
+            return
+        self.prealloc = request_memory(compat.request_slots(cfg), batch_rows(cfg, self.CUDA), self.num_kv_heads,
+                                       self.head_size, defaults.methods, defaults.capacity_blocks(bs), device)
 
     def store_for(self, kv_cache) -> LayerStore:
         if self.store is None or self.store.key != kv_cache.data_ptr():
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("prescore: layer storage must be allocated before CUDA graph capture")
-            self.store = LayerStore(kv_cache, mirror=self.MIRROR, num_slots=max(TABLE.capacity, 1))
+            states, cache = self.prealloc or (None, None)
+            self.store = LayerStore(kv_cache, mirror=self.MIRROR, num_slots=max(TABLE.capacity, 1), states=states,
+                                    cache=cache)
         return self.store
 
 

@@ -130,6 +130,12 @@ def max_num_seqs(vllm_config) -> int:
     return int(vllm_config.scheduler_config.max_num_seqs)
 
 
+def request_slots(vllm_config) -> int:
+    """Request slots prescore keeps per-request memory for: the V1 request table's capacity (max_num_seqs + 8:
+    rows free their slot before new ones take one, the 8 are margin), >= Model Runner V2's max_num_reqs."""
+    return max_num_seqs(vllm_config) + 8
+
+
 def additional_config(vllm_config) -> dict:
     cfg = getattr(vllm_config, "additional_config", None) or {}
     return cfg if isinstance(cfg, dict) else {}

@@ -13,7 +13,7 @@ from functools import partial
 import torch
 
 from . import compat, metrics
-from .common import DECODER, StoreOwner, attach, dense_rows_forward, log_start, logger, padded_spec
+from .common import DECODER, StoreOwner, attach, batch_rows, dense_rows_forward, log_start, logger, padded_spec
 from .plan import DecodeBuffers, plan
 from .requests import TABLE
 from .step import TORCH, run
@@ -29,7 +29,7 @@ class PrescoreCPUBuilder(CPUBuilder):
         if not self.enabled:
             logger.info("prescore: sliding-window layers %s run dense (vLLM's CPU kernel)", layer_names[:2])
         defaults = log_start(vllm_config, "CPU: vLLM CPU attention for prefill/dense rows, torch ops for sparse decode")
-        self.bufs = DecodeBuffers(compat.max_num_seqs(vllm_config), device)
+        self.bufs = DecodeBuffers(batch_rows(vllm_config, cuda=False), device)
         self.capacity = defaults.capacity_blocks(self.block_size)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
@@ -44,6 +44,11 @@ class PrescoreCPUBuilder(CPUBuilder):
 
 class PrescoreCPUImpl(StoreOwner, CPUImpl):
     MIRROR = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.sliding_window == -1:
+            self.alloc_request_memory("cpu")
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):
         super().do_kv_cache_update(layer, key, value, kv_cache, slot_mapping)

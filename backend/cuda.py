@@ -21,7 +21,7 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from prescore.kernels.step_triton import tail_tiles
 
 from . import compat, metrics
-from .common import DECODER, StoreOwner, attach, dense_rows_forward, log_start, logger, padded_spec
+from .common import DECODER, StoreOwner, attach, batch_rows, dense_rows_forward, log_start, logger, padded_spec
 from .plan import DecodeBuffers, plan
 from .requests import TABLE
 from .step import TRITON, run
@@ -42,9 +42,7 @@ class PrescoreCudaBuilder(BaseBuilder):
             logger.info("prescore: sliding-window layers %s run dense (vLLM's Triton kernel)", layer_names[:2])
         defaults = log_start(vllm_config, f"CUDA: vLLM {DENSE_BACKEND} for prefill/dense rows, prescore Triton "
                              "sparse decode")
-        cc = vllm_config.compilation_config
-        rows = max(compat.max_num_seqs(vllm_config), getattr(cc, "max_cudagraph_capture_size", None) or 0)
-        self.bufs = DecodeBuffers(rows, device)
+        self.bufs = DecodeBuffers(batch_rows(vllm_config, cuda=True), device)
         self.capacity = defaults.capacity_blocks(self.block_size)
         self.debug = defaults.debug
         self._capturing = False
@@ -102,6 +100,12 @@ def _debug_build(cm, uniform: bool) -> None:
 
 
 class PrescoreCudaImpl(StoreOwner, BaseImpl):
+    CUDA = True
+
+    def __init__(self, *args, **kwargs):
+        super().__init__(*args, **kwargs)
+        if self.sliding_window in (None, -1, (-1, -1)):
+            self.alloc_request_memory(torch.device("cuda", torch.cuda.current_device()))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
                 output_block_scale=None):

@@ -21,7 +21,10 @@ sink + window; a row whose budget plus must-attend blocks exceed it runs dense, 
 ``reselect_every`` (decode steps, default 4: a quest/hybrid row runs the query-aware selection when its length
 is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step). Token counts are
 rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
-first layer's prefill scoring and selections. Any unknown ``prescore_*`` key or bad value is an error naming the field.
+first layer's prefill scoring and selections. ``methods`` (a list of method names, default the default
+``method`` plus every stateless method) is what the server offers: each stateful method offered costs its fitted
+state per request slot and layer (allocated before vLLM sizes the KV cache), and a request for a method not
+offered is refused naming ``prescore_method``. Any unknown ``prescore_*`` key or bad value is an error naming the field.
 
 Server policy (same config keys; the ``PRESCORE_*`` variables in :data:`ENV_POLICY`, set by ``prescore-serve``'s
 flags, override them): ``min_budget`` / ``max_budget`` (the sparse budgets a request may ask for, default
@@ -66,6 +69,9 @@ class PrescoreParams:
     max_attended: int = 0  # 0: max_budget + the default sink + window (load_defaults fills it in)
     # diagnostics (never per request): log the builder's plans and the first layer's scoring and selections
     debug: bool = False
+    # the scoring methods this server offers (each stateful one costs a fitted state per request slot and layer,
+    # allocated before vLLM sizes the KV cache); () = the default method + every stateless method (load_defaults)
+    methods: tuple = ()
 
     def capacity_blocks(self, block_size: int) -> int:
         """Static selection capacity in blocks: max_selected + the default sink and window + the tail block."""
@@ -90,7 +96,7 @@ def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float,
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
 POLICY_FIELDS = ("min_budget", "max_budget", "allow_dense", "max_attended")
 CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected",
-                                   "reselect_every") + POLICY_FIELDS + ("debug",)
+                                   "reselect_every") + POLICY_FIELDS + ("debug", "methods")
 # environment variables that override the config (prescore-serve's flags set them)
 ENV_POLICY = {"PRESCORE_DEFAULT_BUDGET": "budget", "PRESCORE_MIN_BUDGET": "min_budget",
               "PRESCORE_MAX_BUDGET": "max_budget", "PRESCORE_ALLOW_DENSE": "allow_dense",
@@ -140,6 +146,12 @@ def _check(field: str, value, shown: str):
         if not isinstance(value, bool):
             raise _err(f"{shown} must be true or false, got {_show(value)}", shown, value)
         return value
+    if field == "methods":
+        if not isinstance(value, (list, tuple)) or not value or any(m not in METHOD_NAMES for m in value) \
+                or len(set(value)) != len(value):
+            raise _err(f"{shown} must be a non-empty list of distinct methods out of {', '.join(METHOD_NAMES)}; got "
+                       f"{_show(value)}", shown, value)
+        return tuple(value)
     if field in ("hybrid_prior_fraction", "quest_beta"):
         if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0.0 <= value <= 1.0:
             raise _err(f"{shown} must be a number in [0, 1], got {_show(value)}", shown, value)
@@ -166,6 +178,9 @@ def policy_violation(p: PrescoreParams, given=()) -> tuple[str, str] | None:
     """(field, reason) when the resolved ``p`` breaks the server policy, else None. ``given``: the request
     fields the client set (the one named when sink + window + budget is over the cap). ``reason`` reads after
     the field's name: ``f"{name} {reason}"``."""
+    if p.methods and p.method not in p.methods:
+        return "method", (f"{p.method!r} is not offered on this server (config field methods: "
+                          f"{', '.join(p.methods)})")
     b = p.budget
     if b == 0:
         return None if p.allow_dense else ("budget", "0 (dense attention) is disabled on this server")
@@ -246,6 +261,11 @@ def _env_policy(env) -> dict:
 def check_policy(p: PrescoreParams) -> PrescoreParams:
     """Startup check of the server policy against the defaults; returns ``p`` with ``max_attended`` resolved.
     Raises ValueError."""
+    if not p.methods:
+        p = replace(p, methods=default_methods(p.method))
+    if p.method not in p.methods:
+        raise ValueError(f"prescore: the default method {p.method!r} is not in the offered methods "
+                         f"({', '.join(p.methods)})")
     if not 0 <= p.min_budget <= p.max_budget:
         raise ValueError(f"prescore budget limits: need 0 <= min ({p.min_budget}) <= max ({p.max_budget}) "
                          f"<= {MAX_TOKENS}")
@@ -258,6 +278,17 @@ def check_policy(p: PrescoreParams) -> PrescoreParams:
         raise ValueError(f"prescore: the default sink + window + budget ({p.sink} + {p.window} + {p.budget}) is over "
                          f"the maximum attended tokens ({p.max_attended})")
     return p
+
+
+def stateless(method: str) -> bool:
+    """A method without a fitted state: its block score is a function of the block's content alone."""
+    return METHODS[method]().state_size(128) == 0
+
+
+def default_methods(method: str) -> tuple:
+    """The offered methods when the config names none: the default method and every stateless method (no
+    per-request state, so no memory)."""
+    return (method,) + tuple(m for m in METHOD_NAMES if m != method and stateless(m))
 
 
 def load_defaults(additional_config: dict | None = None, env: dict | None = None) -> PrescoreParams:

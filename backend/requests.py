@@ -163,7 +163,7 @@ class PrescoreRequestTracker(*(b for b in (_V2, _V1) if b is not None)):
         if self._req_states is not None:
             capacity = int(self._req_states.max_num_reqs)
         else:
-            capacity = 2 * compat.max_num_seqs(vllm_config) + 8
+            capacity = compat.request_slots(vllm_config)
         TABLE.configure(capacity, defaults)
 
     @classmethod

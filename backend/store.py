@@ -3,8 +3,10 @@ tags, shared key min/max), on CPU the K|V mirror in the kernels' layout, the per
 per-slot selection cache and the device counters.
 
 Summaries (and the mirror) live in the padding of each KV page, which the platform backends' ``customize_spec``
-adds (:func:`extra_page_bytes`), so vLLM counts them in the KV-cache memory; the per-request fitted states are a
-separate ``[slots, Hkv, S]`` float32 buffer per layer.
+adds (:func:`extra_page_bytes`), so vLLM counts them in the KV-cache memory. The per-request memory (fitted states
+``[slots, Hkv, S]`` float32, S = the largest state of the methods the server offers, and the per-slot selection
+cache) is allocated by each attention impl when the model is built (:func:`request_memory`), before vLLM profiles
+the memory and sizes the KV cache from what remains, so it is counted like the weights.
 """
 
 from __future__ import annotations
@@ -40,6 +42,30 @@ def extra_page_bytes(num_kv_heads: int, head_size: int, block_size: int, dtype: 
     return -(-(kv + summ + _ALIGN) // _ALIGN) * _ALIGN
 
 
+_PER_SLOT = {"layers": 0, "bytes": 0, "slots": 0, "slot_bytes": 0, "floats": 0, "methods": ()}
+
+
+def state_floats(methods, head_size: int) -> int:
+    """Floats per KV head of one request's fitted state: the largest state of the offered ``methods`` (>= 1)."""
+    return max([get_method(m).state_size(head_size) for m in methods] + [1])
+
+
+def request_memory(num_slots: int, scratch_rows: int, num_kv_heads: int, head_size: int, methods, capacity_blocks: int,
+                   device) -> tuple[torch.Tensor, SelectionCache]:
+    """One layer's per-request memory, allocated up front (before vLLM's memory profiling): the fitted states
+    ``[num_slots, Hkv, S]`` float32 and the selection cache (``num_slots + scratch_rows`` rows of
+    ``capacity_blocks``)."""
+    S = state_floats(methods, head_size)
+    states = torch.zeros(num_slots, num_kv_heads, S, dtype=torch.float32, device=device)
+    cache = SelectionCache.allocate(num_slots + scratch_rows, num_kv_heads, capacity_blocks, device)
+    cache_bytes = sum(t.numel() * t.element_size() for t in (cache.ids, cache.counts, cache.kcounts, cache.dense,
+                                                             cache.key))
+    _PER_SLOT.update(layers=_PER_SLOT["layers"] + 1, bytes=_PER_SLOT["bytes"] + states.numel() * 4 + cache_bytes,
+                     slots=num_slots, floats=S, methods=tuple(methods),
+                     slot_bytes=num_kv_heads * S * 4 + cache_bytes // (num_slots + scratch_rows))
+    return states, cache
+
+
 def log_once(msg, *args) -> None:
     if msg not in _once:
         _once.add(msg)
@@ -65,7 +91,8 @@ class LayerStore:
     """Per-method block summaries (own scores + tags, shared key min/max) and, on CPU, the K|V mirror: in
     the page padding when present, else separately allocated. Tags are always a separate [M, NB] tensor."""
 
-    def __init__(self, kv_cache: torch.Tensor, mirror: bool, num_slots: int):
+    def __init__(self, kv_cache: torch.Tensor, mirror: bool, num_slots: int, states: torch.Tensor | None = None,
+                 cache: SelectionCache | None = None):
         NB, H, BS, D2 = kv_cache.shape
         D, el, dtype = D2 // 2, kv_cache.element_size(), kv_cache.dtype
         M = len(P.METHOD_NAMES)
@@ -88,11 +115,7 @@ class LayerStore:
             kmax = _view(kv_cache, dtype, off + H * D * el, (H, D), stride_b)
             views = (scores, kmin, kmax) + ((self.mirror,) if mirror else ())
             self.in_page = all(v is not None for v in views)
-        if self.in_page:
-            log_once("prescore: block summaries%s live in the KV page padding (%d extra bytes per block and "
-                      "layer, counted in the KV-cache budget)", " + K|V mirror" if mirror else "",
-                      stride_b - page)
-        else:
+        if not self.in_page:
             logger.warning("prescore: KV pages carry no room for block summaries; allocating %.1f MiB outside "
                            "the KV-cache budget", NB * extra_page_bytes(H, D, BS, dtype, mirror) / 2**20)
             dev = kv_cache.device
@@ -107,17 +130,24 @@ class LayerStore:
                      for j, m in enumerate(P.METHOD_NAMES)}
         self.scores3, self.tags2, self.kmin, self.kmax = scores, tags, kmin, kmax  # [NB, M, H], [M, NB]
         self.num_slots = num_slots
-        self.cache: SelectionCache | None = None
-        S = max(get_method(m).state_size(D) for m in P.METHOD_NAMES)
-        need = num_slots * H * S * 4
-        if kv_cache.is_cuda:
-            free = torch.cuda.mem_get_info(kv_cache.device)[0]
-            if need > free:
-                raise RuntimeError(
-                    f"prescore: the per-request scoring states need {need / 2**20:.0f} MiB per layer ({num_slots} "
-                    f"request slots x {H} KV heads x {S} floats) but only {free / 2**20:.0f} MiB are free after the "
-                    "KV cache: lower --max-num-seqs or --gpu-memory-utilization")
-        self.states = torch.zeros(num_slots, H, S, dtype=torch.float32, device=kv_cache.device)
+        self.cache: SelectionCache | None = cache
+        if states is None or states.shape[0] < num_slots:
+            if states is not None:
+                logger.warning("prescore: %d request slots but states for %d were allocated; allocating %d outside "
+                               "vLLM's memory budget", num_slots, states.shape[0], num_slots)
+            states = torch.zeros(num_slots, H, state_floats(METHOD_NAMES, D), dtype=torch.float32,
+                                 device=kv_cache.device)
+        self.states = states
+        tag_bytes = 8 * M
+        if self.in_page:  # the start line: what prescore adds (sizes in the README's Known limits)
+            ps = _PER_SLOT
+            log_once("prescore: memory per layer: %d bytes per KV block in the page padding (block summaries%s, "
+                     "counted in the KV-cache budget) + %d bytes of block tags; %d bytes per request slot (fitted "
+                     "states of %s: %d floats x %d KV heads, and the selection cache) x %d slots, allocated before "
+                     "vLLM's memory profiling; total over %d layers: %.1f MiB per-request + %.1f MiB per-block "
+                     "(%d blocks)", stride_b - page, " + K|V mirror" if mirror else "", tag_bytes, ps["slot_bytes"],
+                     "/".join(ps["methods"]), ps["floats"], H, ps["slots"], ps["layers"], ps["bytes"] / 2**20,
+                     max(ps["layers"], 1) * NB * (stride_b - page + tag_bytes) / 2**20, NB)
         self.acc = metrics.device_accumulator(LABELS, kv_cache.device)
         self.index = _STORES[0]
         _STORES[0] += 1

@@ -15,7 +15,8 @@ export PRESCORE_METRICS_DIR=$(mktemp -d) VLLM_CPU_KVCACHE_SPACE=1
 LOG=${LOG:-/tmp/prescore-main-job.log}
 echo "serving $MODEL with --attention-backend prescore on 127.0.0.1:$PORT (log: $LOG)"
 vllm serve "$MODEL" --attention-backend prescore --host 127.0.0.1 --port "$PORT" --max-model-len 4096 \
-  --kv-cache-memory-bytes $((1 << 30)) --enforce-eager --served-model-name smollm2 >"$LOG" 2>&1 &
+  --kv-cache-memory-bytes $((1 << 30)) --enforce-eager --served-model-name smollm2 \
+  --additional-config '{"prescore": {"methods": ["kmeans", "leverage", "keynorm"]}}' >"$LOG" 2>&1 &
 PID=$!
 trap 'kill $PID 2>/dev/null; wait $PID 2>/dev/null || true' EXIT
 for _ in $(seq 240); do

@@ -388,7 +388,7 @@ def _patch_openapi(app, params, auth: bool, open_paths) -> None:
         info["x-prescore-policy"] = {"default_budget": params.budget, "min_budget": params.min_budget,
                                      "max_budget": params.max_budget, "allow_dense": params.allow_dense,
                                      "max_attended": cap, "default_sink": params.sink,
-                                     "default_window": params.window}
+                                     "default_window": params.window, "methods": list(params.methods)}
         info["description"] = (info.get("description") or "") + (
             f"\n\nprescore: the generation routes ({', '.join(ROUTES)}) take `key_budget` (tokens; this server: "
             f"{'0 = dense or ' if params.allow_dense else 'dense disabled; '}{params.min_budget}.."

@@ -66,7 +66,7 @@ def _runs(tiny_model):
     # the small test budgets (2-3 blocks) keep a prior share: the defaults (share 0.125, none below 512 tokens)
     # would give them none
     llm = LLM(model=tiny_model, attention_backend="prescore",
-              additional_config={"prescore": {"hybrid_min_budget": 0, "hybrid_prior_fraction": 0.5,
+              additional_config={"prescore": {"methods": ["kmeans", "leverage", "keynorm"], "hybrid_min_budget": 0, "hybrid_prior_fraction": 0.5,
                                               "reselect_every": EVERY}}, **ENGINE)
     metrics.reset()
     # 1) budgets that never go sparse: >= context, and 0 (dense by request)

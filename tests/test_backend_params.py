@@ -245,3 +245,24 @@ def test_methods_and_modes_come_from_the_kernel_registry():
         P.validate_request({"prescore_method": n})
     for n in MODE_NAMES:
         P.validate_request({"prescore_mode": n})
+
+
+def test_offered_methods_field():
+    """``methods``: validated at load; default the default method + the stateless ones; a request for a method the
+    server does not offer is refused naming prescore_method; the default method must be offered."""
+    d = P.load_defaults({}, env={})
+    assert d.methods == ("kmeans", "keynorm")  # leverage (a D x D state per slot and layer) is opt-in
+    assert P.load_defaults({"prescore": {"method": "leverage"}}, env={}).methods == ("leverage", "keynorm")
+    d3 = P.load_defaults({"prescore": {"methods": ["kmeans", "leverage", "keynorm"]}}, env={})
+    assert P.check_request(d3, {"prescore_method": "leverage"}).method == "leverage"
+    with pytest.raises(Exception) as ei:
+        P.check_request(d, {"prescore_method": "leverage"})
+    assert getattr(ei.value, "parameter", None) == "prescore_method" and "methods" in str(ei.value)
+    with pytest.raises(Exception) as ei:
+        P.check_request(d, {"prescore_method": "leverage", "prescore_budget": 0})  # dense too: not offered
+    assert getattr(ei.value, "parameter", None) == "prescore_method"
+    for bad in ([], ["kmeans", "kmeans"], ["nope"], "kmeans", [1]):
+        with pytest.raises(ValueError, match="additional_config.prescore.methods"):
+            P.load_defaults({"prescore": {"methods": bad}}, env={})
+    with pytest.raises(ValueError, match="default method 'leverage' is not in the offered methods"):
+        P.load_defaults({"prescore": {"method": "leverage", "methods": ["kmeans"]}}, env={})

