@@ -2,7 +2,8 @@
 
 Same rule and output as :func:`prescore.kernels.selection.select_blocks` (the torch version is the reference).
 Per program: pass 0 builds the ranking key of every logical block (sink/window > never-scored > prior or the
-query-aware key; -inf outside the context) as order-preserving int32 in a workspace; a 32-step bitwise binary
+query-aware key; -inf outside the context; a query-aware row ranks a block another request scored below every
+prior, so only its query-aware stage can take it) as order-preserving int32 in a workspace; a 32-step bitwise binary
 search finds the ``total``-th largest key; a final pass writes the selected ids in ascending order (ties at the
 threshold taken in index order). ``hybrid`` runs the search twice: first ``forced + prior_blocks`` by the
 prior, then the rest of the budget by the query-aware key.
@@ -26,6 +27,7 @@ CH_LO = tl.constexpr(2048)  # the register path's short tier (32k tokens at bloc
 CH_MAX = 8192  # keys held in registers up to this many blocks per row (131k tokens at block 16)
 FORCED = tl.constexpr(3.0e38)
 MUST = tl.constexpr(1.0e38)
+OTHER = tl.constexpr(-3.0e38)  # scored by another request (prefix-shared): below every prior, above -inf
 
 
 @triton.jit
@@ -283,8 +285,10 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
     dense = (budget == 0) | (nblk <= sink + window + budget)
     ws = WS + b * stride_ws_b + h * stride_ws_h
 
-    # pass 0: prior key (with forced overrides) -> workspace; count forced blocks
+    # pass 0: prior key (with forced overrides) -> workspace; count forced blocks (and, for query-aware rows,
+    # blocks another request scored: no prior for this row, they compete on the query-aware key)
     n_forced = tl.zeros([], dtype=tl.int32)
+    n_other = tl.zeros([], dtype=tl.int32)
     for c in range(0, MB, CH):
         j = c + tl.arange(0, CH)
         inb = j < MB
@@ -293,11 +297,13 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
         sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=inb & in_ctx, other=0.0)
         tg = tl.load(TAGS + phys, mask=inb & in_ctx, other=0)
         sw = (j < sink) | (j >= nblk - window) | (j == nblk - 1)
-        stale = tg != rtag
-        key = tl.where(sw, FORCED, tl.where(stale, MUST, sc))
+        other = (tg != rtag) & (tg >= 0) & ((mode != MODE_PRIOR) & HAS_QKEY) & ~sw
+        stale = (tg != rtag) & ~other
+        key = tl.where(sw, FORCED, tl.where(stale, MUST, tl.where(other, OTHER, sc)))
         key = tl.where(in_ctx, key, float("-inf"))
         tl.store(ws + j, _sortable(key), mask=inb)
         n_forced += tl.sum(((sw | stale) & in_ctx).to(tl.int32), 0)
+        n_other += tl.sum((other & in_ctx).to(tl.int32), 0)
     if OVERFLOW_DENSE:  # more must-attend blocks than the capacity holds: attend everything (never drop one)
         dense = dense | (n_forced + budget > S)
     total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
@@ -306,8 +312,8 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
         if mode != MODE_PRIOR:
             # first stage: forced (+ the prior share for hybrid) by the prior key
             n_first = n_forced
-            if mode == MODE_HYBRID:
-                n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
+            if mode == MODE_HYBRID:  # the prior share goes to blocks this request scored
+                n_first += tl.minimum(tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget), nblk - n_forced - n_other)
             n_first = tl.minimum(n_first, total)
             thr, ties = _threshold(ws, MB, n_first, CH, ONE)
             best = _qkey_best(PMAX, b, h, s_pm_b, s_pm_h, s_pm_s, NS, NS_PAD, G, G_PAD)
@@ -394,18 +400,20 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
     sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=in_ctx & valid, other=0.0)
     tg = tl.load(TAGS + phys, mask=in_ctx & valid, other=0)
     sw = (j < sink) | (j >= nblk - window) | (j == nblk - 1)
-    stale = tg != rtag
-    key = tl.where(sw, FORCED, tl.where(stale, MUST, sc))
+    other = (tg != rtag) & (tg >= 0) & ((mode != MODE_PRIOR) & HAS_QKEY) & ~sw  # see _select_row
+    stale = (tg != rtag) & ~other
+    key = tl.where(sw, FORCED, tl.where(stale, MUST, tl.where(other, OTHER, sc)))
     u = _ukey(tl.where(in_ctx, key, float("-inf")), KB)
     n_forced = tl.sum(((sw | stale) & in_ctx).to(tl.int32), 0)
+    n_other = tl.sum((other & in_ctx).to(tl.int32), 0)
     if OVERFLOW_DENSE:
         dense = dense | (n_forced + budget > S)
     total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
     if HAS_QKEY:
         if mode != MODE_PRIOR:
             n_first = n_forced
-            if mode == MODE_HYBRID:
-                n_first += tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget)
+            if mode == MODE_HYBRID:  # the prior share goes to blocks this request scored
+                n_first += tl.minimum(tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget), nblk - n_forced - n_other)
             n_first = tl.minimum(n_first, total)
             thr, ties = _threshold_reg(u, valid, n_first, RB, KB)
             first = _top_reg(u, valid, thr, ties, n_first)

@@ -7,8 +7,12 @@ part of the budget that `hybrid` spends on the prior), ``req_tags`` (int64). ``q
 query-aware modes.
 
 Rule: always the first ``sink_blocks`` and the last ``window_blocks`` blocks of the context, the tail block
-(the one holding the current token, even with a zero window) and every block whose tag is not the row's (never scored for this content: must-attend),
-then the ``budget_blocks`` best remaining blocks by the mode's key:
+(the one holding the current token, even with a zero window) and every block never scored (tag < 0) or, in prior
+mode, scored by another request (a prefix-cached block another request's final prefill rescored: its pre-score
+comes from that request's fit), then the ``budget_blocks`` best remaining blocks by the mode's key. A block's key
+min/max are a function of its content alone, so in the query-aware modes a block another request scored (tag >= 0,
+not the row's) is not forced: it competes on the query-aware key, and is not eligible for hybrid's prior share
+(the prior share is capped by the blocks the row scored itself):
 
 - ``prior``: the pre-score (query-independent).
 - ``quest``: Quest's upper bound sum_d max(q_d * kmin_d, q_d * kmax_d) per query head, combined over the GQA
@@ -52,6 +56,7 @@ MODE_PRIOR, MODE_QUEST, MODE_HYBRID = (tl.constexpr(int(m)) for m in Mode)
 
 _FORCED = 3.0e38  # sink / window
 _MUST = 1.0e38  # never scored for this request
+_OTHER = -3.0e38  # scored by another request, in a query-aware row: below every prior, above -inf
 
 
 @dataclass
@@ -164,10 +169,15 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     in_ctx = j[None, :] < nblk[:, None]  # [B, MB]
     sw = ((j[None, :] < sink_blocks.long()[:, None]) | (j[None, :] >= (nblk - window_blocks.long())[:, None])
           | (j[None, :] == (nblk - 1)[:, None]))
-    stale = summ.tags[phys] != req_tags.long()[:, None]  # [B, MB]
+    tg = summ.tags[phys]
+    mine = tg == req_tags.long()[:, None]  # [B, MB]
+    qrow = (mode.long() != MODES["prior"])[:, None] & need_query
+    other = ~mine & (tg >= 0) & qrow & ~sw  # another request's scores: the query-aware key only
+    stale = ~mine & ~other
     forced_key = torch.where(sw, _FORCED, _MUST)[:, None, :]  # [B, 1, MB]
     forced = (sw | stale) & in_ctx  # [B, MB]
     n_forced = forced.sum(-1)  # [B]
+    n_own = in_ctx.sum(-1) - n_forced - (other & in_ctx).sum(-1)  # blocks eligible for the prior share
 
     prior = summ.scores[phys].transpose(1, 2)  # [B, H, MB]
     neg = float("-inf")
@@ -183,7 +193,7 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
         keep = keep & (vals > float("-inf"))
         return torch.zeros_like(key, dtype=torch.bool).scatter_(-1, idx, keep)
 
-    key = torch.where(forced[:, None, :], forced_key, prior)
+    key = torch.where(forced[:, None, :], forced_key, torch.where(other[:, None, :], _OTHER, prior))
     key = torch.where(in_ctx[:, None, :], key, neg)
     if need_query:
         if q is None:
@@ -192,8 +202,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
         kmin = summ.kmin[phys].transpose(1, 2)  # [B, H, MB, D]
         kmax = summ.kmax[phys].transpose(1, 2)
         bound = quest_bound(q.view(B, H, G, -1), kmin, kmax, in_ctx, quest_beta)
-        n_prior = torch.where(mode == MODES["hybrid"], n_forced + prior_blocks.long().clamp_max(budget),
-                              n_forced)
+        n_prior = torch.where(mode == MODES["hybrid"],
+                              n_forced + torch.minimum(prior_blocks.long().clamp_max(budget), n_own), n_forced)
         first = topk_mask(key, torch.where(mode == MODES["prior"], total, n_prior))
         qkey = torch.where(first, _FORCED, bound)
         qkey = torch.where(in_ctx[:, None, :], qkey, neg)
@@ -249,8 +259,10 @@ def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget
 
 def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tensor, tag_ok: torch.Tensor,
                       seq_len: int, block_size: int, budget: int, sink: int, window: int, mode: str,
-                      prior_share: int, q: torch.Tensor | None, beta: float = 1.0) -> list[list[int]] | None:
-    """One row, pure python over logical blocks. scores [nblk, H]; kmin/kmax [nblk, H, D]; tag_ok [nblk];
+                      prior_share: int, q: torch.Tensor | None, beta: float = 1.0,
+                      scored: torch.Tensor | None = None) -> list[list[int]] | None:
+    """One row, pure python over logical blocks. scores [nblk, H]; kmin/kmax [nblk, H, D]; tag_ok [nblk] (the
+    row's own tag); scored [nblk] (tag >= 0: some request scored it; None: no block but the row's own is scored);
     q [Hq, D]. Returns per KV head the sorted selected block ids, or None for a dense row. Ties in the
     ranking key are broken arbitrarily, so tests compare sets only where keys are distinct."""
     nblk = -(-seq_len // block_size)
@@ -260,11 +272,15 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
     G = q.shape[0] // H if q is not None else 1
     out = []
     for h in range(H):
-        forced = [j for j in range(nblk) if j < sink or j >= nblk - max(window, 1) or not bool(tag_ok[j])]
+        sw = [j < sink or j >= nblk - max(window, 1) for j in range(nblk)]
+        other = [not sw[j] and not bool(tag_ok[j]) and scored is not None and bool(scored[j]) and mode != "prior"
+                 for j in range(nblk)]  # another request scored it: the query-aware key only
+        forced = [j for j in range(nblk) if sw[j] or (not bool(tag_ok[j]) and not other[j])]
         rest = [j for j in range(nblk) if j not in forced]
+        own = [j for j in rest if not other[j]]
         chosen = set(forced)
         n_prior = budget if mode == "prior" else (min(prior_share, budget) if mode == "hybrid" else 0)
-        by_prior = sorted(rest, key=lambda j: -float(scores[j, h]))[:n_prior]
+        by_prior = sorted(own, key=lambda j: -float(scores[j, h]))[:n_prior]
         chosen |= set(by_prior)
         if mode != "prior":
             rel = []

@@ -8,7 +8,8 @@ from prescore.kernels import (MODES, BlockSummaries, get_method, score_prefill, 
                               sparse_decode, sparse_decode_ref)
 
 
-def build(seq_lens, H=2, D=32, BS=16, G=3, seed=0, stale=()):
+def build(seq_lens, H=2, D=32, BS=16, G=3, seed=0, stale=(), other=()):
+    """``stale`` (row, block): never scored (tag < 0); ``other``: scored by another request (its tag, >= 0)."""
     gen = torch.Generator().manual_seed(seed)
     kv, bt, seq = make_paged(seq_lens, H, D, BS, torch.float32, gen=gen)
     summ = BlockSummaries.allocate(kv.shape[0], H, D, torch.float32, "cpu")
@@ -23,6 +24,8 @@ def build(seq_lens, H=2, D=32, BS=16, G=3, seed=0, stale=()):
         summ.tags[phys] = tags[b]
     for b, j in stale:
         summ.tags[bt[b, j].long()] = -5
+    for b, j in other:
+        summ.tags[bt[b, j].long()] = tags[b] + 1000
     q = torch.randn(len(seq_lens), H * G, D, generator=gen)
     return kv, bt, seq, summ, tags, q
 
@@ -43,7 +46,8 @@ def check_against_ref(summ, bt, seq, tags, q, budgets, sinks, windows, modes, pr
         nblk = -(-L // BS)
         phys = bt[b, :nblk].long()
         ref = select_blocks_ref(summ.scores[phys], summ.kmin[phys], summ.kmax[phys], summ.tags[phys] == tags[b], L,
-                                BS, budgets[b], sinks[b], windows[b], modes[b], priors[b], q[b], beta)
+                                BS, budgets[b], sinks[b], windows[b], modes[b], priors[b], q[b], beta,
+                                scored=summ.tags[phys] >= 0)
         if ref is None:
             assert sel.dense[b]
             assert (sel.counts[b] == nblk).all()
@@ -94,6 +98,33 @@ def test_stale_blocks_are_must_attend(triton):
 
 
 @IMPLS
+@pytest.mark.parametrize("mode", MODE_NAMES)
+def test_blocks_scored_by_another_request(mode, triton):
+    """Prefix caching: blocks another request scored (its tag, >= 0) keep content-only key min/max, so a
+    query-aware row ranks them on its query-aware key (not forced, not in hybrid's prior share); a prior row
+    attends them (their pre-score is the other request's fit); never-scored blocks (tag < 0) are forced in every
+    mode. Row 1 has fewer own blocks than its prior share: the rest of its budget goes to the query-aware key."""
+    other = [(0, j) for j in (3, 6, 9, 12, 15)] + [(1, j) for j in range(1, 16)] + [(2, 1)]
+    kv, bt, seq, summ, tags, q = build([400, 320, 257], seed=6, stale=[(0, 20)], other=other)
+    sel = check_against_ref(summ, bt, seq, tags, q, budgets=[5, 6, 4], sinks=[1, 1, 1], windows=[2, 2, 1],
+                            modes=[mode] * 3, priors=[3, 4, 2], triton=triton)
+    for b, L in enumerate([400, 320, 257]):
+        nblk = -(-L // 16)
+        mine = {j for j in range(nblk) if (b, j) not in other}
+        for h in range(2):
+            got = set(sel.ids[b, h, : int(sel.counts[b, h])].tolist())
+            theirs = got - mine
+            if mode == "prior":
+                assert {j for bb, j in other if bb == b} <= got  # must-attend
+            else:
+                assert len(got) == 1 + 2 - (b == 2) + [5, 6, 4][b] + (b == 0)  # nothing forced but sink/window/stale
+                if mode == "quest" and b == 1:
+                    assert theirs  # they compete (and win) on the query-aware key
+    # row 1: 20 blocks, 15 of them another request's, 2 own outside sink + window: the hybrid prior share (4) takes
+    # both own blocks, the query-aware stage the other 4 of the budget from the 15
+
+
+@IMPLS
 def test_freed_block_reused_by_new_request_is_not_trusted(triton):
     gen = torch.Generator().manual_seed(4)
     kv, bt, seq = make_paged([256], 2, 32, 16, torch.float32, gen=gen)
@@ -128,7 +159,8 @@ def test_triton_equals_torch_on_random_batches(seed):
     """Fresh random batches (distinct priors): both implementations select exactly the same blocks."""
     gen = torch.Generator().manual_seed(100 + seed)
     lens = torch.randint(1, 900, (6,), generator=gen).tolist()
-    kv, bt, seq, summ, tags, q = build(lens, seed=seed, stale=[(0, 0)])
+    kv, bt, seq, summ, tags, q = build(lens, seed=seed, stale=[(0, 0)],
+                                       other=[(b, j) for b in range(6) for j in (1, 4, 5) if j * 16 < lens[b]])
     B = len(lens)
     r = lambda lo, hi: torch.randint(lo, hi, (B,), generator=gen)
     args = (summ, bt, seq, r(0, 12), r(0, 3), r(0, 4), r(0, 3), r(0, 6), tags, 20)
@@ -142,9 +174,10 @@ def test_triton_streaming_path_for_long_rows(monkeypatch):
     import prescore.kernels.select_triton as st
 
     monkeypatch.setattr(st, "CH_MAX", 64)
-    kv, bt, seq, summ, tags, q = build([3000, 1500, 200], seed=7, stale=[(1, 3)])
+    kv, bt, seq, summ, tags, q = build([3000, 1500, 200], seed=7, stale=[(1, 3)], other=[(0, j) for j in range(5, 30)]
+                                       + [(1, 9), (2, 4)])
     t = torch.tensor
-    for mode in ("prior", "hybrid"):
+    for mode in ("prior", "hybrid", "quest"):
         args = (summ, bt, seq, t([20, 9, 3]), t([1, 2, 1]), t([2, 2, 1]), t([MODES[mode]] * 3), t([5, 4, 1]), tags, 40)
         a = select_blocks(*args, q=q, block_size=16, use_triton=False)
         b = select_blocks(*args, q=q, block_size=16, use_triton=True)
