@@ -34,6 +34,7 @@ import torch
 from prescore.kernels import METHODS, MODES
 
 from . import compat, metrics
+from .params import stateless
 from .store import METHOD_NAMES, label
 
 PAD, PREFILL, DENSE, DECODE = "pad", "prefill", "dense", "decode"
@@ -155,6 +156,12 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
     prefill = [PrefillRow(i, int(seq[i]) - qlens[i], int(seq[i]), int(seq[i]) >= table.prefill_len[s], s,
                           p.method, p.mode, table.tag[s])
                for i, s, kind, p, _ in rows if kind == PREFILL and p.budget > 0]
+    # multi-token decode rows (speculative decoding) run dense but summarise the blocks they write, so no block
+    # of a context keeps a previous occupant's summaries; stateful methods have no key scores there (the fitted
+    # state is not applied to a chunk): tag 0, no owner (query-aware rows rank them, prior rows attend them)
+    prefill += [PrefillRow(i, int(seq[i]) - qlens[i], int(seq[i]), False, s, p.method, p.mode,
+                           table.tag[s] if stateless(p.method) else 0)
+                for i, s, kind, p, _ in rows if kind == DENSE and qlens[i] > 1 and p.budget > 0]
     if fused_dense and fits and all(kind != PREFILL for _, _, kind, _, _ in rows):
         bufs.fill([f if kind == DECODE else _pad_fields(s, scratch + i) for i, s, kind, _, f in rows])
         return Plan(bufs, n, n, None, None, [], [], **consts)

@@ -31,7 +31,9 @@ from . import compat, params as P
 logger = logging.getLogger("vllm.prescore")
 
 _SERIALS = itertools.count(1)  # one per admission: the selection cache's key (content tags repeat across requests)
-_TAGS = itertools.count(2, 2)  # 0 is never a tag (zeroed summary memory), -1 marks "never scored"
+_TAGS = itertools.count(4, 2)  # 0: summaries without an owner (multi-token decode rows), 2: stateless methods,
+# -1: "never scored"
+STATELESS_TAG = 2  # a stateless method's block score is a function of the block's content: one tag for all requests
 
 
 def content_tag(method: str, tokens) -> int:
@@ -39,7 +41,8 @@ def content_tag(method: str, tokens) -> int:
 
     Such requests fit the same state and score every prompt block identically, so prefix-cached blocks they
     share stay trusted by all of them (a per-admission tag would make the last scorer the only owner and
-    every other sharer attend the shared blocks densely). Odd tags; counter tags are even.
+    every other sharer attend the shared blocks densely). Odd tags; counter tags are even. Stateless methods
+    (keynorm) use :data:`STATELESS_TAG` instead: their scores are valid for every request.
     """
     return (hash((method, tuple(tokens))) & ((1 << 61) - 1)) * 2 + 1
 
@@ -78,7 +81,9 @@ class RequestTable:
                            "with the server defaults")
             self.params[slot] = self.defaults  # obey the policy (checked at startup), never dense by accident
         self.prefill_len[slot] = int(prefill_len)
-        self.tag[slot] = content_tag(self.params[slot].method, tokens) if tokens else next(_TAGS)
+        method = self.params[slot].method
+        self.tag[slot] = (STATELESS_TAG if P.stateless(method) else content_tag(method, tokens) if tokens
+                          else next(_TAGS))
         self.serial[slot] = next(_SERIALS)
 
     # ---- V1: persistent-batch rows -> own slots --------------------------------------------------------

@@ -203,7 +203,8 @@ def _capture(store, plan, q, kv, bt, sl, cache, out, scale, BS, layer_name) -> N
             "seq_len": int(sl[b]), "ids": cache.ids[r].clone(), "counts": cache.counts[r].clone(),
             "dense": bool(cache.dense[r]), "out": out[b].clone(), "scale": scale, "block_size": BS,
             "scores": summ.scores[phys].clone(), "kmin": summ.kmin[phys].clone(), "kmax": summ.kmax[phys].clone(),
-            "tag_ok": (summ.tags[phys] == tag).clone(), "tag": tag, "budget": f("budget")[b],
+            "tag_ok": (summ.tags[phys] == tag).clone(), "scored": (summ.tags[phys] >= 0).clone(), "tag": tag,
+            "budget": f("budget")[b],
             "sink": f("sink")[b], "window": f("window")[b], "mode": f("mode")[b], "prior": f("prior")[b],
         })
 

@@ -86,11 +86,12 @@ def _runs(tiny_model):
     metrics.reset()
     res["again"] = [_result(o) for o in llm.generate(prompts[2:] * 2, params[2:] * 2)]
     res["again_metrics"] = metrics.snapshot()
-    # 4) a block scored by another request is must-attend: X decodes while Y (same prompt, a prefix-cache
-    #    hit) rescoring the shared blocks under its own tag
+    # 4) in prior mode a block another request scored is must-attend: X decodes while Y (same prompt, a
+    #    prefix-cache hit) rescoring the shared blocks under its own tag (a stateful method: keynorm's scores are
+    #    content-only, one tag for every request)
     eng = llm.llm_engine
     shared = {"prompt_token_ids": _prompt(99)["prompt_token_ids"]}
-    sp = _sp(prescore_budget=64, prescore_method="keynorm", prescore_mode="prior", **COMMON)
+    sp = _sp(prescore_budget=64, prescore_method="kmeans", prescore_mode="prior", **COMMON)
     # x decodes long enough that y's admission (and its rescoring of the shared blocks) always lands while x is
     # still decoding, however far the engine's steps run ahead
     sp_x = sp.clone()
@@ -170,7 +171,7 @@ def test_sparse_rows_attend_what_the_spec_says(runs):
                 assert c["prior"] > 0  # hybrid's prior share is exercised
             ref = select_blocks_ref(c["scores"], c["kmin"], c["kmax"], c["tag_ok"], c["seq_len"], BS, c["budget"],
                                     c["sink"], c["window"], modes[c["mode"]], c["prior"], c["q"],
-                                    PrescoreParams().quest_beta)  # the server default
+                                    PrescoreParams().quest_beta, scored=c["scored"])  # the server default beta
             for h, (r, s) in enumerate(zip(ref, ids)):
                 diff = set(r) ^ s
                 # ranking ties are broken arbitrarily: a difference must be between equally scored blocks
