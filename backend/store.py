@@ -142,7 +142,7 @@ class LayerStore:
         if self.in_page:  # the start line: what prescore adds (sizes in the README's Known limits)
             ps = _PER_SLOT
             log_once("prescore: memory per layer: %d bytes per KV block in the page padding (block summaries%s, "
-                     "counted in the KV-cache budget) + %d bytes of block tags; %d bytes per request slot (fitted "
+                     "counted in the KV-cache budget) + %d bytes of block tags (allocated with the first KV cache, outside it); %d bytes per request slot (fitted "
                      "states of %s: %d floats x %d KV heads, and the selection cache) x %d slots, allocated before "
                      "vLLM's memory profiling; total over %d layers: %.1f MiB per-request + %.1f MiB per-block "
                      "(%d blocks)", stride_b - page, " + K|V mirror" if mirror else "", tag_bytes, ps["slot_bytes"],
