@@ -377,7 +377,7 @@ def test_openapi_reflects_this_servers_limits(server):
     assert window["maximum"] == CAP - MIN_BUDGET
     assert schema["info"]["x-prescore-policy"] == {
         "default_budget": 64, "min_budget": MIN_BUDGET, "max_budget": MAX_BUDGET, "allow_dense": False,
-        "max_attended": CAP, "default_sink": 32, "default_window": 64}
+        "max_attended": CAP, "default_sink": 32, "default_window": 64, "methods": ["kmeans", "leverage", "keynorm"]}
 
 
 # ------------------------------------------------------------------------------------------------------ fuzz
