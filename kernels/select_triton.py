@@ -366,8 +366,8 @@ def _threshold_reg(u, valid, total, RB: tl.constexpr, KB: tl.constexpr):
     in one reduction; then how many keys == t complete the top ``total``."""
     prefix = tl.zeros([], dtype=tl.uint32)
     digits = tl.arange(0, 1 << RB).to(tl.uint32)
-    for step in tl.static_range(KB // RB):
-        shift: tl.constexpr = KB - RB * (step + 1)
+    for step in range(KB // RB):  # a loop, not unrolled: an unrolled [CH, 2^RB] count builds for minutes
+        shift = (tl.full([], KB - RB, tl.int32) - RB * step).to(tl.uint32)
         cand = prefix | (digits << shift)
         cnt = tl.sum(((u[:, None] >= cand[None, :]) & valid[:, None]).to(tl.int32), 0)
         best = tl.max(tl.where(cnt >= total, digits, 0), 0)
@@ -427,7 +427,7 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
     if dense:
         take = in_ctx & (j < S)
         pos = j
-        written = tl.minimum(nblk, S)
+        written = tl.minimum(nblk, S).to(tl.int32)
     ids = IDS + r * stride_id_b + h * stride_id_h
     tl.store(ids + pos * stride_id_s, j.to(tl.int32), mask=take & (pos < S))
     for c in range(0, S, CH):  # padding

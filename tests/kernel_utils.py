@@ -56,9 +56,10 @@ def registered(cls):
         METHODS.pop(cls.name, None)
 
 
-def compile_for_cuda(kernel, pointers: dict, constexprs: dict, arch: int = 90):
+def compile_for_cuda(kernel, pointers: dict, constexprs: dict, arch: int = 90, scalar: str = "i64"):
     """Compile a Triton kernel for an NVIDIA GPU (sm_``arch``) on this machine, no GPU needed: what the CUDA
-    path would build. ``pointers``: {arg: "*bf16", ...}; other non-constexpr args are int64 scalars."""
+    path would build. ``pointers``: {arg: "*bf16", ...}; other non-constexpr args are ``scalar`` (a Python int
+    argument below 2**31 is i32 at launch)."""
     import inspect
 
     import triton
@@ -66,6 +67,6 @@ def compile_for_cuda(kernel, pointers: dict, constexprs: dict, arch: int = 90):
     from triton.compiler import ASTSource
 
     names = list(inspect.signature(kernel.fn).parameters)
-    sig = {n: pointers.get(n, "constexpr" if n in constexprs else "i64") for n in names}
+    sig = {n: pointers.get(n, "constexpr" if n in constexprs else scalar) for n in names}
     return triton.compile(ASTSource(fn=kernel, signature=sig, constexprs=constexprs),
                           target=GPUTarget("cuda", arch, 32))
