@@ -1,4 +1,4 @@
-"""Local model folders for prescore: the embedded SmolLM2 default and tiny random Llamas for tests.
+"""Local model folders for prescore: the embedded SmolLM2 default and tiny random Llamas / Gemma-3s for tests.
 
 No model hub is needed. Two entry points:
 
@@ -18,6 +18,10 @@ No model hub is needed. Two entry points:
 ``build_tiny_llama(path, seed=0, ...) -> Path``
     A tiny random-weight Llama folder with a local byte-level BPE tokenizer, built without transformers
     in well under a second (after imports), byte-for-byte deterministic for a given seed and shape.
+
+``build_tiny_gemma3(path, seed=0, ...) -> Path``
+    The same for a tiny Gemma-3 text model (``Gemma3ForCausalLM``): sliding-window and full-attention layers
+    mixed (``layer_types``), the shape of gemma-3-270m made small (tests/test_backend_gemma3.py).
 
 CLI::
 
@@ -49,6 +53,8 @@ __all__ = [
     "smollm2_cached",
     "convert_gguf_file",
     "build_tiny_llama",
+    "build_tiny_gemma3",
+    "gemma3_layer_types",
 ]
 
 SMOLLM2_NAME = "SmolLM2-135M-Instruct"
@@ -378,6 +384,26 @@ def _tiny_tokenizer(vocab: int):
     return tk, table
 
 
+def _write_tiny_tokenizer(out: Path, vocab: int, max_pos: int) -> tuple[int, int]:
+    """Write the tiny byte-level BPE tokenizer files into ``out``; returns (bos id, eos id)."""
+    tk, table = _tiny_tokenizer(vocab)
+    tk.save(str(out / "tokenizer.json"))
+    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
+    tok_cfg = {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        **specials,
+        "add_bos_token": False,  # the post-processor already prepends <s>
+        "add_eos_token": False,
+        "clean_up_tokenization_spaces": False,
+        "model_max_length": max_pos,
+        "chat_template": _TINY_CHAT_TEMPLATE,
+        "additional_special_tokens": _TINY_SPECIALS[3:],
+    }
+    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
+    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
+    return table["<s>"], table["</s>"]
+
+
 def build_tiny_llama(
     path: str | os.PathLike,
     seed: int = 0,
@@ -415,22 +441,7 @@ def build_tiny_llama(
     intermediate = intermediate or 2 * hidden
     tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
 
-    tk, table = _tiny_tokenizer(vocab)
-    tk.save(str(out / "tokenizer.json"))
-    bos, eos, unk = table["<s>"], table["</s>"], table["<unk>"]
-    specials = {"bos_token": "<s>", "eos_token": "</s>", "unk_token": "<unk>", "pad_token": "</s>"}
-    tok_cfg = {
-        "tokenizer_class": "PreTrainedTokenizerFast",
-        **specials,
-        "add_bos_token": False,  # the post-processor already prepends <s>
-        "add_eos_token": False,
-        "clean_up_tokenization_spaces": False,
-        "model_max_length": max_pos,
-        "chat_template": _TINY_CHAT_TEMPLATE,
-        "additional_special_tokens": _TINY_SPECIALS[3:],
-    }
-    (out / "tokenizer_config.json").write_text(json.dumps(tok_cfg, indent=2, sort_keys=True) + "\n")
-    (out / "special_tokens_map.json").write_text(json.dumps(specials, indent=2, sort_keys=True) + "\n")
+    bos, eos = _write_tiny_tokenizer(out, vocab, max_pos)
 
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -487,6 +498,121 @@ def build_tiny_llama(
     w["model.norm.weight"] = ones(hidden)
     if not tie_embeddings:
         w["lm_head.weight"] = rand(vocab, hidden)
+    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)
+    return out
+
+
+def gemma3_layer_types(num_layers: int, pattern: int) -> list[str]:
+    """Gemma-3's layer pattern: every ``pattern``-th layer full attention, the others sliding-window
+    (gemma-3 checkpoints: 6, i.e. 5 sliding : 1 full)."""
+    return ["full_attention" if (i + 1) % pattern == 0 else "sliding_attention" for i in range(num_layers)]
+
+
+def build_tiny_gemma3(
+    path: str | os.PathLike,
+    seed: int = 0,
+    num_layers: int = 6,
+    sliding_pattern: int = 3,
+    sliding_window: int = 64,
+    hidden: int = 256,
+    heads: int = 4,
+    kv_heads: int = 2,
+    head_dim: int = 32,
+    vocab: int = 512,
+    max_pos: int = 4096,
+    intermediate: int | None = None,
+    rope_theta: float = 1_000_000.0,
+    rope_local_theta: float = 10_000.0,
+    dtype: str = "bfloat16",
+    std: float = 0.02,
+    qk_norm: float = 0.5,
+) -> Path:
+    """Write a tiny random-weight Gemma-3 text model (``Gemma3ForCausalLM``, ``gemma3_text``) to ``path``.
+
+    The shape of gemma-3 (e.g. 270m: 18 layers, 5 sliding : 1 full, window 512, head_dim 256) made small:
+    ``num_layers`` layers of which every ``sliding_pattern``-th is full attention and the rest attend a
+    ``sliding_window``-token window (``layer_types`` in config.json), QK-norm, the four Gemma norms, separate
+    rope bases for local and global layers, ``query_pre_attn_scalar`` = head_dim. Same tokenizer files as
+    :func:`build_tiny_llama`. Weights N(0, std) from ``torch.Generator().manual_seed(seed)``; Gemma's RMSNorms
+    scale by (1 + w): the block norms are zeros (identity), q_norm/k_norm ``qk_norm`` (pre-softmax score std
+    ~(1 + qk_norm)^2, attention far from uniform). Untied embeddings. Same arguments -> byte-identical files.
+    """
+    import torch
+    from safetensors.torch import save_file
+
+    if heads % kv_heads:
+        raise ValueError("heads must be a multiple of kv_heads")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    intermediate = intermediate or 2 * hidden
+    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    bos, eos = _write_tiny_tokenizer(out, vocab, max_pos)
+    layer_types = gemma3_layer_types(num_layers, sliding_pattern)
+    config = {
+        "architectures": ["Gemma3ForCausalLM"],
+        "model_type": "gemma3_text",
+        "attention_bias": False,
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "final_logit_softcapping": None,
+        "bos_token_id": bos,
+        "eos_token_id": eos,
+        "pad_token_id": eos,
+        "hidden_activation": "gelu_pytorch_tanh",
+        "hidden_size": hidden,
+        "intermediate_size": intermediate,
+        "head_dim": head_dim,
+        "query_pre_attn_scalar": head_dim,
+        "initializer_range": 0.02,
+        "max_position_embeddings": max_pos,
+        "num_attention_heads": heads,
+        "num_hidden_layers": num_layers,
+        "num_key_value_heads": kv_heads,
+        "rms_norm_eps": 1e-6,
+        "sliding_window": sliding_window,
+        "_sliding_window_pattern": sliding_pattern,
+        "layer_types": layer_types,
+        "rope_theta": rope_theta,
+        "rope_local_base_freq": rope_local_theta,
+        "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": rope_theta},
+                            "sliding_attention": {"rope_type": "default", "rope_theta": rope_local_theta}},
+        "tie_word_embeddings": False,
+        "torch_dtype": dtype,
+        "dtype": dtype,
+        "use_bidirectional_attention": False,
+        "use_cache": True,
+        "vocab_size": vocab,
+    }
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+
+    g = torch.Generator().manual_seed(seed)
+
+    def rand(*shape: int) -> torch.Tensor:
+        return (torch.randn(*shape, generator=g) * std).to(tdtype)
+
+    def const(n: int, v: float = 0.0) -> torch.Tensor:
+        return torch.full((n,), v, dtype=tdtype)
+
+    w: dict[str, torch.Tensor] = {"model.embed_tokens.weight": rand(vocab, hidden)}
+    for i in range(num_layers):
+        p = f"model.layers.{i}."
+        w[p + "self_attn.q_proj.weight"] = rand(heads * head_dim, hidden)
+        w[p + "self_attn.k_proj.weight"] = rand(kv_heads * head_dim, hidden)
+        w[p + "self_attn.v_proj.weight"] = rand(kv_heads * head_dim, hidden)
+        w[p + "self_attn.o_proj.weight"] = rand(hidden, heads * head_dim)
+        w[p + "self_attn.q_norm.weight"] = const(head_dim, qk_norm)
+        w[p + "self_attn.k_norm.weight"] = const(head_dim, qk_norm)
+        w[p + "mlp.gate_proj.weight"] = rand(intermediate, hidden)
+        w[p + "mlp.up_proj.weight"] = rand(intermediate, hidden)
+        w[p + "mlp.down_proj.weight"] = rand(hidden, intermediate)
+        for norm in ("input_layernorm", "post_attention_layernorm", "pre_feedforward_layernorm",
+                     "post_feedforward_layernorm"):
+            w[p + norm + ".weight"] = const(hidden)
+    w["model.norm.weight"] = const(hidden)
+    w["lm_head.weight"] = rand(vocab, hidden)
     save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
     os.chmod(out / "model.safetensors", 0o644)
     return out

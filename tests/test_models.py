@@ -88,6 +88,29 @@ def test_tiny_loads_in_transformers(tmp_path, shape):
         assert not torch.allclose(model(ids2).logits[0, -1], logits[0, -1])
 
 
+def test_tiny_gemma3_deterministic_and_loads_in_transformers(tmp_path):
+    torch = pytest.importorskip("torch")
+    transformers = pytest.importorskip("transformers")
+    a = models.build_tiny_gemma3(tmp_path / "a", seed=0)
+    b = models.build_tiny_gemma3(tmp_path / "b", seed=0)
+    fa = _read_all(a)
+    assert fa == _read_all(b)
+    cfg = json.loads(fa["config.json"])
+    assert cfg["architectures"] == ["Gemma3ForCausalLM"] and cfg["sliding_window"] == 64
+    assert cfg["layer_types"] == ["sliding_attention"] * 2 + ["full_attention"] + ["sliding_attention"] * 2 + [
+        "full_attention"]
+    assert models.gemma3_layer_types(18, 6).count("full_attention") == 3  # gemma-3-270m's 5:1
+    model, info = transformers.AutoModelForCausalLM.from_pretrained(a, dtype=torch.float32,
+                                                                    output_loading_info=True)
+    assert type(model).__name__ == "Gemma3ForCausalLM"
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert model.config.layer_types == cfg["layer_types"] and model.config.head_dim == 32
+    ids = transformers.AutoTokenizer.from_pretrained(a)("The capital of France is Paris.", return_tensors="pt")
+    with torch.no_grad():
+        logits = model.eval()(ids["input_ids"]).logits
+    assert torch.isfinite(logits).all() and logits[0, -1].std() > 0
+
+
 _VLLM_SCRIPT = textwrap.dedent("""
     import sys
     from vllm import LLM, SamplingParams
