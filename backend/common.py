@@ -30,6 +30,35 @@ def log_start(vllm_config, backend_name: str) -> P.PrescoreParams:
     return defaults
 
 
+def no_window(sliding_window) -> bool:
+    """An impl's ``sliding_window`` means full attention (CPU: -1, FlashAttention: (-1, -1), else None)."""
+    return sliding_window in (None, -1, (-1, -1))
+
+
+def group_layers(vllm_config, kv_cache_spec, layer_names) -> tuple[list[str], list[str]]:
+    """(full-attention, sliding-window) layers of one KV cache group, from the layers' impls: a group may mix
+    both (hybrid KV cache manager off: one group whose spec carries the sliding layers' window). Built outside
+    an engine (no layers registered): the group spec decides."""
+    try:
+        from vllm.config import get_layers_from_vllm_config
+        from vllm.model_executor.layers.attention import Attention
+
+        layers = get_layers_from_vllm_config(vllm_config, Attention, layer_names)
+    except Exception:  # noqa: BLE001
+        layers = {}
+    if not layers:
+        return ([], list(layer_names)) if getattr(kv_cache_spec, "sliding_window", None) else (list(layer_names), [])
+    full = [n for n, layer in layers.items() if no_window(getattr(layer.impl, "sliding_window", None))]
+    return full, [n for n in layers if n not in full]
+
+
+def log_group(full: list[str], sliding: list[str], kernel: str) -> None:
+    """One INFO line per KV cache group holding sliding-window layers (they run vLLM's kernel)."""
+    if sliding:
+        logger.info("prescore: sliding-window layers %s run dense (vLLM's %s kernel)%s", sliding, kernel,
+                    f"; full-attention layers {full} of the same KV cache group run prescore" if full else "")
+
+
 def attach(md, cm, plan: Plan, build_dense):
     """Hang ``plan`` on vLLM's metadata ``md``. When the step attends some rows of a mixed batch, vLLM's kernel
     attends only the others: ``build_dense(sub)`` builds vLLM's metadata for that re-packed subset."""

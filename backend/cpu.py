@@ -13,7 +13,8 @@ from functools import partial
 import torch
 
 from . import compat, metrics
-from .common import DECODER, StoreOwner, attach, batch_rows, dense_rows_forward, log_start, logger, padded_spec
+from .common import (DECODER, StoreOwner, attach, batch_rows, dense_rows_forward, group_layers, log_group,
+                     log_start, no_window, padded_spec)
 from .plan import DecodeBuffers, plan
 from .requests import TABLE
 from .step import TORCH, run
@@ -24,10 +25,11 @@ CPUBackend, CPUBuilder, CPUImpl, CPUMetadata = compat.cpu_attention()
 class PrescoreCPUBuilder(CPUBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
-        # sliding-window groups run dense (pre-scoring assumes every block stays attendable)
-        self.enabled = self.window_size == -1 and not getattr(kv_cache_spec, "sliding_window", None)
-        if not self.enabled:
-            logger.info("prescore: sliding-window layers %s run dense (vLLM's CPU kernel)", layer_names[:2])
+        # sliding-window layers run dense (pre-scoring assumes every block stays attendable); a group with a
+        # full-attention layer plans its steps (its sliding layers, if any, take vLLM's kernel in forward)
+        full, sliding = group_layers(vllm_config, kv_cache_spec, layer_names)
+        self.enabled = bool(full)
+        log_group(full, sliding, "CPU")
         defaults = log_start(vllm_config, "CPU: vLLM CPU attention for prefill/dense rows, torch ops for sparse decode")
         self.bufs = DecodeBuffers(batch_rows(vllm_config, cuda=False), device)
         self.capacity = defaults.capacity_blocks(self.block_size)
@@ -47,7 +49,7 @@ class PrescoreCPUImpl(StoreOwner, CPUImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.sliding_window == -1:
+        if no_window(self.sliding_window):
             self.alloc_request_memory("cpu")
 
     def do_kv_cache_update(self, layer, key, value, kv_cache, slot_mapping):

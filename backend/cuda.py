@@ -21,7 +21,8 @@ from vllm.v1.attention.backend import AttentionCGSupport
 from prescore.kernels.step_triton import tail_tiles
 
 from . import compat, metrics
-from .common import DECODER, StoreOwner, attach, batch_rows, dense_rows_forward, log_start, logger, padded_spec
+from .common import (DECODER, StoreOwner, attach, batch_rows, dense_rows_forward, group_layers, log_group,
+                     log_start, logger, no_window, padded_spec)
 from .plan import DecodeBuffers, plan
 from .requests import TABLE
 from .step import TRITON, run
@@ -37,9 +38,10 @@ class PrescoreCudaBuilder(BaseBuilder):
     def __init__(self, kv_cache_spec, layer_names, vllm_config, device):
         super().__init__(kv_cache_spec, layer_names, vllm_config, device)
         tail_tiles(kv_cache_spec.head_size)  # refuses a registered scoring method without a Triton tail tile
-        self.enabled = not getattr(kv_cache_spec, "sliding_window", None)
-        if not self.enabled:
-            logger.info("prescore: sliding-window layers %s run dense (vLLM's Triton kernel)", layer_names[:2])
+        # sliding-window layers run dense; a group with a full-attention layer plans (see cpu.py)
+        full, sliding = group_layers(vllm_config, kv_cache_spec, layer_names)
+        self.enabled = bool(full)
+        log_group(full, sliding, DENSE_BACKEND)
         defaults = log_start(vllm_config, f"CUDA: vLLM {DENSE_BACKEND} for prefill/dense rows, prescore Triton "
                              "sparse decode")
         self.bufs = DecodeBuffers(batch_rows(vllm_config, cuda=True), device)
@@ -55,7 +57,8 @@ class PrescoreCudaBuilder(BaseBuilder):
 
         for layer in get_layers_from_vllm_config(self.vllm_config, Attention, self.layer_names).values():
             kv = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
-            if isinstance(layer.impl, PrescoreCudaImpl) and isinstance(kv, torch.Tensor) and kv.numel():
+            if (isinstance(layer.impl, PrescoreCudaImpl) and no_window(layer.impl.sliding_window)
+                    and isinstance(kv, torch.Tensor) and kv.numel()):
                 layer.impl.store_for(kv).selection_cache(self.capacity, self.bufs.max_rows)
         self._capturing = True
         try:
@@ -104,7 +107,7 @@ class PrescoreCudaImpl(StoreOwner, BaseImpl):
 
     def __init__(self, *args, **kwargs):
         super().__init__(*args, **kwargs)
-        if self.sliding_window in (None, -1, (-1, -1)):
+        if no_window(self.sliding_window):
             self.alloc_request_memory(torch.device("cuda", torch.cuda.current_device()))
 
     def forward(self, layer, query, key, value, kv_cache, attn_metadata, output, output_scale=None,
