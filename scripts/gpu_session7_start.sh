@@ -1,7 +1,9 @@
 #!/usr/bin/env bash
 # Start the session-7 GPU jobs detached, from a private copy of the repo (later calls re-sync the checkout).
 #   call 1 (carry .devgpu/c00): bash .devgpu/c00/unpack; bash scripts/gpu_session7_start.sh probe
-#   call 2 (carry .devgpu/c01): eval "$(bash .devgpu/c01/unpack)"; bash scripts/gpu_session7_start.sh s7
+#   call 2 (carry .devgpu/c01 .gpu_old): eval "$(bash .devgpu/c01/unpack)"; bash scripts/gpu_session7_start.sh s7
+#   (never pipe that eval: a pipe runs it in a subshell and the jobs lose vLLM's PYTHONPATH; session 7 lost a
+#   lease that way.) .gpu_old (optional, git-ignored): a tree the PRESCORE e2e falls back to if it fails
 #   then: bash /tmp/devgpu/bg wait s7 540 '/tmp/res/*.json' ...
 set -u
 what=$1
