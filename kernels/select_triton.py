@@ -456,6 +456,10 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     ``qbounds = (bnd, pmax)``: :func:`quest_bounds_triton`'s output (query-aware rows). ``every`` (with a cache):
     a query-aware row re-selects only when its length is a multiple of ``every`` (see ``_reuse``).
 
+    ``variant = (register path, radix bits, key bits, warps)``: benchmarks only (``benchmarks/probe_select_variants.py``
+    times them on a GPU; default: the register path for tables up to 8192 blocks, radix 16, full 32-bit keys). Key bits
+    below 32 make nearby keys tie (taken in index order), which the torch reference does not do.
+
     ``stats = (sparse [B], labels [B], acc [L, 4] float64)``: also add each sparse row's (selected tokens,
     context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (a head
     the selection turned dense adds nothing; the tail block's unfilled slots are not tokens)."""
