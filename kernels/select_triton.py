@@ -1,12 +1,14 @@
 """Fused block selection (Triton): one program per (row, KV head), no sort, no host sync.
 
 Same rule and output as :func:`prescore.kernels.selection.select_blocks` (the torch version is the reference).
-Per program: pass 0 builds the ranking key of every logical block (sink/window > never-scored > prior or the
-query-aware key; -inf outside the context; a query-aware row ranks a block another request scored below every
-prior, so only its query-aware stage can take it) as order-preserving int32 in a workspace; a 32-step bitwise binary
-search finds the ``total``-th largest key; a final pass writes the selected ids in ascending order (ties at the
-threshold taken in index order). ``hybrid`` runs the search twice: first ``forced + prior_blocks`` by the
-prior, then the rest of the budget by the query-aware key.
+Per program: the ranking key of every logical block (sink/window > never-scored > prior or the query-aware key;
+-inf outside the context; a query-aware row ranks a block another request scored below every prior, so only its
+query-aware stage can take it) as an order-preserving unsigned int; a radix search finds the ``total``-th largest
+key; a final pass writes the selected ids in ascending order (ties at the threshold taken in index order).
+``hybrid`` runs the search twice: first ``forced + prior_blocks`` by the prior, then the rest of the budget by
+the query-aware key. Block tables up to 8192 blocks (``_select_row_reg``): every key stays in registers and each
+radix step counts 16 candidate digits at once (8 steps); a row of at most 2048 blocks searches only that tier of
+a wider table. Wider tables (``_select_row``) stream the keys through a workspace (radix 4, 16 steps).
 
 With a selection cache (decode), a prior-mode row is recomputed only when its block count or controls change,
 and when the count grew by exactly one block since the cached result, the result is updated in place in
