@@ -6,9 +6,11 @@ sparse decode and dense SDPA measured in the same run. Prints a table, writes JS
 Shapes: Hq=32, Hkv=8, D=128, bf16, block 16 (Llama-3-8B attention), shuffled physical blocks, summaries in the
 cache dtype as the backend keeps them. Per (B, L): ``bound_ms`` (split query-aware bound, every row
 re-selecting), ``select_ms`` (selection kernel on those bounds), ``decode_ms`` (sparse decode of the chosen
-blocks), and ``step_ms`` = what one layer of one decode step costs in the backend's order (bound + selection +
-decode, with the selection cache and ``reselect_every``), averaged over 16 consecutive decode steps captured in
-one CUDA graph (rows cross a block boundary inside the run). ``sel_ms`` = step_ms - decode_ms: the amortised
+blocks), and ``step_ms`` = one layer of one decode step as the backend runs it: ``prescore.backend.step.decode``
+with the Triton ops (tail scoring, bound + selection into the per-slot cache with ``reselect_every``, sparse
+decode) on a ``LayerStore`` with the server's default settings (``shared_step``), averaged over 16 consecutive
+decode steps captured in one CUDA graph (rows cross a block boundary inside the run). Needs prescore installed
+(``pip install -e .``, or ``--target DIR`` on ``PYTHONPATH``). ``sel_ms`` = step_ms - decode_ms: the amortised
 query-aware selection. ``old_bound_ms`` (results/select-h100.json): the previous one-program-per-(row, KV
 head) bound kernel, measured in the same run before it was deleted.
 """
@@ -27,9 +29,46 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from kernels_bench import BS, D, HKV, HQ, graph_time_ms, paged_cache  # noqa: E402
 from kernels.decode import sparse_decode  # noqa: E402
 from kernels.select_triton import quest_bounds_triton, select_blocks_triton  # noqa: E402
-from kernels.selection import MODES, SelectionCache  # noqa: E402
+from kernels.selection import MODES  # noqa: E402
+from prescore.backend.params import PrescoreParams  # noqa: E402  (prescore installed: the step is the backend's)
 
 SINK, WINDOW = 16, 64  # backend defaults (tokens)
+
+
+
+def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: int, device, ops=None):
+    """The backend's decode step (``prescore.backend.step.decode`` with the Triton ops: tail scoring, query-aware
+    bound + selection into the per-slot cache, sparse decode) on a :class:`LayerStore` over ``kv``, a uniform plan
+    of ``B = bt.shape[0]`` budgeted rows with the server's default settings (``PrescoreParams``) at ``budget`` /
+    ``mode_name`` / ``every``. Returns ``step(q, seq_lens, out)``. ``ops``: the step's op set (default Triton)."""
+    from prescore.backend import params as P
+    from prescore.backend import step as core
+    from prescore.backend.plan import DecodeBuffers, Plan
+    from prescore.backend.store import LayerStore
+    from prescore.kernels import METHODS
+
+    B = bt.shape[0]
+    BS = kv.shape[2]
+    p = P.PrescoreParams(budget=budget, mode=mode_name, reselect_every=every)
+    store = LayerStore(kv, mirror=False, num_slots=B)
+    store.scores3.copy_(scores[:, None, :].expand_as(store.scores3))
+    store.kmin.copy_(kmin)
+    store.kmax.copy_(kmax)
+    store.tags2.fill_(7)  # every block scored by its row's request (tag 7)
+    bb, sink, win, prior = p.blocks(BS)
+    col = P.METHOD_NAMES.index(p.method)
+    bufs = DecodeBuffers(B, device)
+    bufs.fill([(b, METHODS[p.method].method_id, col, b, bb, sink, win, MODES[mode_name], prior, 7, 0, 1, 100 + b)
+               for b in range(B)])
+    plan = Plan(bufs=bufs, num_rows=B, num_attend=B, rows=None, tokens=None, prefill=[], dense_rows=[],
+                max_selected=p.capacity_blocks(BS), quest_beta=p.quest_beta, every=every)
+    store.selection_cache(plan.max_selected, B)
+    scale = (kv.shape[-1] // 2) ** -0.5
+
+    def step(q, seq_lens, out):
+        core.decode(store, plan, q, kv, bt, seq_lens, out, scale, BS, ops or core.TRITON)
+
+    return step
 
 
 def run(B, L, budget, mode_name, every, gen):
@@ -48,9 +87,7 @@ def run(B, L, budget, mode_name, every, gen):
     win = torch.full((B,), WINDOW // BS, device="cuda")
     mode = torch.full((B,), MODES[mode_name], device="cuda")
     prior = torch.full((B,), round(budget // BS * 0.125) if mode_name == "hybrid" else 0, device="cuda")
-    cap = budget // BS + SINK // BS + WINDOW // BS + 2
-    rows = torch.arange(B, dtype=torch.int32, device="cuda")
-    cache = SelectionCache.allocate(B, HKV, cap, "cuda")
+    cap = PrescoreParams().capacity_blocks(BS)  # the server's selection capacity
     out = torch.empty(B, HQ, D, dtype=torch.bfloat16, device="cuda")
     seqs = [seq0 + i for i in range(16)]
     row = dict(B=B, L=L, budget=budget, mode=mode_name, reselect_every=every)
@@ -61,13 +98,11 @@ def run(B, L, budget, mode_name, every, gen):
     ids, counts, kc, _ = select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode, prior, rtag, cap, BS, qb)
     row["decode_ms"] = graph_time_ms(lambda: sparse_decode(q[0], kv, bt, seqs[0], ids, kc, out=out), 4)
 
+    step = shared_step(kv, bt, scores, kmin, kmax, budget, mode_name, every, "cuda")
+
     def steps():
         for i in range(16):
-            qbi = quest_bounds_triton(q[i], kmin, kmax, bt, seqs[i], mode, BS, beta=0.5,
-                                      reuse=(cache, rows, rtag, bb, sink, win, cap, every))
-            select_blocks_triton(scores, tags, bt, seqs[i], bb, sink, win, mode, prior, rtag, cap, BS, qbi, cache,
-                                 rows, every=every)
-            sparse_decode(q[i], kv, bt, seqs[i], cache.ids, cache.kcounts, sel_rows=rows, out=out)
+            step(q[i], seqs[i], out)
 
     row["step_ms"] = graph_time_ms(steps, 1) / 16
     row["sel_ms"] = row["step_ms"] - row["decode_ms"]
