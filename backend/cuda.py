@@ -25,7 +25,7 @@ from .common import (DECODER, StoreOwner, attach, batch_rows, dense_rows_forward
                      log_start, logger, no_window, padded_spec)
 from .plan import DecodeBuffers, plan
 from .requests import TABLE
-from .step import TRITON, run
+from .step import TRITON, run, warm
 
 _flash = compat.flash_attention()
 BaseBackend, BaseBuilder, BaseImpl, _ = _flash or compat.triton_attention()
@@ -47,6 +47,7 @@ class PrescoreCudaBuilder(BaseBuilder):
         self.bufs = DecodeBuffers(batch_rows(vllm_config, cuda=True), device)
         self.capacity = defaults.capacity_blocks(self.block_size)
         self.debug = defaults.debug
+        self.defaults = defaults
         self._capturing = False
 
     def build_for_cudagraph_capture(self, common_attn_metadata):
@@ -55,16 +56,36 @@ class PrescoreCudaBuilder(BaseBuilder):
         from vllm.config import get_layers_from_vllm_config
         from vllm.model_executor.layers.attention import Attention
 
+        warm_layer = None
         for layer in get_layers_from_vllm_config(self.vllm_config, Attention, self.layer_names).values():
             kv = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
             if (isinstance(layer.impl, PrescoreCudaImpl) and no_window(layer.impl.sliding_window)
                     and isinstance(kv, torch.Tensor) and kv.numel()):
                 layer.impl.store_for(kv).selection_cache(self.capacity, self.bufs.max_rows)
+                warm_layer = warm_layer or (layer, kv)
+        if not _warmed[0] and warm_layer is not None and not torch.cuda.is_current_stream_capturing():
+            _warmed[0] = True
+            self._warm(warm_layer, common_attn_metadata.block_table_tensor.shape[1])
         self._capturing = True
         try:
             return super().build_for_cudagraph_capture(common_attn_metadata)
         finally:
             self._capturing = False
+
+    def _warm(self, layer_kv, width: int) -> None:
+        """Build the step's kernels now (before capture and serving), not on the first request (step.warm)."""
+        import time
+
+        layer, kv = layer_kv
+        t0 = time.perf_counter()
+        try:
+            warm(layer.impl.store_for(kv), kv, self.bufs, width, self.capacity, self.block_size, layer.impl.num_heads,
+                 self.defaults, self.defaults.methods)
+            torch.cuda.synchronize()
+            logger.info("prescore: decode and prefill-scoring kernels built before serving (%.1f s)",
+                        time.perf_counter() - t0)
+        except Exception as e:  # noqa: BLE001 -- an optimisation: the kernels then build on first use
+            logger.warning("prescore: kernel warm-up failed (%s: %s); kernels build on first use", type(e).__name__, e)
 
     def build(self, common_prefix_len, common_attn_metadata, fast_build: bool = False):
         md = super().build(common_prefix_len, common_attn_metadata, fast_build)
@@ -80,6 +101,7 @@ class PrescoreCudaBuilder(BaseBuilder):
 
 
 _builds = [0]
+_warmed = [False]
 _paths: set = set()
 _eager = [0]
 

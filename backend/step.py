@@ -25,7 +25,7 @@ import time
 
 import torch
 
-from prescore.kernels import METHODS, get_method, score_decode_tail, score_prefill, select_blocks
+from prescore.kernels import METHODS, MODES as MODE_IDS, get_method, score_decode_tail, score_prefill, select_blocks
 from prescore.kernels.decode import sparse_decode, sparse_decode_ref
 
 from . import metrics
@@ -210,3 +210,44 @@ def _capture(store, plan, q, kv, bt, sl, cache, out, scale, BS, layer_name) -> N
 
 
 __all__ = ["CAPTURE", "TORCH", "TRITON", "TorchOps", "TritonOps", "decode", "run", "score_prefill_rows"]
+
+
+WARM_TAG = (1 << 62) + 7  # the warm-up row's request tag (content tags are hashes; restored after)
+
+
+def warm(store: LayerStore, kv, bufs, width: int, max_selected: int, block_size: int, num_q_heads: int, params,
+         methods, ops=TRITON) -> None:
+    """Build every decode-step kernel (and each offered method's prefill scoring) with the launch's shapes before
+    serving, so the first request does not pay the compiles: one fake sparse decode row (request slot 0's state
+    and selection-cache row) and one fake prompt whose logical blocks all map to physical block 0 (vLLM's null
+    block, never handed to a request); then block 0's summaries and tags and slot 0's rows are restored. The row
+    is not counted. ``width``: the block table's width at run time (the selection kernel's shapes follow it);
+    ``params``: the server defaults (method, mode, budget, sink, window, reselect_every)."""
+    from .plan import Plan
+
+    BS, dev = block_size, kv.device
+    budget, sink, window, prior = params.blocks(BS)
+    nblk = min(width, sink + window + budget + 2)
+    bt = torch.zeros(1, width, dtype=torch.int32, device=dev)
+    cache = store.selection_cache(max_selected, bufs.max_rows)
+    saved = [t[0].clone() for t in (store.states, cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key)]
+    for m in methods:  # prefill scoring: a non-final chunk and the final one (the fit)
+        for final in (False, True):
+            score_prefill(kv, store.summ[m], bt[0], 0, nblk * BS - 3, _method(m), WARM_TAG, final)
+    bufs.fill([(0, METHODS[params.method].method_id, METHOD_NAMES.index(params.method), 0, budget, sink, window,
+                MODE_IDS[params.mode], prior, WARM_TAG, 0, 0, WARM_TAG)])
+    plan = Plan(bufs=bufs, num_rows=1, num_attend=1, rows=None, tokens=None, prefill=[], dense_rows=[],
+                max_selected=max_selected, quest_beta=params.quest_beta, every=1)
+    q = torch.zeros(1, num_q_heads, kv.shape[3] // 2, dtype=kv.dtype, device=dev)
+    out = torch.empty_like(q)
+    for every in sorted({1, params.reselect_every}):
+        plan.every = every
+        for n in (nblk * BS - BS, nblk * BS - 1):  # a step that fills a block (tail scoring) and one that does not
+            decode(store, plan, q, kv, bt, torch.tensor([n], dtype=torch.int32, device=dev), out,
+                   (kv.shape[3] // 2) ** -0.5, BS, ops)
+    store.tags2[:, 0] = -1
+    store.scores3[0] = 0
+    store.kmin[0] = 0
+    store.kmax[0] = 0
+    for t, v in zip((store.states, cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key), saved):
+        t[0] = v
