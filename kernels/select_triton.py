@@ -277,6 +277,28 @@ def _select_incremental(SCORES, TAGS, BT, IDS, b, h, r, nblk, sink, x, phys_x, c
 
 
 @triton.jit
+def _block_key(sc, tg, j, in_ctx, nblk, sink, window, rtag, mode, HAS_QKEY: tl.constexpr):
+    """The first-stage key of blocks j (sink/window FORCED > never-scored or prior-row foreign MUST > the prior
+    score > a block another request scored, in a query-aware row: OTHER), -inf outside the context; and the
+    masks of must-attend and other-request blocks in the context."""
+    sw = (j < sink) | (j >= nblk - window) | (j == nblk - 1)
+    other = (tg != rtag) & (tg >= 0) & ((mode != MODE_PRIOR) & HAS_QKEY) & ~sw
+    stale = (tg != rtag) & ~other
+    key = tl.where(sw, FORCED, tl.where(stale, MUST, tl.where(other, OTHER, sc)))
+    return tl.where(in_ctx, key, float("-inf")), (sw | stale) & in_ctx, other & in_ctx
+
+
+@triton.jit
+def _first_count(PRIOR, b, mode, budget, nblk, n_forced, n_other, total):
+    """Blocks the first (prior) stage of a query-aware row takes: the forced ones, plus for hybrid the prior share,
+    which goes to blocks this request scored."""
+    n_first = n_forced
+    if mode == MODE_HYBRID:
+        n_first += tl.minimum(tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget), nblk - n_forced - n_other)
+    return tl.minimum(n_first, total)
+
+
+@triton.jit
 def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                 sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                 s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
@@ -298,14 +320,10 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
         phys = tl.load(BT + b * stride_bt_b + j * stride_bt_n, mask=inb & in_ctx, other=0).to(tl.int64)
         sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=inb & in_ctx, other=0.0)
         tg = tl.load(TAGS + phys, mask=inb & in_ctx, other=0)
-        sw = (j < sink) | (j >= nblk - window) | (j == nblk - 1)
-        other = (tg != rtag) & (tg >= 0) & ((mode != MODE_PRIOR) & HAS_QKEY) & ~sw
-        stale = (tg != rtag) & ~other
-        key = tl.where(sw, FORCED, tl.where(stale, MUST, tl.where(other, OTHER, sc)))
-        key = tl.where(in_ctx, key, float("-inf"))
+        key, forced, other = _block_key(sc, tg, j, in_ctx, nblk, sink, window, rtag, mode, HAS_QKEY)
         tl.store(ws + j, _sortable(key), mask=inb)
-        n_forced += tl.sum(((sw | stale) & in_ctx).to(tl.int32), 0)
-        n_other += tl.sum((other & in_ctx).to(tl.int32), 0)
+        n_forced += tl.sum(forced.to(tl.int32), 0)
+        n_other += tl.sum(other.to(tl.int32), 0)
     if OVERFLOW_DENSE:  # more must-attend blocks than the capacity holds: attend everything (never drop one)
         dense = dense | (n_forced + budget > S)
     total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
@@ -313,10 +331,7 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
     if HAS_QKEY:
         if mode != MODE_PRIOR:
             # first stage: forced (+ the prior share for hybrid) by the prior key
-            n_first = n_forced
-            if mode == MODE_HYBRID:  # the prior share goes to blocks this request scored
-                n_first += tl.minimum(tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget), nblk - n_forced - n_other)
-            n_first = tl.minimum(n_first, total)
+            n_first = _first_count(PRIOR, b, mode, budget, nblk, n_forced, n_other, total)
             thr, ties = _threshold(ws, MB, n_first, CH, ONE)
             best = _qkey_best(PMAX, b, h, s_pm_b, s_pm_h, s_pm_s, NS, NS_PAD, G, G_PAD)
             seen_eq = tl.zeros([], dtype=tl.int32)
@@ -401,22 +416,16 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
     phys = tl.load(BT + b * stride_bt_b + j * stride_bt_n, mask=in_ctx & valid, other=0).to(tl.int64)
     sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=in_ctx & valid, other=0.0)
     tg = tl.load(TAGS + phys, mask=in_ctx & valid, other=0)
-    sw = (j < sink) | (j >= nblk - window) | (j == nblk - 1)
-    other = (tg != rtag) & (tg >= 0) & ((mode != MODE_PRIOR) & HAS_QKEY) & ~sw  # see _select_row
-    stale = (tg != rtag) & ~other
-    key = tl.where(sw, FORCED, tl.where(stale, MUST, tl.where(other, OTHER, sc)))
-    u = _ukey(tl.where(in_ctx, key, float("-inf")), KB)
-    n_forced = tl.sum(((sw | stale) & in_ctx).to(tl.int32), 0)
-    n_other = tl.sum((other & in_ctx).to(tl.int32), 0)
+    key, forced, other = _block_key(sc, tg, j, in_ctx, nblk, sink, window, rtag, mode, HAS_QKEY)
+    u = _ukey(key, KB)
+    n_forced = tl.sum(forced.to(tl.int32), 0)
+    n_other = tl.sum(other.to(tl.int32), 0)
     if OVERFLOW_DENSE:
         dense = dense | (n_forced + budget > S)
     total = tl.minimum(tl.minimum(n_forced + budget, S), nblk)
     if HAS_QKEY:
         if mode != MODE_PRIOR:
-            n_first = n_forced
-            if mode == MODE_HYBRID:  # the prior share goes to blocks this request scored
-                n_first += tl.minimum(tl.minimum(tl.load(PRIOR + b).to(tl.int32), budget), nblk - n_forced - n_other)
-            n_first = tl.minimum(n_first, total)
+            n_first = _first_count(PRIOR, b, mode, budget, nblk, n_forced, n_other, total)
             thr, ties = _threshold_reg(u, valid, n_first, RB, KB)
             first = _top_reg(u, valid, thr, ties, n_first)
             best = _qkey_best(PMAX, b, h, s_pm_b, s_pm_h, s_pm_s, NS, NS_PAD, G, G_PAD)
