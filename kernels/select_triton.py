@@ -299,6 +299,19 @@ def _first_count(PRIOR, b, mode, budget, nblk, n_forced, n_other, total):
 
 
 @triton.jit
+def _finish(ids, COUNTS, KCOUNTS, DENSE, r, h, written, dense, nblk, total, MB, S, stride_id_s, stride_cn_b,
+            CH: tl.constexpr):
+    """Pad the ids past the ``written`` selected ones with MB; store the counts (dense: every block, kernel
+    count -1) and the row's dense flag."""
+    for c in range(0, S, CH):
+        p = c + tl.arange(0, CH)
+        tl.store(ids + p * stride_id_s, tl.full([CH], 0, tl.int32) + MB, mask=(p >= written) & (p < S))
+    tl.store(COUNTS + r * stride_cn_b + h, tl.where(dense, nblk, total))
+    tl.store(KCOUNTS + r * stride_cn_b + h, tl.where(dense, -1, total))
+    tl.store(DENSE + r, dense.to(tl.int8), mask=h == 0)
+
+
+@triton.jit
 def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                 sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                 s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
@@ -359,13 +372,7 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
         tl.store(ids + pos * stride_id_s, j.to(tl.int32), mask=take & (pos < S))
         written += tl.sum(take.to(tl.int32), 0)
         seen_eq += n_eq
-    for c in range(0, S, CH):  # padding
-        p = c + tl.arange(0, CH)
-        tl.store(ids + p * stride_id_s, tl.full([CH], 0, tl.int32) + MB, mask=(p >= written) & (p < S))
-    cnt = tl.where(dense, nblk, total)
-    tl.store(COUNTS + r * stride_cn_b + h, cnt)
-    tl.store(KCOUNTS + r * stride_cn_b + h, tl.where(dense, -1, total))
-    tl.store(DENSE + r, dense.to(tl.int8), mask=h == 0)
+    _finish(ids, COUNTS, KCOUNTS, DENSE, r, h, written, dense, nblk, total, MB, S, stride_id_s, stride_cn_b, CH)
 
 
 @triton.jit
@@ -441,13 +448,7 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
         written = tl.minimum(nblk, S).to(tl.int32)
     ids = IDS + r * stride_id_b + h * stride_id_h
     tl.store(ids + pos * stride_id_s, j.to(tl.int32), mask=take & (pos < S))
-    for c in range(0, S, CH):  # padding
-        p = c + tl.arange(0, CH)
-        tl.store(ids + p * stride_id_s, tl.full([CH], 0, tl.int32) + MB, mask=(p >= written) & (p < S))
-    cnt = tl.where(dense, nblk, total)
-    tl.store(COUNTS + r * stride_cn_b + h, cnt)
-    tl.store(KCOUNTS + r * stride_cn_b + h, tl.where(dense, -1, total))
-    tl.store(DENSE + r, dense.to(tl.int8), mask=h == 0)
+    _finish(ids, COUNTS, KCOUNTS, DENSE, r, h, written, dense, nblk, total, MB, S, stride_id_s, stride_cn_b, CH)
 
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,

@@ -2,12 +2,9 @@
 NVIDIA compiler on this machine, no GPU (a process without the interpreter, which accepts code the compiler
 rejects: a constexpr reassigned in an unrolled loop passed every interpreter test and failed on the GPU)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
-import pytest
+from kernel_utils import run_compile_check
 
 CODE = textwrap.dedent("""
     import sys
@@ -39,9 +36,4 @@ CODE = textwrap.dedent("""
 
 
 def test_selection_kernels_compile_for_cuda():
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", CODE], env=env, capture_output=True, text=True, timeout=900)
-    if r.returncode and "SKIP" in r.stderr:
-        pytest.skip(r.stderr.strip()[-300:])
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    run_compile_check(CODE)

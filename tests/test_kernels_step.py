@@ -1,15 +1,12 @@
 """The decode fast path's fused kernels (kernels/step_triton.py) and the selection's per-row method columns /
 overflow-to-dense, against the torch references (TRITON_INTERPRET=1 on CPU)."""
 
-import os
-import subprocess
-import sys
 import textwrap
 
 import pytest
 import torch
 
-from kernel_utils import MATRIX, METHOD_NAMES, make_paged, registered, rel_err
+from kernel_utils import MATRIX, METHOD_NAMES, make_paged, registered, rel_err, run_compile_check
 from prescore.kernels import (METHODS, MODES, BlockSummaries, ScoringMethod, get_method, score_prefill, select_blocks,
                               sparse_decode, sparse_decode_ref)
 from prescore.kernels.scoring import Leverage, gather_keys, score_decode_tail
@@ -141,12 +138,7 @@ def test_tail_kernel_compiles_for_cuda_with_every_registered_tile():
         assert out.asm["cubin"]
         print("compiled", tiles)
     """)
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.pathsep.join([os.path.dirname(__file__), env.get("PYTHONPATH", "")])
-    r = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=600)
-    if r.returncode and "SKIP" in r.stderr:
-        pytest.skip(r.stderr.strip()[-300:])
-    assert r.returncode == 0 and "compiled" in r.stdout, r.stderr[-3000:]
+    run_compile_check(code)
 
 
 def test_method_without_tile_is_refused_on_cuda_and_scored_by_torch():
