@@ -1,0 +1,72 @@
+#!/usr/bin/env bash
+# Issue 15's GPU proof, first part: `vllm serve <8B-shaped dummy model> --load-format dummy --attention-backend
+# prescore` with NO other flags (vLLM's default max_num_seqs, gpu_memory_utilization, prefix caching, chunked
+# prefill, CUDA graphs) must come up and serve a budgeted request sparse; the same start with stock FLASH_ATTN gives
+# the KV capacity prescore costs. Writes OUT/defaults-part1.json {"vllm", "device", "max_num_seqs",
+# "kv_cache_tokens_prescore", "kv_cache_tokens_flash_attn", "start_ok", "sparse_rows", "prescore_memory_line"}.
+# (prefix_cache_sparse and dense_identical come from other runs; see issue 15.) Needs the devgpu bundle unpacked
+# (eval "$(bash .devgpu/c01/unpack)", never in a pipe), prescore on PYTHONPATH and the dummy model.
+#   bash scripts/defaults_h100.sh /tmp/res/defaults
+set -uo pipefail
+OUT=${1:-/tmp/res/defaults}
+MODEL=${MODEL:-/tmp/llama3-8b-dummy}
+mkdir -p "$OUT"
+export PRESCORE_METRICS_DIR="$OUT/metrics" PYTHONUNBUFFERED=1
+mkdir -p "$PRESCORE_METRICS_DIR"
+PORT=8766
+for be in prescore FLASH_ATTN; do
+  echo "[defaults $(date +%T)] $be"
+  vllm serve "$MODEL" --load-format dummy --attention-backend "$be" --host 127.0.0.1 --port $PORT \
+    > "$OUT/server-$be.log" 2>&1 &
+  pid=$!
+  ok=0
+  for _ in $(seq 600); do
+    curl -sf 127.0.0.1:$PORT/health >/dev/null && { ok=1; break; }
+    kill -0 $pid 2>/dev/null || break
+    sleep 1
+  done
+  echo "$ok" > "$OUT/start-$be"
+  if [ "$ok" = 1 ] && [ "$be" = prescore ]; then
+    python3 - "$PORT" "$MODEL" > "$OUT/request.json" <<'PY'
+import json, random, sys, urllib.request
+port, model = sys.argv[1], sys.argv[2]
+random.seed(0)
+body = {"model": model, "prompt": [random.randrange(100, 30000) for _ in range(8192)], "max_tokens": 32,
+        "ignore_eos": True, "vllm_xargs": {"prescore_budget": 1024}}
+req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                             {"Content-Type": "application/json"})
+out = json.load(urllib.request.urlopen(req, timeout=600))
+print(json.dumps({"completion_tokens": out["usage"]["completion_tokens"]}))
+PY
+    sleep 2
+  fi
+  kill $pid; wait $pid 2>/dev/null
+done
+python3 - "$OUT" <<'PY'
+import glob, json, os, re, sys
+out = sys.argv[1]
+def log(be):
+    return open(os.path.join(out, f"server-{be}.log"), errors="replace").read()
+def kv_tokens(text):
+    m = re.search(r"KV cache size: ([\d,]+) tokens", text)
+    return int(m.group(1).replace(",", "")) if m else None
+p, f = log("prescore"), log("FLASH_ATTN")
+seqs = re.search(r"max_num_seqs[=: ]+(\d+)", p)
+mem = re.search(r"prescore: memory per layer: [^\n]*", p)
+from prescore.backend import metrics
+snap = metrics.read_dir(os.path.join(out, "metrics"))
+sparse = sum(r.get("decode_rows_sparse", 0) for r in snap["counters"])
+import torch
+try:
+    import vllm
+    ver = vllm.__version__
+except Exception:  # noqa: BLE001
+    ver = None
+res = {"vllm": ver, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
+       "max_num_seqs": int(seqs.group(1)) if seqs else None,
+       "kv_cache_tokens_prescore": kv_tokens(p), "kv_cache_tokens_flash_attn": kv_tokens(f),
+       "start_ok": open(os.path.join(out, "start-prescore")).read().strip() == "1",
+       "sparse_rows": sparse, "prescore_memory_line": mem.group(0) if mem else None}
+json.dump(res, open(os.path.join(out, "defaults-part1.json"), "w"), indent=1)
+print(json.dumps(res))
+PY
