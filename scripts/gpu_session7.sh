@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Session 7 GPU lease (issue 14): selection probe + bench, the default mode end to end vs FA3 (8 x 32k and
-# 1 x 131k in one engine each, max_model_len 131072, budgets 512/2048/4096), then `vllm bench serve`.
+# 1 x 131k in one engine each, max_model_len 131072, budgets 512/2048/4096), then `vllm bench serve`
+# (STEPS="probe sel e2e serve defaults" picks; defaults = issue 15's start check).
 # Run detached from a copy of the repo on the GPU machine after the devgpu bundle is unpacked:
 #   bash /tmp/devgpu/bg start s7 -- bash scripts/gpu_session7.sh /tmp/res
 set -uo pipefail
@@ -40,6 +41,8 @@ for step in ${STEPS:-sel e2e serve}; do
       done ;;
     serve)
       log "serve bench"; bash scripts/serve_bench.sh "$RES/serve"; log "serve bench rc=$?" ;;
+    defaults)
+      log "defaults (issue 15)"; bash scripts/defaults_h100.sh "$RES/defaults"; log "defaults rc=$?" ;;
   esac
 done
 touch "$RES/DONE"
