@@ -404,6 +404,31 @@ def _write_tiny_tokenizer(out: Path, vocab: int, max_pos: int) -> tuple[int, int
     return table["<s>"], table["</s>"]
 
 
+def _tiny_folder(path, heads: int, kv_heads: int, hidden: int, intermediate: int | None, dtype: str, vocab: int,
+                 max_pos: int):
+    """A tiny model's folder with its tokenizer: (folder, intermediate size, torch dtype, bos id, eos id)."""
+    import torch
+
+    if heads % kv_heads:
+        raise ValueError("heads must be a multiple of kv_heads")
+    out = Path(path)
+    out.mkdir(parents=True, exist_ok=True)
+    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
+    bos, eos = _write_tiny_tokenizer(out, vocab, max_pos)
+    return out, intermediate or 2 * hidden, tdtype, bos, eos
+
+
+def _write_tiny_model(out: Path, config: dict, bos: int, eos: int, weights: dict) -> None:
+    """config.json, generation_config.json and model.safetensors of a tiny model (deterministic bytes)."""
+    from safetensors.torch import save_file
+
+    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
+    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
+    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
+    save_file(weights, str(out / "model.safetensors"), metadata={"format": "pt"})
+    os.chmod(out / "model.safetensors", 0o644)
+
+
 def build_tiny_llama(
     path: str | os.PathLike,
     seed: int = 0,
@@ -432,16 +457,9 @@ def build_tiny_llama(
     Existing files in ``path`` are overwritten.
     """
     import torch
-    from safetensors.torch import save_file
 
-    if heads % kv_heads:
-        raise ValueError("heads must be a multiple of kv_heads")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    intermediate = intermediate or 2 * hidden
-    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-
-    bos, eos = _write_tiny_tokenizer(out, vocab, max_pos)
+    out, intermediate, tdtype, bos, eos = _tiny_folder(path, heads, kv_heads, hidden, intermediate, dtype, vocab,
+                                                       max_pos)
 
     config = {
         "architectures": ["LlamaForCausalLM"],
@@ -471,10 +489,6 @@ def build_tiny_llama(
         "use_cache": True,
         "vocab_size": vocab,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int, scale: float = std) -> torch.Tensor:
@@ -498,8 +512,7 @@ def build_tiny_llama(
     w["model.norm.weight"] = ones(hidden)
     if not tie_embeddings:
         w["lm_head.weight"] = rand(vocab, hidden)
-    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)
+    _write_tiny_model(out, config, bos, eos, w)
     return out
 
 
@@ -539,15 +552,9 @@ def build_tiny_gemma3(
     ~(1 + qk_norm)^2, attention far from uniform). Untied embeddings. Same arguments -> byte-identical files.
     """
     import torch
-    from safetensors.torch import save_file
 
-    if heads % kv_heads:
-        raise ValueError("heads must be a multiple of kv_heads")
-    out = Path(path)
-    out.mkdir(parents=True, exist_ok=True)
-    intermediate = intermediate or 2 * hidden
-    tdtype = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}[dtype]
-    bos, eos = _write_tiny_tokenizer(out, vocab, max_pos)
+    out, intermediate, tdtype, bos, eos = _tiny_folder(path, heads, kv_heads, hidden, intermediate, dtype, vocab,
+                                                       max_pos)
     layer_types = gemma3_layer_types(num_layers, sliding_pattern)
     config = {
         "architectures": ["Gemma3ForCausalLM"],
@@ -584,10 +591,6 @@ def build_tiny_gemma3(
         "use_cache": True,
         "vocab_size": vocab,
     }
-    (out / "config.json").write_text(json.dumps(config, indent=2, sort_keys=True) + "\n")
-    gen = {"bos_token_id": bos, "eos_token_id": eos, "pad_token_id": eos, "do_sample": False}
-    (out / "generation_config.json").write_text(json.dumps(gen, indent=2, sort_keys=True) + "\n")
-
     g = torch.Generator().manual_seed(seed)
 
     def rand(*shape: int) -> torch.Tensor:
@@ -613,8 +616,7 @@ def build_tiny_gemma3(
             w[p + norm + ".weight"] = const(hidden)
     w["model.norm.weight"] = const(hidden)
     w["lm_head.weight"] = rand(vocab, hidden)
-    save_file(w, str(out / "model.safetensors"), metadata={"format": "pt"})
-    os.chmod(out / "model.safetensors", 0o644)
+    _write_tiny_model(out, config, bos, eos, w)
     return out
 
 
