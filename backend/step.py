@@ -230,7 +230,8 @@ def warm(store: LayerStore, kv, bufs, width: int, max_selected: int, block_size:
     nblk = min(width, sink + window + budget + 2)
     bt = torch.zeros(1, width, dtype=torch.int32, device=dev)
     cache = store.selection_cache(max_selected, bufs.max_rows)
-    saved = [t[0].clone() for t in (store.states, cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key)]
+    slot0 = (store.states, cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key)  # restored below
+    saved = [t[0].clone() for t in slot0]
     for m in methods:  # prefill scoring: a non-final chunk and the final one (the fit)
         for final in (False, True):
             score_prefill(kv, store.summ[m], bt[0], 0, nblk * BS - 3, _method(m), WARM_TAG, final)
@@ -249,5 +250,5 @@ def warm(store: LayerStore, kv, bufs, width: int, max_selected: int, block_size:
     store.scores3[0] = 0
     store.kmin[0] = 0
     store.kmax[0] = 0
-    for t, v in zip((store.states, cache.ids, cache.counts, cache.kcounts, cache.dense, cache.key), saved):
+    for t, v in zip(slot0, saved):
         t[0] = v

@@ -378,9 +378,7 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
 @triton.jit
 def _ukey(x, KB: tl.constexpr):
     """float32 -> uint32 with the same order, keeping the top KB bits (KB < 32: nearby keys tie)."""
-    i = x.to(tl.int32, bitcast=True)
-    i = i ^ ((i >> 31) & 0x7FFFFFFF)
-    u = (i ^ -2147483648).to(tl.uint32, bitcast=True)
+    u = (_sortable(x) ^ -2147483648).to(tl.uint32, bitcast=True)  # signed order -> unsigned order
     return u >> (32 - KB)
 
 
@@ -503,7 +501,6 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         dense = torch.empty(B, dtype=torch.int8, device=dev)
         ckey = torch.empty(1, 1, 2, dtype=torch.int64, device=dev)
         rows = seq_lens
-    ws = torch.empty(B, H, MB, dtype=torch.int32, device=dev)
     has_q = qbounds is not None
     if has_q:
         bnd, pmax = qbounds
@@ -516,6 +513,9 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     ctags = req_tags if ctags is None else ctags.contiguous()  # the cache's key per row (one per admission)
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
     reg, rb, kb, nw = variant or (True, 4, 32, 8 if CH >= 4096 else 4)
+    reg = reg and MB <= CH
+    # the streaming path's key workspace (the register path keeps its keys in registers)
+    ws = ids if reg else torch.empty(B, H, MB, dtype=torch.int32, device=dev)
     if stats is not None:
         sparse, labels, acc = stats
         sparse, labels = sparse.contiguous(), labels.contiguous()
@@ -532,7 +532,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         MB, S, int(every), H, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
         HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, S_PAD=max(16, triton.next_power_of_2(S)),
         STATS=stats is not None, G=G, G_PAD=max(2, triton.next_power_of_2(G)),
-        NS_PAD=max(2, triton.next_power_of_2(NS)), REG=reg and MB <= CH, RB=rb, KB=kb, num_warps=nw,
+        NS_PAD=max(2, triton.next_power_of_2(NS)), REG=reg, RB=rb, KB=kb, num_warps=nw,
     )
     return ids, counts, kcounts, dense
 
