@@ -32,9 +32,6 @@ from kernels.select_triton import quest_bounds_triton, select_blocks_triton  # n
 from kernels.selection import MODES  # noqa: E402
 from prescore.backend.params import PrescoreParams  # noqa: E402  (prescore installed: the step is the backend's)
 
-SINK, WINDOW = 16, 64  # backend defaults (tokens)
-
-
 
 def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: int, device, ops=None):
     """The backend's decode step (``prescore.backend.step.decode`` with the Triton ops: tail scoring, query-aware
@@ -49,7 +46,7 @@ def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: 
 
     B = bt.shape[0]
     BS = kv.shape[2]
-    p = P.PrescoreParams(budget=budget, mode=mode_name, reselect_every=every)
+    p = PrescoreParams(budget=budget, mode=mode_name, reselect_every=every)
     store = LayerStore(kv, mirror=False, num_slots=B)
     store.scores3.copy_(scores[:, None, :].expand_as(store.scores3))
     store.kmin.copy_(kmin)
@@ -82,17 +79,16 @@ def run(B, L, budget, mode_name, every, gen):
     scores = torch.rand(NB, HKV, device="cuda", generator=gen)
     tags = torch.zeros(NB, dtype=torch.int64, device="cuda")
     rtag = torch.zeros(B, dtype=torch.long, device="cuda")
-    bb = torch.full((B,), budget // BS, device="cuda")
-    sink = torch.full((B,), SINK // BS, device="cuda")
-    win = torch.full((B,), WINDOW // BS, device="cuda")
+    p = PrescoreParams(budget=budget, mode=mode_name)  # the server's defaults at this budget and mode
+    bb, sink, win, prior = (torch.full((B,), v, device="cuda") for v in p.blocks(BS))
     mode = torch.full((B,), MODES[mode_name], device="cuda")
-    prior = torch.full((B,), round(budget // BS * 0.125) if mode_name == "hybrid" else 0, device="cuda")
-    cap = PrescoreParams().capacity_blocks(BS)  # the server's selection capacity
+    cap = p.capacity_blocks(BS)  # the server's selection capacity
+    beta = p.quest_beta
     out = torch.empty(B, HQ, D, dtype=torch.bfloat16, device="cuda")
     seqs = [seq0 + i for i in range(16)]
     row = dict(B=B, L=L, budget=budget, mode=mode_name, reselect_every=every)
-    qb = quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=0.5)
-    row["bound_ms"] = graph_time_ms(lambda: quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=0.5), 4)
+    qb = quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=beta)
+    row["bound_ms"] = graph_time_ms(lambda: quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=beta), 4)
     row["select_ms"] = graph_time_ms(lambda: select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode,
                                                                   prior, rtag, cap, BS, qb), 4)
     ids, counts, kc, _ = select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode, prior, rtag, cap, BS, qb)
