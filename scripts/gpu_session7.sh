@@ -19,7 +19,7 @@ for step in ${STEPS:-sel e2e serve}; do
     sel)
       log "select bench"
       python3 benchmarks/select_bench.py --modes hybrid --every 4 \
-        --shapes 1x32768,8x32768,32x32768,1x131072,8x131072 --out "$RES/select-bench.json" > "$RES/select-bench.log" 2>&1
+        --shapes "${SEL_SHAPES:-1x32768,8x32768,32x32768,1x131072,8x131072}" --out "$RES/select-bench.json" > "$RES/select-bench.log" 2>&1
       log "select bench rc=$?" ;;
     e2e)
       for run in ${RUNS:-PRESCORE:hybrid FLASH_ATTN:none}; do
