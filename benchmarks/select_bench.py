@@ -25,12 +25,12 @@ import sys
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after site-packages: the installed prescore, not the repo folder
+from prescore.backend.params import PrescoreParams  # noqa: E402  (first: kernels_bench puts the repo folder first on sys.path; prescore installed: the step is the backend's)
 from kernels_bench import BS, D, HKV, HQ, graph_time_ms, paged_cache  # noqa: E402
 from kernels.decode import sparse_decode  # noqa: E402
 from kernels.select_triton import quest_bounds_triton, select_blocks_triton  # noqa: E402
 from kernels.selection import MODES  # noqa: E402
-from prescore.backend.params import PrescoreParams  # noqa: E402  (prescore installed: the step is the backend's)
 
 
 def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: int, device, ops=None):
@@ -68,11 +68,14 @@ def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: 
     return step
 
 
-def run(B, L, budget, mode_name, every, gen):
+def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=False):
     kv, bt = paged_cache(B, L, gen)
+    if width > bt.shape[1]:  # the block table of a server with a longer max_model_len (width x block size)
+        bt = torch.cat([bt, torch.zeros(B, width - bt.shape[1], dtype=bt.dtype, device="cuda")], 1)
     NB = kv.shape[0]
     seq0 = torch.full((B,), L - 16, dtype=torch.int32, device="cuda")
-    seq0 -= torch.arange(B, dtype=torch.int32, device="cuda") * 3  # rows at different phases
+    if phases == "spread":  # rows at different phases (as in serving); "aligned": one prompt length (scripts/e2e)
+        seq0 -= torch.arange(B, dtype=torch.int32, device="cuda") * 3
     q = torch.randn(16, B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
     kmin = kv[..., :D].amin(2).contiguous()
     kmax = kv[..., :D].amax(2).contiguous()
@@ -86,7 +89,7 @@ def run(B, L, budget, mode_name, every, gen):
     beta = p.quest_beta
     out = torch.empty(B, HQ, D, dtype=torch.bfloat16, device="cuda")
     seqs = [seq0 + i for i in range(16)]
-    row = dict(B=B, L=L, budget=budget, mode=mode_name, reselect_every=every)
+    row = dict(B=B, L=L, budget=budget, mode=mode_name, reselect_every=every, width=bt.shape[1], phases=phases)
     qb = quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=beta)
     row["bound_ms"] = graph_time_ms(lambda: quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=beta), 4)
     row["select_ms"] = graph_time_ms(lambda: select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode,
@@ -101,6 +104,8 @@ def run(B, L, budget, mode_name, every, gen):
             step(q[i], seqs[i], out)
 
     row["step_ms"] = graph_time_ms(steps, 1) / 16
+    if profile:
+        row["kernels_us"] = kernel_profile(steps, 16)
     row["sel_ms"] = row["step_ms"] - row["decode_ms"]
     k_c = kv[..., :D][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
     v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
@@ -110,6 +115,23 @@ def run(B, L, budget, mode_name, every, gen):
     del k_c, v_c, kv
     torch.cuda.empty_cache()
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
+
+
+def kernel_profile(fn, steps: int) -> dict:
+    """Device time per kernel name (us per step) of ``fn`` run eagerly (torch.profiler, CUDA activity)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    fn()
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        fn()
+        torch.cuda.synchronize()
+    out: dict = {}
+    for e in prof.key_averages():
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            out[e.key[:60]] = round(t / steps, 2)
+    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
 
 
 def check(gen) -> None:
@@ -151,6 +173,11 @@ def main(argv=None):
     ap.add_argument("--modes", default="hybrid,quest")
     ap.add_argument("--shapes", default="1x32768,8x32768,32x32768,1x131072,8x131072")
     ap.add_argument("--budget", type=int, default=2048)
+    ap.add_argument("--width", type=int, default=0, help="block-table width in blocks (max_model_len / 16; "
+                    "default: the context's own)")
+    ap.add_argument("--phases", choices=("spread", "aligned"), default="spread",
+                    help="rows at different lengths (re-select on different steps) or one length")
+    ap.add_argument("--profile", action="store_true", help="also the device time per kernel (us per step)")
     a = ap.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     check(gen)
@@ -163,11 +190,13 @@ def main(argv=None):
         B, L = (int(x) for x in shape.split("x"))
         for m in a.modes.split(","):
             for e in (int(x) for x in a.every.split(",")):
-                r = run(B, L, a.budget, m, e, gen)
+                r = run(B, L, a.budget, m, e, gen, a.width, a.phases, a.profile)
                 rows.append(r)
                 print(f"{B:>3} {L:>7} {m:>7} {e:>5} {r['bound_ms']:8.4f} {r['select_ms']:8.4f} {r['decode_ms']:8.4f} "
                       f"{r['sel_ms']:8.4f} {r['step_ms']:8.4f} {r['dense_sdpa_ms']:8.4f} {r['speedup_vs_sdpa']:6.2f}",
                       flush=True)
+                for name, us in (r.get("kernels_us") or {}).items():
+                    print(f"      {us:9.2f} us/step  {name}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,

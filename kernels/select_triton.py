@@ -25,7 +25,8 @@ import triton.language as tl
 
 from .selection import MODE_HYBRID, MODE_PRIOR
 
-CH_LO = tl.constexpr(2048)  # the register path's short tier (32k tokens at block 16)
+CH_LO = tl.constexpr(2048)  # the register path's tiers in a wider table: 32k tokens at block 16 ...
+CH_MID = tl.constexpr(4096)  # ... and 64k
 CH_MAX = 8192  # keys held in registers up to this many blocks per row (131k tokens at block 16)
 FORCED = tl.constexpr(3.0e38)
 MUST = tl.constexpr(1.0e38)
@@ -113,7 +114,6 @@ def _select_kernel(
     MB, S, EVERY, H: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
     USE_CACHE: tl.constexpr, HAS_COL: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, S_PAD: tl.constexpr,
     STATS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, NS_PAD: tl.constexpr, REG: tl.constexpr,
-    RB: tl.constexpr, KB: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -168,7 +168,7 @@ def _select_kernel(
                             budget, sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                             s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
                             stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY,
-                            OVERFLOW_DENSE, G, G_PAD, NS_PAD, REG, RB, KB)
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD, REG)
             tl.store(ck, ctag)
             tl.store(ck + 1, packed)
     else:
@@ -176,7 +176,7 @@ def _select_kernel(
                     sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                     s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
                     stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY, OVERFLOW_DENSE,
-                    G, G_PAD, NS_PAD, REG, RB, KB)
+                    G, G_PAD, NS_PAD, REG)
     if STATS:  # device counters of sparse rows: this head's share of (selected tokens, context, blocks)
         if USE_CACHE:
             r_out = tl.load(ROW + b)
@@ -198,21 +198,27 @@ def _select_any(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
                 s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
                 stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH: tl.constexpr, ONE: tl.constexpr,
                 HAS_QKEY: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                NS_PAD: tl.constexpr, REG: tl.constexpr, RB: tl.constexpr, KB: tl.constexpr):
+                NS_PAD: tl.constexpr, REG: tl.constexpr):
     if REG:
-        # a short row in a wide block table (a long max_model_len) searches only its own tier of the table
+        # a row in a wider block table (a long max_model_len) searches only the smallest tier that holds it
         if (CH > CH_LO) & (nblk <= CH_LO):
             _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                             sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                             s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
                             stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH_LO, HAS_QKEY,
-                            OVERFLOW_DENSE, G, G_PAD, NS_PAD, RB, KB)
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD)
+        elif (CH > CH_MID) & (nblk <= CH_MID):
+            _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
+                            sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                            s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
+                            stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH_MID, HAS_QKEY,
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD)
         else:
             _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                             sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
                             s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
                             stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, HAS_QKEY,
-                            OVERFLOW_DENSE, G, G_PAD, NS_PAD, RB, KB)
+                            OVERFLOW_DENSE, G, G_PAD, NS_PAD)
     else:
         _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk, budget,
                     sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
@@ -376,20 +382,20 @@ def _select_row(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DE
 
 
 @triton.jit
-def _ukey(x, KB: tl.constexpr):
-    """float32 -> uint32 with the same order, keeping the top KB bits (KB < 32: nearby keys tie)."""
-    u = (_sortable(x) ^ -2147483648).to(tl.uint32, bitcast=True)  # signed order -> unsigned order
-    return u >> (32 - KB)
+def _ukey(x):
+    """float32 -> uint32 with the same order."""
+    return (_sortable(x) ^ -2147483648).to(tl.uint32, bitcast=True)  # signed order -> unsigned order
 
 
 @triton.jit
-def _threshold_reg(u, valid, total, RB: tl.constexpr, KB: tl.constexpr):
-    """(t, ties) of register-resident keys: radix-2^RB search, KB // RB steps, each counting every candidate digit
-    in one reduction; then how many keys == t complete the top ``total``."""
+def _threshold_reg(u, valid, total):
+    """(t, ties) of register-resident keys: a radix-4 search, 16 steps, each counting the 4 candidate digits in
+    one reduction; then how many keys == t complete the top ``total``. (Radix 16, 8 steps of [CH, 16] counts,
+    measured 5x slower at 8192 blocks on the H100: results/h100/select-probe-session8.log.)"""
     prefix = tl.zeros([], dtype=tl.uint32)
-    digits = tl.arange(0, 1 << RB).to(tl.uint32)
-    for step in range(KB // RB):  # a loop, not unrolled: an unrolled [CH, 2^RB] count builds for minutes
-        shift = (tl.full([], KB - RB, tl.int32) - RB * step).to(tl.uint32)
+    digits = tl.arange(0, 4).to(tl.uint32)
+    for step in range(16):  # a loop, not unrolled: unrolled, the 8192-block variant builds for minutes
+        shift = (tl.full([], 30, tl.int32) - 2 * step).to(tl.uint32)
         cand = prefix | (digits << shift)
         cnt = tl.sum(((u[:, None] >= cand[None, :]) & valid[:, None]).to(tl.int32), 0)
         best = tl.max(tl.where(cnt >= total, digits, 0), 0)
@@ -412,7 +418,7 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
                     s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
                     stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH: tl.constexpr,
                     HAS_QKEY: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-                    NS_PAD: tl.constexpr, RB: tl.constexpr, KB: tl.constexpr):
+                    NS_PAD: tl.constexpr):
     """:func:`_select_row` for a block table of at most CH blocks: every key stays in registers."""
     dense = (budget == 0) | (nblk <= sink + window + budget)
     j = tl.arange(0, CH)
@@ -422,7 +428,7 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
     sc = tl.load(SCORES + phys * stride_sc_b + h * stride_sc_h, mask=in_ctx & valid, other=0.0)
     tg = tl.load(TAGS + phys, mask=in_ctx & valid, other=0)
     key, forced, other = _block_key(sc, tg, j, in_ctx, nblk, sink, window, rtag, mode, HAS_QKEY)
-    u = _ukey(key, KB)
+    u = _ukey(key)
     n_forced = tl.sum(forced.to(tl.int32), 0)
     n_other = tl.sum(other.to(tl.int32), 0)
     if OVERFLOW_DENSE:
@@ -431,12 +437,12 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
     if HAS_QKEY:
         if mode != MODE_PRIOR:
             n_first = _first_count(PRIOR, b, mode, budget, nblk, n_forced, n_other, total)
-            thr, ties = _threshold_reg(u, valid, n_first, RB, KB)
+            thr, ties = _threshold_reg(u, valid, n_first)
             first = _top_reg(u, valid, thr, ties, n_first)
             best = _qkey_best(PMAX, b, h, s_pm_b, s_pm_h, s_pm_s, NS, NS_PAD, G, G_PAD)
             qk = _qkey_load(BND, best, b, h, j, in_ctx & valid, s_bd_b, s_bd_h, s_bd_g, G, G_PAD)
-            u = _ukey(tl.where(in_ctx, tl.where(first, FORCED, qk), float("-inf")), KB)
-    thr, ties = _threshold_reg(u, valid, total, RB, KB)
+            u = _ukey(tl.where(in_ctx, tl.where(first, FORCED, qk), float("-inf")))
+    thr, ties = _threshold_reg(u, valid, total)
     take = _top_reg(u, valid, thr, ties, total)
     pos = tl.cumsum(take.to(tl.int32), 0) - 1
     written = tl.sum(take.to(tl.int32), 0)
@@ -451,7 +457,7 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                          prior_blocks, req_tags, max_selected, block_size, qbounds=None, cache=None, rows=None,
-                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None, variant=None):
+                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
@@ -465,10 +471,6 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
 
     ``qbounds = (bnd, pmax)``: :func:`quest_bounds_triton`'s output (query-aware rows). ``every`` (with a cache):
     a query-aware row re-selects only when its length is a multiple of ``every`` (see ``_reuse``).
-
-    ``variant = (register path, radix bits, key bits, warps)``: benchmarks only (``benchmarks/probe_select_variants.py``
-    times them on a GPU; default: the register path for tables up to 8192 blocks, radix 16, full 32-bit keys). Key bits
-    below 32 make nearby keys tie (taken in index order), which the torch reference does not do.
 
     ``stats = (sparse [B], labels [B], acc [L, 4] float64)``: also add each sparse row's (selected tokens,
     context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (a head
@@ -512,8 +514,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         every = 1
     ctags = req_tags if ctags is None else ctags.contiguous()  # the cache's key per row (one per admission)
     CH = min(CH_MAX, max(64, triton.next_power_of_2(MB)))
-    reg, rb, kb, nw = variant or (True, 4, 32, 8 if CH >= 4096 else 4)
-    reg = reg and MB <= CH
+    reg = MB <= CH  # keys in registers (tables up to CH_MAX blocks); wider tables stream a workspace
     # the streaming path's key workspace (the register path keeps its keys in registers)
     ws = ids if reg else torch.empty(B, H, MB, dtype=torch.int32, device=dev)
     if stats is not None:
@@ -532,7 +533,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         MB, S, int(every), H, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
         HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, S_PAD=max(16, triton.next_power_of_2(S)),
         STATS=stats is not None, G=G, G_PAD=max(2, triton.next_power_of_2(G)),
-        NS_PAD=max(2, triton.next_power_of_2(NS)), REG=reg, RB=rb, KB=kb, num_warps=nw,
+        NS_PAD=max(2, triton.next_power_of_2(NS)), REG=reg, num_warps=8 if CH >= 4096 else 4,
     )
     return ids, counts, kcounts, dense
 

@@ -17,10 +17,9 @@ CODE = textwrap.dedent("""
             "WS": "*i32", "IDS": "*i32", "COUNTS": "*i32", "KCOUNTS": "*i32", "DENSE": "*i8", "ROW": i64,
             "CKEY": i64, "COL": i64, "SPARSE": i64, "LABEL": i64, "ACC": "*fp64"}
     try:
-        for ch, reg, rb, kb, nw in [(2048, True, 4, 32, 4), (8192, True, 4, 32, 8), (16384, False, 2, 32, 8)]:
+        for ch, reg in [(2048, True), (8192, True), (16384, False)]:
             cx = dict(H=8, BS=16, CH=min(ch, 8192), ONE=ch <= 8192, HAS_QKEY=True, USE_CACHE=True, HAS_COL=True,
-                      OVERFLOW_DENSE=True, S_PAD=256, STATS=True, G=4, G_PAD=4, NS_PAD=max(2, ch // 128), REG=reg,
-                      RB=rb, KB=kb)
+                      OVERFLOW_DENSE=True, S_PAD=256, STATS=True, G=4, G_PAD=4, NS_PAD=max(2, ch // 128), REG=reg)
             out = compile_for_cuda(_select_kernel, ptrs, cx, scalar="i32")
             assert out.asm["cubin"]
         qp = {"Q": "*bf16", "KMIN": "*bf16", "KMAX": "*bf16", "BT": "*i32", "SEQ": "*i32", "MODE": i64,

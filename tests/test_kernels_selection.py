@@ -184,6 +184,29 @@ def test_triton_streaming_path_for_long_rows(monkeypatch):
         assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts)
 
 
+def test_triton_register_tiers_in_a_wide_table(monkeypatch):
+    """Rows of a wide block table search the smallest register tier that holds them (CH_LO, CH_MID, CH): same
+    result as the torch reference on each side of every tier edge (tiers shrunk to 8 / 16 / 32 blocks)."""
+    import triton.language as tl
+
+    import prescore.kernels.select_triton as st
+
+    monkeypatch.setattr(st, "CH_LO", tl.constexpr(8))
+    monkeypatch.setattr(st, "CH_MID", tl.constexpr(16))
+    monkeypatch.setattr(st, "CH_MAX", 32)
+    lens = [16 * 8, 16 * 8 + 1, 16 * 16, 16 * 16 + 5, 16 * 30 + 3, 40]  # blocks 8 | 9, 16 | 17, 31, 3
+    kv, bt, seq, summ, tags, q = build(lens, seed=11, stale=[(3, 2)], other=[(4, 6), (1, 3)])
+    assert 16 < bt.shape[1] <= 32
+    t = torch.tensor
+    n = len(lens)
+    for mode in ("prior", "hybrid", "quest"):
+        args = (summ, bt, seq, t([4, 3, 5, 6, 9, 2]), t([1] * n), t([2] * n), t([MODES[mode]] * n), t([2] * n),
+                tags, 20)
+        a = select_blocks(*args, q=q, block_size=16, use_triton=False)
+        b = select_blocks(*args, q=q, block_size=16, use_triton=True)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts) and torch.equal(a.dense, b.dense)
+
+
 def test_selection_cache_is_exact_across_decode_steps():
     """Cached prior rows are reused only while their block count is unchanged; results always equal a fresh
     selection, step after step (a block fills, a row is re-slotted to a new request, modes mix)."""
