@@ -246,7 +246,7 @@ def main(argv: list[str] | None = None) -> int:
     configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")),
                            quest_betas=args.quest_betas, reselect_everys=args.reselect_everys)
     for c in configs:
-        engine.controls(c)  # validate budgets early
+        engine.params(c)  # validate budgets early
     texts = load_texts(args.text_dir)
     tasks = [t.strip() for t in args.tasks.split(",") if t.strip()]
     unknown = set(tasks) - {"ppl", "passkey", *NEW_TASKS}

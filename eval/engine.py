@@ -1,36 +1,52 @@
-"""Decode-mode sparse attention inside a transformers model, through prescore's own kernels.
+"""Decode-mode sparse attention inside a transformers model, through the backend's own decode step.
 
 :class:`SparseEvalEngine` registers an attention function with transformers' ``AttentionInterface`` (name
-``prescore_eval``); the model keeps its own projections, RoPE, norms and MLPs, only the attention call is ours:
+``prescore_eval``); the model keeps its own projections, RoPE, norms and MLPs, only the attention call is ours.
+Each evaluated row (trial x config) is a request slot of a request table as the backend's planner reads it (the
+config turned into :class:`PrescoreParams` by :meth:`SparseEvalEngine.params`); each layer keeps a backend
+:class:`LayerStore` over a paged KV cache laid out like vLLM's (``[num_blocks, Hkv, block_size, 2*D]``, K in
+``[..., :D]``, V in ``[..., D:]``, the block summaries in the page padding):
 
 - **prefill** (``Engine.run`` feeds ``prefix_ids [T, N]``, ``N % block_size == 0``): dense causal attention
-  (``torch.nn.functional.scaled_dot_product_attention``); the layer's K/V go into a paged cache laid out like
-  vLLM's (``[num_blocks, Hkv, block_size, 2*D]``, K in ``[..., :D]``, V in ``[..., D:]``) and
-  ``score_prefill`` fits and scores every prior method on it (one tag per trial).
-- **decode** (one token per row per step, rows = trials x configs): the new K/V is written to the row's own
-  tail block, ``score_decode_tail`` rescores it, ``select_blocks`` picks blocks per (row, KV head) with the
-  row's budget/sink/window/mode, and ``sparse_decode_ref`` (CPU) or the Triton ``sparse_decode`` (CUDA)
-  attends them. The prefix blocks of a trial are shared by all of its rows (like vLLM's prefix cache).
+  (``torch.nn.functional.scaled_dot_product_attention``) plays vLLM's kernel; the K/V go into the paged cache and
+  the backend's prefill scoring (``step.score_prefill_rows``, one ``PrefillRow`` per trial and method, the fitted
+  state copied to the trial's other rows of that method) fits and scores every method a row uses.
+- **decode** (one token per row per step): the new K/V is written to the row's own tail block (vLLM's job), then
+  every step is planned by the backend's planner (``plan.plan``: ``classify`` per row, the persistent
+  ``DecodeBuffers``, a uniform plan: dense rows ride along as padding) and each layer runs the backend's step
+  (``step.run`` -> ``step.decode``: tail scoring, selection into the per-slot selection cache with the reuse
+  schedule, sparse attention) with the backend's op set: :data:`~prescore.backend.step.TRITON` on CUDA, the
+  torch ops on CPU (:class:`EvalTorchOps`: ``TorchOps`` whose attention is vectorised over the rows of a trial,
+  which share the prefix blocks like vLLM's prefix cache). One plan per (quest_beta, reselect_every) group of
+  configs (these are server-wide settings, so a sweep runs one "server" per value).
 
-Budget convention: a config's ``budget`` is the TOTAL number of key tokens attended per KV head (sink +
-window + selected, in whole blocks); the backend's ``prescore_budget`` equals ``budget - sink - window``.
-``sink+window`` (StreamingLLM) spends the whole budget on the window: ``select_blocks`` in prior mode with
-1 budget block and a capacity (``max_selected``) of exactly sink + window blocks, so only the forced blocks fit.
-A row whose context fits its budget is dense (``select_blocks`` says so) and runs the same code as the dense
-row: at budget >= context the result equals dense exactly.
+Budget convention: a config's ``budget`` is the TOTAL number of key tokens attended per KV head (sink + window +
+selected, in whole blocks): the row's ``prescore_budget`` is ``budget - sink - window`` (sink and window rounded up
+to whole blocks, the total rounded down). A row whose context fits sink + window + budget is dense (the selection
+says so) and runs the same attention as the dense rows: at budget >= context the result equals dense exactly.
+
+``sink+window`` (``static``; StreamingLLM, not a mode of the server): a prior-mode row whose window takes the whole
+budget after the sink (budget 1 block); its selection (:meth:`EvalTorchOps.select`) is the shared ``select_blocks``
+with a capacity of exactly sink + window blocks and without the step's overflow -> dense rule, so only the forced
+blocks fit (the server has no capacity per row; with its rule such a row would turn dense). Tail scoring and
+attention are the step's.
 """
 
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 
-from prescore.backend.params import PrescoreParams, hybrid_prior_blocks
-from prescore.kernels import (METHODS, MODES, BlockSummaries, SelectionCache, get_method, score_decode_tail,
-                              score_prefill, select_blocks, sparse_decode, sparse_decode_ref)
+from prescore.backend import step
+from prescore.backend.params import PrescoreParams, stateless
+from prescore.backend.plan import DecodeBuffers, PrefillRow, plan as plan_step
+from prescore.backend.store import METHOD_NAMES, LayerStore, extra_page_bytes, state_floats
+from prescore.kernels import METHODS, select_blocks
+from prescore.kernels.decode import sparse_decode_ref
 
 ATTN_NAME = "prescore_eval"
 PRIOR_METHODS = tuple(METHODS)  # the scoring-method registry, in registration order
@@ -83,7 +99,7 @@ class Config:
 
     @property
     def summ_method(self) -> str:
-        """Which BlockSummaries it reads (stateless keynorm's for the modes that ignore the prior)."""
+        """The row's scoring method (stateless keynorm for the modes that ignore the prior)."""
         return self.method if self.method in PRIOR_METHODS else "keynorm"
 
 
@@ -108,14 +124,133 @@ def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "ques
     return out
 
 
-@dataclass
-class Controls:
-    budget: int  # blocks (select_blocks' budget_blocks)
-    sink: int
-    window: int
-    mode: int
-    prior: int
-    cap: int  # max_selected for this row
+# ---------------------------------------------------------------------------------------------------- op sets
+class _SinkWindowRows:
+    """Mixin over a step op set: rows flagged in ``static`` (by selection-cache row) are the sink+window baseline;
+    their selection is ``select_blocks`` with a capacity of exactly sink + window blocks (see the module doc)."""
+
+    static: torch.Tensor | None = None  # bool [selection-cache rows]
+
+    def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int) -> None:
+        st = None if self.static is None else self.static[f("srow").long()]
+        if st is None or not bool(st.any()):
+            return super().select(store, q, bt, sl, f, cache, max_selected, block_size, beta, every)
+        rest = (~st).nonzero()[:, 0]
+        if rest.numel():
+            super().select(store, q[rest], bt[rest], sl[rest], lambda name: f(name)[rest], cache, max_selected,
+                           block_size, beta, every)
+        idx = st.nonzero()[:, 0]
+        key = (f("col")[idx] << 32) | (f("sink")[idx] + f("window")[idx])
+        for k in torch.unique(key).tolist():
+            i = idx[key == k]
+            g = lambda name: f(name)[i]  # noqa: E731
+            cap = k & 0xFFFFFFFF
+            sel = select_blocks(store.summ[METHOD_NAMES[k >> 32]], bt[i], sl[i], g("budget"), g("sink"), g("window"),
+                                g("mode"), g("prior"), g("tag"), cap, block_size=block_size, need_query=False,
+                                use_triton=False)
+            r = g("srow").long()
+            cache.ids[r, :, :cap] = sel.ids.to(cache.ids.dtype)
+            cache.counts[r] = sel.counts.to(cache.counts.dtype)
+            cache.kcounts[r] = sel.kernel_counts().to(cache.kcounts.dtype)
+            cache.dense[r] = sel.dense.to(cache.dense.dtype)
+            cache.key[r] = -1  # never reused
+
+
+class EvalTorchOps(_SinkWindowRows, step.TorchOps):
+    """The backend's torch op set (tail scoring and selection unchanged) with the harness's attention:
+    ``batched`` (default) computes what ``sparse_decode_ref`` computes, in ``dtype``, vectorised over rows: rows
+    whose block tables share their first ``prefix_blocks`` blocks (a trial's rows) meet those keys in one matmul,
+    each row's later blocks in a second batch; ``ref``: ``sparse_decode_ref`` row by row (exact reference, slow)."""
+
+    name = "eval-torch"
+
+    def __init__(self, prefix_blocks: int, impl: str = "batched", dtype: torch.dtype = torch.float64):
+        self.prefix_blocks, self.impl, self.dtype = prefix_blocks, impl, dtype
+
+    def attend(self, q, kv, bt, sl, cache, srow, scale, out) -> None:
+        r = srow.long()
+        ids, counts = cache.ids[r], cache.kcounts[r]
+        if self.impl == "ref":
+            out.copy_(sparse_decode_ref(q, kv, bt, sl, ids, counts, scale, dtype=self.dtype))
+        else:
+            out.copy_(batched_attention(q, kv, bt, sl, ids, counts, scale, self.prefix_blocks, self.dtype))
+
+
+class EvalTritonOps(_SinkWindowRows, step.TritonOps):
+    """The backend's Triton op set (CUDA), plus the sink+window rows' selection."""
+
+    name = "eval-triton"
+
+
+def batched_attention(q, kv, bt, sl, ids, counts, scale, prefix_blocks: int, dtype) -> torch.Tensor:
+    """``sparse_decode_ref(q, kv, bt, sl, ids, counts, scale, dtype)`` vectorised (see :class:`EvalTorchOps`);
+    ``counts`` < 0: every block of the row (dense). Returns ``[B, Hq, D]`` in ``dtype``."""
+    B, Hq, D = q.shape
+    H, BS = kv.shape[1], kv.shape[2]
+    G, P = Hq // H, prefix_blocks
+    N = P * BS
+    dev = q.device
+    seq = sl.long()
+    top = int(seq.max())
+    nblk = -(-top // BS)
+    j = torch.arange(ids.shape[2], device=dev)
+    valid = j[None, None, :] < counts[:, :, None].clamp_min(0)
+    bm = torch.zeros(B, H, nblk + 1, dtype=torch.bool, device=dev)
+    bm.scatter_(2, torch.where(valid, ids.long().clamp_max(nblk), nblk), valid)
+    bm = bm[:, :, :nblk] | (counts < 0)[:, :, None]
+    tok = bm.repeat_interleave(BS, dim=2)[:, :, :top] & (torch.arange(top, device=dev) < seq[:, None])[:, None, :]
+    qg = q.to(dtype).reshape(B, H, G, D) * scale
+    groups = torch.unique(bt[:, :P].long(), dim=0, return_inverse=True)[1]
+    s_pre = torch.empty(B, H, G, N, dtype=dtype, device=dev)
+    pre = []
+    for u in range(int(groups.max()) + 1):
+        r = (groups == u).nonzero()[:, 0]
+        kvp = kv[bt[r[0], :P].long()].permute(1, 0, 2, 3).reshape(H, N, 2 * D).to(dtype)  # [H, N, 2D]
+        qt = qg[r].permute(1, 0, 2, 3).reshape(H, -1, D)  # [H, n*G, D]
+        s_pre[r] = (qt @ kvp[..., :D].transpose(1, 2)).view(H, len(r), G, N).permute(1, 0, 2, 3)
+        pre.append((r, kvp[..., D:]))
+    tb = kv[bt[:, P:nblk].long()]  # [B, nblk - P, H, BS, 2D]: each row's blocks after the prefix
+    tb = tb.permute(0, 2, 1, 3, 4).reshape(B, H, -1, 2 * D)[:, :, :top - N].to(dtype)
+    s = torch.cat([s_pre, qg @ tb[..., :D].transpose(2, 3)], -1)
+    p = torch.softmax(s.masked_fill(~tok[:, :, None, :], float("-inf")), dim=-1)
+    o = p[..., N:] @ tb[..., D:]  # [B, H, G, D]
+    for r, v in pre:
+        pt = p[r, :, :, :N].permute(1, 0, 2, 3).reshape(H, -1, N)
+        o[r] += (pt @ v).view(H, len(r), G, D).permute(1, 0, 2, 3)
+    return o.reshape(B, Hq, D)
+
+
+def paged_cache(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int, dtype, device) -> torch.Tensor:
+    """A zeroed ``[NB, Hkv, BS, 2D]`` KV cache whose pages carry the padding the backend's ``customize_spec``
+    adds (``extra_page_bytes``), so the :class:`LayerStore` keeps its summaries in it as in the server."""
+    el = torch.empty((), dtype=dtype).element_size()
+    page = num_kv_heads * block_size * 2 * head_size
+    stride = page + extra_page_bytes(num_kv_heads, head_size, block_size, dtype, mirror=False) // el
+    raw = torch.zeros(num_blocks, stride, dtype=dtype, device=device)
+    return raw[:, :page].view(num_blocks, num_kv_heads, block_size, 2 * head_size)
+
+
+class _Table:
+    """The request table the planner reads (the fields of ``prescore.backend.requests.RequestTable`` that
+    ``plan.plan`` uses; that module imports vLLM): slot -> params, prefill length, tag, admission serial."""
+
+    def __init__(self, capacity: int, defaults: PrescoreParams):
+        self.defaults, self.capacity = defaults, capacity
+        self.params: list = [None] * capacity
+        self.prefill_len, self.tag, self.serial = [0] * capacity, [-1] * capacity, [0] * capacity
+
+    def slots(self, num_rows: int, req_idx) -> list[int]:
+        return [int(r) for r in req_idx[:num_rows].tolist()]
+
+
+class _Group:
+    """The rows of one (quest_beta, reselect_every) setting: planned and stepped together."""
+
+    def __init__(self, beta: float, every: int):
+        self.beta, self.every = beta, every
+        self.rows: list[int] = []  # model rows (slots)
+        self.fid: list[int] = []  # fidelity slots
+        self.bufs: DecodeBuffers | None = None
 
 
 class SparseEvalEngine:
@@ -133,37 +268,54 @@ class SparseEvalEngine:
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
         self.BS = block_size
         d = PrescoreParams()  # None: the backend's defaults
-        self.sink, self.window = sink, window
-        self.frac = d.hybrid_prior_fraction if hybrid_prior_fraction is None else hybrid_prior_fraction
-        self.quest_beta = d.quest_beta if quest_beta is None else quest_beta
-        self.hybrid_min_budget = d.hybrid_min_budget if hybrid_min_budget is None else hybrid_min_budget
-        self.reselect_every = d.reselect_every if reselect_every is None else reselect_every
+        over = {k: v for k, v in dict(sink=sink, window=window, hybrid_prior_fraction=hybrid_prior_fraction,
+                                      quest_beta=quest_beta, hybrid_min_budget=hybrid_min_budget,
+                                      reselect_every=reselect_every).items() if v is not None}
+        self.defaults = replace(d, **over)  # the "server" config of every row (budgets per config: params())
+        self.sink, self.window = self.defaults.sink, self.defaults.window
+        self.frac = self.defaults.hybrid_prior_fraction
+        self.quest_beta = self.defaults.quest_beta
+        self.hybrid_min_budget = self.defaults.hybrid_min_budget
+        self.reselect_every = self.defaults.reselect_every
         p = next(model.parameters())
         self.device, self.dtype = p.device, cache_dtype or p.dtype
         self.use_triton = (self.device.type == "cuda") if use_triton is None else use_triton
         self.ref_dtype = ref_dtype
-        # triton: prescore's sparse_decode (CUDA); ref: sparse_decode_ref row by row (exact reference, slow);
-        # batched: the same attention over the same selected blocks, vectorised over rows (CPU default)
+        # triton: the backend's Triton op set (CUDA); batched (CPU default) / ref: the torch op set with the
+        # harness's attention (vectorised over a trial's rows / sparse_decode_ref row by row)
         self.decode_impl = decode_impl or ("triton" if self.use_triton else "batched")
-        self.methods = {m: get_method(m) for m in PRIOR_METHODS}
         if model.config._attn_implementation != ATTN_NAME:
             model.set_attn_implementation(ATTN_NAME)
 
-    # ------------------------------------------------------------------ controls
-    def controls(self, c: Config) -> Controls | None:
+    # ------------------------------------------------------------------ configs -> request params
+    def params(self, c: Config) -> PrescoreParams:
+        """The config boundary: a table row's setting as the backend's request params (``budget`` = the tokens
+        beyond sink + window; 0 = dense). Raises ValueError for a budget that leaves nothing to select."""
+        d, BS = self.defaults, self.BS
         if c.mode == "dense":
-            return None
-        BS = self.BS
-        sink_b, win_b, tot_b = -(-self.sink // BS), -(-self.window // BS), c.budget // BS
+            return replace(d, budget=0)
+        sink_b, win_b, tot_b = -(-d.sink // BS), -(-d.window // BS), c.budget // BS
         if c.mode == "static":
             if tot_b <= sink_b:
-                raise ValueError(f"budget {c.budget} leaves no window after a {self.sink}-token sink")
-            return Controls(1, sink_b, tot_b - sink_b, MODES["prior"], 1, tot_b)
+                raise ValueError(f"budget {c.budget} leaves no window after a {d.sink}-token sink")
+            return replace(d, method="keynorm", mode="prior", budget=BS, window=(tot_b - sink_b) * BS)
         sel = tot_b - sink_b - win_b
         if sel < 1:
-            raise ValueError(f"budget {c.budget} must exceed sink {self.sink} + window {self.window} by a block")
-        prior = hybrid_prior_blocks(sel, sel * BS, self.frac, self.hybrid_min_budget) if c.mode == "hybrid" else sel
-        return Controls(sel, sink_b, win_b, MODES[c.mode], prior, tot_b)
+            raise ValueError(f"budget {c.budget} must exceed sink {d.sink} + window {d.window} by a block")
+        return replace(d, method=c.summ_method, mode=c.mode, budget=sel * BS)
+
+    def beta_of(self, c: Config) -> float:
+        return self.quest_beta if c.beta is None else c.beta
+
+    def every_of(self, c: Config) -> int:
+        return self.reselect_every if c.every is None else c.every
+
+    def row_fields(self, c: Config) -> dict:
+        """Extra keys of a result row: the quest_beta and reselect_every a query-aware config ran with, and its
+        sweep variant."""
+        out = ({"quest_beta": self.beta_of(c), "reselect_every": self.every_of(c)}
+               if c.mode in ("quest", "hybrid") else {})
+        return {**out, "variant": c.variant} if c.variant else out
 
     # ------------------------------------------------------------------ run
     @torch.no_grad()
@@ -185,33 +337,29 @@ class SparseEvalEngine:
         R = T * C
         P, Tb = N // BS, -(-M // BS)
         dev = self.device
+        self.T, self.C, self.R, self.N = T, C, R, N
+        self._setup_rows(configs, fidelity_steps)
+        S = self.slots
         NB = T * P + R * Tb
-        self.P, self.T, self.C, self.R = P, T, C, R
         ar = torch.arange
-        bt = torch.empty(R, P + Tb, dtype=torch.int32)
+        bt = torch.empty(S, P + Tb, dtype=torch.int32)
         trial = ar(R) // C
-        bt[:, :P] = (trial[:, None] * P + ar(P)[None, :]).int()
-        bt[:, P:] = (T * P + ar(R)[:, None] * Tb + ar(Tb)[None, :]).int()
+        bt[:R, :P] = (trial[:, None] * P + ar(P)[None, :]).int()
+        bt[:R, P:] = (T * P + ar(R)[:, None] * Tb + ar(Tb)[None, :]).int()
+        bt[R:] = bt[self.fid_src]  # a fidelity row reads its trial's dense row's cache
         self.bt = bt.to(dev)
-        self.trial = trial.to(dev)
-        self.tags = trial.to(dev, torch.int64)
-        self.kv = [torch.zeros(NB, H, BS, 2 * D, dtype=self.dtype, device=dev) for _ in range(L)]
-        self.summ = []
+        self.fid_src_dev = self.fid_src.to(dev)
+        states = state_floats(sorted({self.table.params[s].method for s in range(S)}), D)
+        self.kv, self.stores = [], []
         for _ in range(L):
-            kmin = torch.zeros(NB, H, D, dtype=self.dtype, device=dev)
-            kmax = torch.zeros_like(kmin)
-            self.summ.append({m: BlockSummaries(scores=torch.zeros(NB, H, dtype=torch.float32, device=dev),
-                                                kmin=kmin, kmax=kmax,
-                                                tags=torch.full((NB,), -1, dtype=torch.int64, device=dev))
-                              for m in PRIOR_METHODS})
-        self.states = [{m: torch.zeros(T, H, obj.state_size(D), dtype=torch.float32, device=dev)
-                        for m, obj in self.methods.items()} for _ in range(L)]
-        if self.decode_impl == "batched":
-            self.kpre = [torch.zeros(T, H, N, D, dtype=self.dtype, device=dev) for _ in range(L)]
-            self.vpre = [torch.zeros(T, H, N, D, dtype=self.dtype, device=dev) for _ in range(L)]
+            kv = paged_cache(NB, H, BS, D, self.dtype, dev)
+            store = LayerStore(kv, mirror=False, num_slots=S,
+                               states=torch.zeros(S, H, states, dtype=torch.float32, device=dev))
+            store.selection_cache(self.capacity, self.max_rows)
+            self.kv.append(kv)
+            self.stores.append(store)
+        self.ops = self._ops(P)
         self.configs = configs
-        self.caches = {}  # (layer, group id) -> SelectionCache: the backend's reuse schedule (reselect_every)
-        self._plan(configs)
         self.fid_sum = torch.zeros(C, L, dtype=torch.float64)
         self.fid_n = torch.zeros(C, L, dtype=torch.float64)
 
@@ -235,11 +383,12 @@ class SparseEvalEngine:
             self.phase = "decode"
             nll = torch.empty(R, M, dtype=torch.float32)
             hit = torch.empty(R, M, dtype=torch.bool)
-            feed = feed_ids.to(dev)[self.trial]  # [R, M]
-            tgt = target_ids.to(dev)[self.trial]
+            feed = feed_ids.to(dev)[trial.to(dev)]  # [R, M]
+            tgt = target_ids.to(dev)[trial.to(dev)]
             for j in range(M):
                 self.pos = N + j
-                self.fidelity = j < fidelity_steps
+                self.fidelity = j < fidelity_steps and bool(self.fid_cfg)
+                self._plan_step(N + j + 1)
                 out = self.model(input_ids=feed[:, j:j + 1], position_ids=torch.full((R, 1), N + j, device=dev),
                                  use_cache=False)
                 logits = out.logits[:, -1].float()
@@ -250,60 +399,82 @@ class SparseEvalEngine:
             timing["decode_s"] = time.perf_counter() - t0
         finally:
             _ACTIVE = None
-            self.kv = self.summ = self.states = self.kpre = self.vpre = self.caches = None
+            self.kv = self.stores = self.plans = None
         fid = torch.where(self.fid_n > 0, self.fid_sum / self.fid_n.clamp_min(1), float("nan"))
         return {"nll": nll.view(T, C, M), "hit": hit.view(T, C, M), "fidelity": fid, "timing": timing}
 
-    def _plan(self, configs):
-        """Per-row control tensors and the select groups (rows sharing summaries and, for static, a capacity)."""
-        dev, C, R = self.device, len(configs), self.R
-        ctl = [self.controls(c) for c in configs]
-        self.ctl = ctl
-        self.dense_cfg = [i for i, c in enumerate(configs) if c.mode == "dense"]
-        groups: dict[tuple, list[int]] = {}
-        for i, (c, k) in enumerate(zip(configs, ctl)):
-            if k is None:
+    def _setup_rows(self, configs, fidelity_steps):
+        """The request table (one slot per row: trial-major over configs, then the fidelity rows: each sparse
+        config on each trial's dense row), the prefill scoring rows and the plan groups."""
+        T, C, R, BS = self.T, self.C, self.R, self.BS
+        ps = [self.params(c) for c in configs]
+        dense = [i for i, c in enumerate(configs) if c.mode == "dense"]
+        self.fid_cfg = [i for i, c in enumerate(configs) if c.mode != "dense"] if dense and fidelity_steps else []
+        fid = [(i, t) for i in self.fid_cfg for t in range(T)]  # slot R + k
+        self.fid_src = torch.tensor([t * C + dense[0] for _, t in fid], dtype=torch.long)
+        S = self.slots = R + len(fid)
+        cfg_of = [r % C for r in range(R)] + [i for i, _ in fid]
+        trial_of = [r // C for r in range(R)] + [t for _, t in fid]
+        table = self.table = _Table(S, self.defaults)
+        for s in range(S):
+            p, t = ps[cfg_of[s]], trial_of[s]
+            table.params[s], table.prefill_len[s], table.serial[s] = p, self.N, s + 1
+            # a trial's rows share its prefix blocks (the server's prefix cache): one tag per (trial, method), one
+            # for every stateless method (its scores are content-only), as the server's content tags give
+            table.tag[s] = 2 if stateless(p.method) else 4 + 2 * t
+        # prefill scoring: one fit per (trial, method) a budgeted row uses, copied to that trial's other rows of it
+        self.fits: dict[int, list] = {}  # trial -> [(PrefillRow, sibling slots)]
+        for s in range(S):
+            p, t = ps[cfg_of[s]], trial_of[s]
+            if p.budget == 0:
                 continue
-            key = (c.summ_method, k.cap if c.mode == "static" else None, self.beta_of(c), self.every_of(c))
-            groups.setdefault(key, []).append(i)
-        self.groups = []
-        for (m, static_cap, _, _), cfg_ids in groups.items():
-            rows = torch.tensor([t * C + i for t in range(self.T) for i in cfg_ids], dtype=torch.long)
-            self.groups.append(self._group(m, cfg_ids, rows))
-        self.Smax = max([g["cap"] for g in self.groups] + [1])
-        self.fid_groups = []  # every sparse config evaluated on the dense rows' own q / caches
-        if self.dense_cfg:
-            d = self.dense_cfg[0]
-            drows = torch.tensor([t * C + d for t in range(self.T)], dtype=torch.long)
-            for i, k in enumerate(ctl):
-                if k is not None:
-                    self.fid_groups.append((i, self._group(configs[i].summ_method, [i] * self.T, drows,
-                                                          per_row=True)))
+            fits = self.fits.setdefault(t, [])
+            for row, sib in fits:
+                if row.method == p.method:
+                    sib.append(s)
+                    break
+            else:
+                fits.append((PrefillRow(s, 0, self.N, True, s, p.method, p.mode, table.tag[s]), []))
+        groups: dict[tuple, _Group] = {}
+        for s in range(S):
+            c = configs[cfg_of[s]]
+            key = (self.beta_of(c), self.every_of(c))
+            g = groups.setdefault(key, _Group(*key))
+            (g.rows if s < R else g.fid).append(s)
+        self.groups = list(groups.values())
+        self.max_rows = max(len(g.rows) + len(g.fid) for g in self.groups)
+        for g in self.groups:
+            g.bufs = DecodeBuffers(self.max_rows, self.device)
+        # selection capacity: every row's sink + window + budget (no row overflows into dense)
+        self.capacity = max([sum(p.blocks(BS)[:3]) + 1 for p in ps if p.budget] + [1])
+        self.static = torch.zeros(S + self.max_rows, dtype=torch.bool, device=self.device)
+        self.static[[s for s in range(S) if configs[cfg_of[s]].mode == "static"]] = True
 
-    def beta_of(self, c: Config) -> float:
-        return self.quest_beta if c.beta is None else c.beta
+    def _ops(self, prefix_blocks: int):
+        if self.decode_impl == "triton":
+            ops = EvalTritonOps()
+        else:
+            ops = EvalTorchOps(prefix_blocks, self.decode_impl, self.ref_dtype)
+        ops.static = self.static
+        return ops
 
-    def every_of(self, c: Config) -> int:
-        return self.reselect_every if c.every is None else c.every
-
-    def row_fields(self, c: Config) -> dict:
-        """Extra keys of a result row: the quest_beta and reselect_every a query-aware config ran with, and its
-        sweep variant."""
-        out = ({"quest_beta": self.beta_of(c), "reselect_every": self.every_of(c)}
-               if c.mode in ("quest", "hybrid") else {})
-        return {**out, "variant": c.variant} if c.variant else out
-
-    def _group(self, m, cfg_ids, rows, per_row=False):
-        dev = self.device
-        ks = [self.ctl[i] for i in cfg_ids]
-        if not per_row:  # rows are trial-major over cfg_ids
-            ks = ks * self.T
-        col = lambda f: torch.tensor([getattr(k, f) for k in ks], dtype=torch.int32, device=dev)  # noqa: E731
-        modes = [k.mode for k in ks]
-        return {"method": m, "rows": rows.to(dev), "budget": col("budget"), "sink": col("sink"),
-                "window": col("window"), "mode": col("mode"), "prior": col("prior"),
-                "cap": max(k.cap for k in ks), "need_query": any(x != MODES["prior"] for x in modes),
-                "beta": self.beta_of(self.configs[cfg_ids[0]]), "every": self.every_of(self.configs[cfg_ids[0]])}
+    def _plan_step(self, seq_len: int) -> None:
+        """The backend's planner for this step, once per (quest_beta, reselect_every) group (its rows, plus the
+        fidelity rows in fidelity steps): a uniform plan (every row single-token decode; dense rows as padding)."""
+        self.n = self.slots if self.fidelity else self.R
+        self.seq = torch.full((self.n,), seq_len, dtype=torch.int32, device=self.device)
+        self.plans = []
+        for g in self.groups:
+            rows = g.rows + (g.fid if self.fidelity else [])
+            if not rows:
+                continue
+            idx = torch.tensor(rows, dtype=torch.long)
+            cm = SimpleNamespace(num_reqs=len(rows), query_start_loc_cpu=torch.arange(len(rows) + 1),
+                                 seq_lens_cpu_upper_bound=torch.full((len(rows),), seq_len), req_idx=idx)
+            pl = plan_step(cm, self.BS, g.bufs, self.table, max_selected=self.capacity, fused_dense=True)
+            pl.quest_beta, pl.every = g.beta, g.every
+            whole = len(self.groups) == 1 and rows == list(range(self.n))
+            self.plans.append((None if whole else idx.to(self.device), pl))
 
     # ------------------------------------------------------------------ attention
     def attend(self, module, q, k, v, scaling):
@@ -316,119 +487,49 @@ class SparseEvalEngine:
     def _prefill(self, layer, q, k, v, scale):
         B, Hq, N, D = q.shape
         out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != k.shape[1])
-        P, BS, H = self.P, self.BS, self.Hkv
-        kv = self.kv[layer]
+        P, BS, H = N // self.BS, self.BS, self.Hkv
+        kv, store = self.kv[layer], self.stores[layer]
         t0 = self.prefill_trials[0]
         blocks = slice(t0 * P, (t0 + B) * P)
         kv[blocks, :, :, :D] = k.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
         kv[blocks, :, :, D:] = v.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
-        if self.decode_impl == "batched":
-            self.kpre[layer][t0:t0 + B] = k.to(self.kpre[layer].dtype)
-            self.vpre[layer][t0:t0 + B] = v.to(self.vpre[layer].dtype)
         for t in self.prefill_trials:
-            row = self.bt[t * self.C]
-            for m, obj in self.methods.items():
-                st = score_prefill(kv, self.summ[layer][m], row, 0, N, obj, t, True, use_triton=self.use_triton)
-                self.states[layer][m][t, :, : st.shape[1]] = st
+            fits = self.fits.get(t, [])
+            step.score_prefill_rows(store, [row for row, _ in fits], kv, self.bt)
+            for row, sib in fits:
+                if sib:
+                    store.states[sib] = store.states[row.slot].clone()
         return out.transpose(1, 2)
-
-    def _attn(self, q, kv, bt, seq, ids, counts, scale, rows=None):
-        if self.decode_impl == "triton":
-            return sparse_decode(q, kv, bt, seq, ids, counts, scale=scale)
-        if self.decode_impl == "ref":
-            return sparse_decode_ref(q, kv, bt, seq, ids, counts, scale=scale, dtype=self.ref_dtype)
-        return self._attn_batched(q, kv, ids, counts, scale, rows)
-
-    def _attn_batched(self, q, kv, ids, counts, scale, rows=None):
-        """What ``sparse_decode_ref`` computes (softmax over the selected blocks' valid tokens, in ``ref_dtype``),
-        vectorised: rows of one trial share the prefix K/V, so q of all its rows meets the prefix in one matmul;
-        each row's own tail blocks are a second small batch. ``rows``: batch row -> engine row (default all)."""
-        layer = self._layer
-        T, C, H, P, BS, N = self.T, self.C, self.Hkv, self.P, self.BS, self.P * self.BS
-        dt = self.ref_dtype
-        rows = torch.arange(self.R, device=q.device) if rows is None else rows
-        B, Hq, D = q.shape
-        G = Hq // H
-        nblk = -(-(self.pos + 1) // BS)
-        # block mask [B, H, nblk] from the selection (negative count: dense)
-        j = torch.arange(ids.shape[2], device=q.device)
-        valid = j[None, None, :] < counts[:, :, None].clamp_min(0)
-        bm = torch.zeros(B, H, nblk + 1, dtype=torch.bool, device=q.device)
-        bm.scatter_(2, torch.where(valid, ids.long().clamp_max(nblk), nblk), valid)
-        bm = bm[:, :, :nblk] | (counts < 0)[:, :, None]
-        tok = bm.repeat_interleave(BS, dim=2)  # [B, H, nblk*BS]
-        ntail = self.pos + 1 - N
-        tail_tok = tok[:, :, N:N + ntail]
-        pre_tok = tok[:, :, :N]
-        qg = q.to(dt).reshape(B, H, G, D) * scale
-        trial = self.trial[rows]
-        # prefix: per trial, all of its rows' queries at once
-        s_pre = torch.empty(B, H, G, N, dtype=dt, device=q.device)
-        for t in torch.unique(trial).tolist():
-            r = (trial == t).nonzero()[:, 0]
-            qt = qg[r].permute(1, 0, 2, 3).reshape(H, -1, D)  # [H, n*G, D]
-            st = qt @ self.kpre[layer][t].to(dt).transpose(1, 2)  # [H, n*G, N]
-            s_pre[r] = st.view(H, len(r), G, N).permute(1, 0, 2, 3)
-        tb = kv[T * P:].view(self.R, -1, H, BS, 2 * D)[rows]  # [B, Tb, H, BS, 2D]
-        tb = tb.permute(0, 2, 1, 3, 4).reshape(B, H, -1, 2 * D)[:, :, :ntail].to(dt)
-        s_tail = qg @ tb[..., :D].transpose(2, 3)  # [B, H, G, ntail]
-        s = torch.cat([s_pre, s_tail], -1)
-        m = torch.cat([pre_tok, tail_tok], -1)[:, :, None, :]
-        p = torch.softmax(s.masked_fill(~m, float("-inf")), dim=-1)
-        o = p[..., N:] @ tb[..., D:]  # [B, H, G, D]
-        for t in torch.unique(trial).tolist():
-            r = (trial == t).nonzero()[:, 0]
-            pt = p[r, :, :, :N].permute(1, 0, 2, 3).reshape(H, -1, N)
-            o[r] += (pt @ self.vpre[layer][t].to(dt)).view(H, len(r), G, D).permute(1, 0, 2, 3)
-        return o.reshape(B, Hq, D)
-
-    def _select(self, layer, g, q, seq):
-        """The backend's selection for a group's rows, with its per-row selection cache: query-aware rows
-        re-select every ``reselect_every`` tokens as in serving (rows gathered per batch row)."""
-        rows = g["rows"]
-        key = (layer, id(g))
-        if key not in self.caches:
-            self.caches[key] = SelectionCache.allocate(rows.numel(), self.Hkv, g["cap"], self.device)
-        slots = torch.arange(rows.numel(), dtype=torch.int32, device=self.device)
-        return select_blocks(self.summ[layer][g["method"]], self.bt[rows], seq[rows], g["budget"], g["sink"],
-                             g["window"], g["mode"], g["prior"], self.tags[rows], g["cap"], q=q[rows],
-                             block_size=self.BS, need_query=g["need_query"], use_triton=self.use_triton,
-                             quest_beta=g["beta"], cache=self.caches[key], rows=slots,
-                             every=g["every"]).per_row()
 
     def _decode(self, layer, q, k, v, scale):
         R, Hq, _, D = q.shape
-        BS, pos, H = self.BS, self.pos, self.Hkv
-        self._layer = layer
-        kv = self.kv[layer]
-        phys = self.bt[:, pos // BS].long()
+        BS, pos = self.BS, self.pos
+        kv, store = self.kv[layer], self.stores[layer]
+        phys = self.bt[:R, pos // BS].long()
         kv[phys, :, pos % BS, :D] = k[:, :, 0].to(kv.dtype)
         kv[phys, :, pos % BS, D:] = v[:, :, 0].to(kv.dtype)
-        seq = torch.full((R,), pos + 1, dtype=torch.int32, device=self.device)
-        for m, obj in self.methods.items():  # every row's tail block, in every method's summaries
-            score_decode_tail(kv, self.summ[layer][m], self.bt, seq,
-                              torch.full((R,), METHODS[m].method_id, dtype=torch.int32, device=self.device),
-                              self.states[layer][m][self.trial], self.tags, {METHODS[m].method_id: obj},
-                              use_triton=self.use_triton)
-        qd = q[:, :, 0].contiguous()
-        ids = torch.zeros(R, H, self.Smax, dtype=torch.int32, device=self.device)
-        counts = torch.full((R, H), -1, dtype=torch.int32, device=self.device)  # dense unless selected
-        for g in self.groups:
-            sel = self._select(layer, g, qd, seq)
-            ids[g["rows"], :, : sel.ids.shape[2]] = sel.ids
-            counts[g["rows"]] = sel.kernel_counts()
-        out = self._attn(qd, kv, self.bt, seq, ids, counts, scale)
-        if self.fidelity and self.fid_groups:
-            self._fidelity(layer, qd, kv, seq, out, scale)
-        return out.to(q.dtype)[:, None]
+        qd = q[:, :, 0]
+        if self.n > R:
+            qd = torch.cat([qd, qd[self.fid_src_dev]])
+        qd = qd.contiguous()
+        out = torch.empty(self.n, Hq, D, dtype=q.dtype if self.decode_impl == "triton" else self.ref_dtype,
+                          device=q.device)
+        bt, seq = self.bt[:self.n], self.seq
+        for idx, pl in self.plans:
+            if idx is None:
+                step.run(store, pl, qd, kv, bt, seq, out, scale, BS, self.ops)
+            else:
+                o = out.new_empty(len(idx), Hq, D)
+                step.run(store, pl, qd[idx], kv, bt[idx], seq[idx], o, scale, BS, self.ops)
+                out[idx] = o
+        if self.n > R:
+            self._fidelity(layer, out)
+        return out[:R].to(q.dtype)[:, None]
 
-    def _fidelity(self, layer, qd, kv, seq, out, scale):
-        drows = self.fid_groups[0][1]["rows"]
-        ref = out[drows].double()
-        ref_n = ref.flatten(1).norm(dim=1).clamp_min(1e-30)
-        for i, g in self.fid_groups:
-            sel = self._select(layer, g, qd, seq)
-            o = self._attn(qd[drows], kv, self.bt[drows], seq[drows], sel.ids, sel.kernel_counts(), scale, drows)
-            err = (o.double() - ref).flatten(1).norm(dim=1) / ref_n
-            self.fid_sum[i, layer] += float(err.sum())
-            self.fid_n[i, layer] += err.numel()
+    def _fidelity(self, layer, out):
+        """Relative error of each fidelity row's output vs its dense row's, per (sparse config, layer)."""
+        ref = out[self.fid_src_dev].double().flatten(1)
+        err = (out[self.R:].double().flatten(1) - ref).norm(dim=1) / ref.norm(dim=1).clamp_min(1e-30)
+        err = err.view(len(self.fid_cfg), self.T).cpu()
+        self.fid_sum[self.fid_cfg, layer] += err.sum(1)
+        self.fid_n[self.fid_cfg, layer] += self.T
