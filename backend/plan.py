@@ -61,19 +61,26 @@ class DecodeBuffers:
     (its request slot; padding rows get a private scratch row past the slots, so no two rows share one)."""
 
     FIELDS = ("slot", "method", "col", "srow", "budget", "sink", "window", "mode", "prior", "tag", "label",
-              "sparse", "ctag")
+              "sparse", "ctag", "clock")
 
     def __init__(self, max_rows: int, device):
         self.max_rows = max_rows
         self.buf = torch.zeros(len(self.FIELDS), max_rows, dtype=torch.int64, device=device)
         self.rows = 0
+        self.clock = 0  # the step clock: one tick per fill (per step); every row of a step gets the same value
 
     def field(self, name: str, n: int) -> torch.Tensor:
         return self.buf[self.FIELDS.index(name), :n]
 
-    def fill(self, rows: list[tuple]) -> None:
-        """``rows``: one FIELDS tuple per row."""
+    def fill(self, rows: list[tuple], clock: int | None = None) -> None:
+        """``rows``: one tuple per row of every field but ``clock``, which is the step clock (``clock``, default
+        the next tick): query-aware rows re-select when it is a multiple of ``reselect_every``, so all rows of a
+        step re-select together and the steps between do no bound or selection work, whatever the rows'
+        lengths (a row's own length as the clock put rows of different lengths on different steps, and one
+        re-selecting row costs a whole selection launch's latency)."""
         n = len(rows)
+        self.clock = self.clock + 1 if clock is None else clock
+        rows = [(*r, self.clock) for r in rows]
         if n > self.max_rows:
             raise RuntimeError(f"prescore: {n} decode rows in one step, the buffers hold {self.max_rows}")
         if n:

@@ -87,10 +87,11 @@ class TritonOps:
         srow, cols, mode = f("srow"), f("col"), f("mode")
         budget, sink, window, tag = f("budget"), f("sink"), f("window"), f("tag")
         qb = quest_bounds_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size, beta=beta,
-                                 reuse=(cache, srow, f("ctag"), budget, sink, window, max_selected, every))
+                                 reuse=(cache, srow, f("ctag"), budget, sink, window, max_selected, every, f("clock")))
         select_blocks_triton(store.scores3, store.tags2, bt, sl, budget, sink, window, mode, f("prior"), tag,
                              max_selected, block_size, qb, cache, srow, cols=cols, overflow_dense=True,
-                             stats=(f("sparse"), f("label"), store.acc), every=every, ctags=f("ctag"))
+                             stats=(f("sparse"), f("label"), store.acc), every=every, ctags=f("ctag"),
+                             clocks=f("clock"))
 
     def attend(self, q, kv, bt, sl, cache, srow, scale, out) -> None:
         if out.dtype == q.dtype:  # straight into the layer's output (no temporary, no copy launch)
@@ -120,7 +121,7 @@ class TorchOps:
             select_blocks(store.summ[METHOD_NAMES[c]], bt[r], sl[r], g("budget"), g("sink"), g("window"), g("mode"),
                           g("prior"), g("tag"), max_selected, q=q[r], block_size=block_size, use_triton=False,
                           cache=cache, rows=g("srow"), overflow_dense=True, quest_beta=beta, every=every,
-                          ctags=g("ctag"))
+                          ctags=g("ctag"), clocks=g("clock"))
         # the device counters, as the Triton selection adds them: per sparse row and KV head the selection did
         # not turn dense, (selected tokens, context tokens, selected blocks, context blocks) / H
         kc = cache.kcounts[f("srow").long()].long()  # [n, H]

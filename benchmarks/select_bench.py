@@ -54,16 +54,20 @@ def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: 
     store.tags2.fill_(7)  # every block scored by its row's request (tag 7)
     bb, sink, win, prior = p.blocks(BS)
     col = P.METHOD_NAMES.index(p.method)
-    bufs = DecodeBuffers(B, device)
-    bufs.fill([(b, METHODS[p.method].method_id, col, b, bb, sink, win, MODES[mode_name], prior, 7, 0, 1, 100 + b)
-               for b in range(B)])
-    plan = Plan(bufs=bufs, num_rows=B, num_attend=B, rows=None, tokens=None, prefill=[], dense_rows=[],
-                max_selected=p.capacity_blocks(BS), quest_beta=p.quest_beta, every=every)
-    store.selection_cache(plan.max_selected, B)
+    plans = []
+    for clock in range(max(every, 1)):  # the planner fills the step clock each step: one plan per phase
+        bufs = DecodeBuffers(B, device)
+        bufs.fill([(b, METHODS[p.method].method_id, col, b, bb, sink, win, MODES[mode_name], prior, 7, 0, 1, 100 + b)
+                   for b in range(B)], clock=clock)
+        plans.append(Plan(bufs=bufs, num_rows=B, num_attend=B, rows=None, tokens=None, prefill=[], dense_rows=[],
+                          max_selected=p.capacity_blocks(BS), quest_beta=p.quest_beta, every=every))
+    store.selection_cache(plans[0].max_selected, B)
     scale = (kv.shape[-1] // 2) ** -0.5
+    tick = [0]
 
     def step(q, seq_lens, out):
-        core.decode(store, plan, q, kv, bt, seq_lens, out, scale, BS, ops or core.TRITON)
+        core.decode(store, plans[tick[0] % len(plans)], q, kv, bt, seq_lens, out, scale, BS, ops or core.TRITON)
+        tick[0] += 1
 
     return step
 
@@ -74,7 +78,7 @@ def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=F
         bt = torch.cat([bt, torch.zeros(B, width - bt.shape[1], dtype=bt.dtype, device="cuda")], 1)
     NB = kv.shape[0]
     seq0 = torch.full((B,), L - 16, dtype=torch.int32, device="cuda")
-    if phases == "spread":  # rows at different phases (as in serving); "aligned": one prompt length (scripts/e2e)
+    if phases == "spread":  # rows of different lengths (as in serving); "aligned": one prompt length (scripts/e2e)
         seq0 -= torch.arange(B, dtype=torch.int32, device="cuda") * 3
     q = torch.randn(16, B, HQ, D, device="cuda", generator=gen).to(torch.bfloat16)
     kmin = kv[..., :D].amin(2).contiguous()

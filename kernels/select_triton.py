@@ -105,7 +105,7 @@ def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 
 @triton.jit
 def _select_kernel(
-    SCORES, TAGS, BT, SEQ, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, CTAG, BND, PMAX, WS,
+    SCORES, TAGS, BT, SEQ, CLOCK, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, CTAG, BND, PMAX, WS,
     IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL, SPARSE, LABEL, ACC,
     stride_sc_b, stride_sc_h, stride_sc_m, stride_tg_m, stride_bt_b, stride_bt_n,
     s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
@@ -140,8 +140,8 @@ def _select_kernel(
         hit = same & (old_packed == packed)
         # query-aware rows between re-selections (every EVERY tokens): keep the cached choice, appending the
         # block a new token opened (see _reuse)
-        reuse = _reuse(CKEY, KCOUNTS, r, h, ctag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h,
-                       stride_cn_b)
+        reuse = _reuse(CKEY, KCOUNTS, r, h, ctag, packed, nblk, tl.load(CLOCK + b), mode, S, EVERY, stride_ck_r,
+                       stride_ck_h, stride_cn_b)
         if reuse == 2:
             kc_app = tl.load(KCOUNTS + r * stride_cn_b + h)
             tl.store(IDS + r * stride_id_b + h * stride_id_h + kc_app * stride_id_s, nblk - 1)
@@ -235,15 +235,16 @@ def _packed(nblk, budget, sink, window):
 
 
 @triton.jit
-def _reuse(CKEY, KCOUNTS, r, h, ctag, packed, nblk, seq, mode, S, EVERY, stride_ck_r, stride_ck_h, stride_cn_b):
+def _reuse(CKEY, KCOUNTS, r, h, ctag, packed, nblk, clock, mode, S, EVERY, stride_ck_r, stride_ck_h, stride_cn_b):
     """Whether a query-aware row (mode != MODE_PRIOR) keeps its cached selection this step: 0 = select afresh, 1 = keep
     it (same block count), 2 = keep it and append the block the new token opened. A row re-selects when its
-    length is a multiple of EVERY (EVERY 1: every step), when its request, controls or cached state changed, or
-    when there is no room to append."""
+    ``clock`` (the step clock: every row of a step has the same, so rows re-select together and the other
+    steps skip the bound and selection work; default the row's length) is a multiple of EVERY (EVERY 1: every
+    step), when its request, controls or cached state changed, or when there is no room to append."""
     ck = CKEY + r * stride_ck_r + h * stride_ck_h
     old = tl.load(ck + 1)
     kc = tl.load(KCOUNTS + r * stride_cn_b + h)
-    ok = (tl.load(ck) == ctag) & (mode != MODE_PRIOR) & ((old >> 24) == (packed >> 24)) & ((seq % EVERY) != 0)
+    ok = (tl.load(ck) == ctag) & (mode != MODE_PRIOR) & ((old >> 24) == (packed >> 24)) & ((clock % EVERY) != 0)
     old_n = (old & 0xFFFFFF).to(tl.int32)
     keep = ok & (old_n == nblk)
     app = ok & (old_n == nblk - 1) & (kc >= 0) & (kc < S)
@@ -457,7 +458,7 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                          prior_blocks, req_tags, max_selected, block_size, qbounds=None, cache=None, rows=None,
-                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None):
+                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None, clocks=None):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
@@ -470,7 +471,8 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     returned dense (count -1) instead of dropping must-attend blocks.
 
     ``qbounds = (bnd, pmax)``: :func:`quest_bounds_triton`'s output (query-aware rows). ``every`` (with a cache):
-    a query-aware row re-selects only when its length is a multiple of ``every`` (see ``_reuse``).
+    a query-aware row re-selects only when its clock (``clocks [B]``, default its length) is a multiple of
+    ``every`` (see ``_reuse``).
 
     ``stats = (sparse [B], labels [B], acc [L, 4] float64)``: also add each sparse row's (selected tokens,
     context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (a head
@@ -478,8 +480,10 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     import torch
 
     # per-row controls are indexed by row without strides (contiguous() is free when they already are)
-    seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks, req_tags = (
-        t.contiguous() for t in (seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks, req_tags))
+    clocks = seq_lens if clocks is None else clocks
+    seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks, req_tags, clocks = (
+        t.contiguous() for t in (seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks, req_tags,
+                                 clocks))
     B, MB = block_table.shape
     H = scores.shape[-1]
     S = max_selected
@@ -524,7 +528,7 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         sparse = labels = seq_lens
         acc = torch.empty(1, 4, dtype=torch.float64, device=dev)
     _select_kernel[(B, H)](
-        scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
+        scores, tags, block_table, seq_lens, clocks, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
         req_tags, ctags, bnd, pmax, ws, ids, counts, kcounts, dense, rows, ckey, cols, sparse, labels, acc,
         scores.stride(0), scores.stride(-1), s_sc_m, s_tg_m, block_table.stride(0), block_table.stride(1),
         bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2), NS,
@@ -548,7 +552,7 @@ QB_TILE = 32  # blocks per tile inside a program
 
 
 @triton.jit
-def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, BND, PMAX, ROW, CKEY, KCOUNTS, RTAG, BUDGET, SINK, WINDOW,
+def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, CLOCK, MODE, BND, PMAX, ROW, CKEY, KCOUNTS, RTAG, BUDGET, SINK, WINDOW,
                    scale, beta, S, EVERY,
                    s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d, s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h,
                    s_pm_s, s_ck_r, s_ck_h, s_cn_b, H: tl.constexpr, USE_CACHE: tl.constexpr, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr,
@@ -571,7 +575,7 @@ def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, MODE, BND, PMAX, ROW, CKEY, KCOUNTS, 
         packed = _packed(nblk, tl.load(BUDGET + b).to(tl.int32), tl.load(SINK + b).to(tl.int32),
                          tl.load(WINDOW + b).to(tl.int32))
         live = live & (_reuse(CKEY, KCOUNTS, tl.load(ROW + b), h, tl.load(RTAG + b).to(tl.int64), packed, nblk,
-                              seq, mode, S, EVERY, s_ck_r, s_ck_h, s_cn_b) == 0)
+                              tl.load(CLOCK + b), mode, S, EVERY, s_ck_r, s_ck_h, s_cn_b) == 0)
     if live:
         d = tl.arange(0, D_PAD)
         dm = d < HEAD_SIZE
@@ -628,8 +632,8 @@ def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: 
     key (see :func:`prescore.kernels.selection.quest_bound`); rows in prior mode (0) are skipped. The selection
     kernel combines them into the group's key (:func:`quest_key_from_bounds` is the same in torch).
 
-    ``reuse = (cache, rows, ctags, budget, sink, window, max_selected, every)`` (``ctags``: the cache keys that
-    ``select_blocks_triton`` gets, by default the request tags): also skip the rows that
+    ``reuse = (cache, rows, ctags, budget, sink, window, max_selected, every[, clocks])`` (``ctags``: the cache
+    keys that ``select_blocks_triton`` gets, by default the request tags): also skip the rows that
     ``select_blocks_triton`` with the same arguments will serve from the cache this step."""
     import torch
 
@@ -643,14 +647,15 @@ def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: 
         return bnd, pmax
     seq_lens, mode = seq_lens.contiguous(), mode.contiguous()
     if reuse is not None:
-        cache, rows, rtag, budget, sink, window, S, every = reuse
-        rows, rtag, budget, sink, window = (t.contiguous() for t in (rows, rtag, budget, sink, window))
+        cache, rows, rtag, budget, sink, window, S, every = reuse[:8]
+        clocks = reuse[8] if len(reuse) > 8 and reuse[8] is not None else seq_lens
+        rows, rtag, budget, sink, window, clocks = (t.contiguous() for t in (rows, rtag, budget, sink, window, clocks))
         ckey, kc = cache.key, cache.kcounts
     else:
-        rows = rtag = budget = sink = window = seq_lens
+        rows = rtag = budget = sink = window = clocks = seq_lens
         ckey, kc, S, every = pmax, seq_lens.view(1, -1), 1, 1
     _qbound_kernel[(B * H, NS)](
-        q, kmin, kmax, block_table, seq_lens, mode, bnd, pmax, rows, ckey, kc, rtag, budget, sink, window,
+        q, kmin, kmax, block_table, seq_lens, clocks, mode, bnd, pmax, rows, ckey, kc, rtag, budget, sink, window,
         1.0 / math.sqrt(D), float(beta), int(S), int(every),
         q.stride(0), q.stride(1), block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1),
         kmin.stride(2), bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2),

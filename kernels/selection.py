@@ -133,14 +133,15 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                   need_query: bool | None = None, use_triton: bool | None = None,
                   cache: SelectionCache | None = None, rows: torch.Tensor | None = None,
                   overflow_dense: bool = False, quest_beta: float = 1.0, every: int = 1,
-                  ctags: torch.Tensor | None = None) -> Selection:
+                  ctags: torch.Tensor | None = None, clocks: torch.Tensor | None = None) -> Selection:
     """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode
     (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
     (:mod:`.select_triton`); otherwise this torch implementation runs. ``cache`` + ``rows`` (Triton only): keep
     results per persistent row and skip recomputing prior-mode rows whose block count is unchanged (exact: the
     prior selection only changes at block boundaries); the result then holds the cache buffers and ``rows``
     (``Selection.per_row()`` gathers; ``sparse_decode(..., sel_rows=sel.rows)`` reads them in place). With a
-    cache, ``every`` > 1 makes a query-aware row re-select only when its length is a multiple of ``every``; in
+    cache, ``every`` > 1 makes a query-aware row re-select only when its clock (``clocks [B]``: the backend's
+    step clock, so every row re-selects on the same steps; default its length) is a multiple of ``every``; in
     between it keeps its cached blocks plus each block a new token opens (LServe-style reuse). ``ctags [B]``
     (default ``req_tags``): the cache's key per row, unique per admitted request (request tags are content
     tags and repeat when a prompt is sent again: a new request must never start from an older one's choice)."""
@@ -151,13 +152,14 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     if use_triton:
         return _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows,
-                              overflow_dense, quest_beta, every, ctags)
+                              overflow_dense, quest_beta, every, ctags, clocks)
     if cache is not None:
         fresh = select_blocks(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, False,
                               overflow_dense=overflow_dense, quest_beta=quest_beta)
         return _reuse_torch(fresh, cache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-                            req_tags if ctags is None else ctags, block_size, every)
+                            req_tags if ctags is None else ctags, block_size, every,
+                            seq_lens if clocks is None else clocks)
     B, MB = block_table.shape
     H = summ.scores.shape[1]
     BS = block_size
@@ -225,10 +227,10 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
 
 
 def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks,
-                 mode, ctags, block_size: int, every: int) -> Selection:
+                 mode, ctags, block_size: int, every: int, clocks) -> Selection:
     """The selection cache in torch, with the Triton kernel's rule (``select_triton._reuse``): a query-aware row
-    whose length is not a multiple of ``every`` keeps its cached blocks (appending the block a new token opened);
-    every other row takes the fresh selection. Prior rows always take it (the kernel's prior cache is exact)."""
+    whose clock (the step clock, or its length) is not a multiple of ``every`` keeps its cached blocks
+    (appending the block a new token opened); every other row takes the fresh selection. Prior rows always take it (the kernel's prior cache is exact)."""
     r = rows.long()
     S = cache.ids.shape[2]
     seq = seq_lens.long()
@@ -237,7 +239,7 @@ def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget
     old_tag, old = cache.key[r, :, 0], cache.key[r, :, 1]  # [B, H]
     kc = cache.kcounts[r]
     ok = ((old_tag == ctags.long()[:, None]) & (mode.long() != MODES["prior"])[:, None]
-          & ((old >> 24) == (packed >> 24)[:, None]) & ((seq % every) != 0)[:, None])
+          & ((old >> 24) == (packed >> 24)[:, None]) & ((clocks.long() % every) != 0)[:, None])
     keep = ok & ((old & 0xFFFFFF) == nblk[:, None])
     app = ok & ((old & 0xFFFFFF) == (nblk - 1)[:, None]) & (kc >= 0) & (kc < S)
     take = ~(keep | app)
@@ -299,7 +301,7 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
 
 def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
                    req_tags, max_selected, q, block_size, need_query, cache=None, rows=None,
-                   overflow_dense=False, quest_beta=1.0, every=1, ctags=None) -> Selection:
+                   overflow_dense=False, quest_beta=1.0, every=1, ctags=None, clocks=None) -> Selection:
     from .select_triton import quest_bounds_triton, select_blocks_triton
 
     qb = None
@@ -307,13 +309,13 @@ def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, wind
         if q is None:
             raise ValueError("query-aware selection needs q")
         reuse = None if cache is None else (cache, rows, req_tags if ctags is None else ctags, budget_blocks,
-                                             sink_blocks, window_blocks, max_selected, every)
+                                             sink_blocks, window_blocks, max_selected, every, clocks)
         qb = quest_bounds_triton(q, summ.kmin, summ.kmax, block_table, seq_lens, mode, block_size, beta=quest_beta,
                                  reuse=reuse)
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
         prior_blocks, req_tags, max_selected, block_size, qb, cache, rows, overflow_dense=overflow_dense,
-        every=every, ctags=ctags)
+        every=every, ctags=ctags, clocks=clocks)
     if cache is not None:  # per-slot buffers, not gathered: pass sel_rows=selection.rows to sparse_decode
         return Selection(ids=ids, counts=counts, dense=dense, kcounts=kcounts, rows=rows)
     return Selection(ids=ids, counts=counts, dense=dense.bool(), kcounts=kcounts)

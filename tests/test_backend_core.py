@@ -145,6 +145,25 @@ def test_capture_plans_every_row_as_padding():
     assert not _plan(_cm([2, 1, 1], [2, 1, 1], bt, [0, 1, 2]), bufs, capture=True).uniform
 
 
+def test_plan_fills_one_step_clock_for_every_row():
+    """The planner's step clock: one tick per planned step, the same value in every row of the step (rows of
+    different lengths re-select on the same steps)."""
+    from prescore.backend import params as P
+    from prescore.backend.plan import DecodeBuffers
+    from prescore.backend.requests import TABLE
+
+    TABLE.configure(4, P.PrescoreParams())
+    bt = torch.zeros(3, 40, dtype=torch.int32)
+    bufs = DecodeBuffers(8, "cpu")
+    clocks = []
+    for k in range(3):
+        _plan(_cm([1, 1, 1], [300 + k, 517 + k, 41 + k], bt, [0, 1, 2]), bufs)
+        c = bufs.field("clock", 3).tolist()
+        assert len(set(c)) == 1
+        clocks.append(c[0])
+    assert clocks[1] == clocks[0] + 1 and clocks[2] == clocks[1] + 1
+
+
 @pytest.mark.parametrize("every", [1, 4])
 def test_step_triton_ops_equal_torch_ops(every):
     """The one step, run on the same plans with the Triton ops (the CUDA path; interpreter) and with the torch

@@ -12,7 +12,7 @@ CODE = textwrap.dedent("""
     from prescore.kernels.select_triton import _qbound_kernel, _select_kernel
 
     i64 = "*i64"
-    ptrs = {"SCORES": "*fp32", "TAGS": i64, "BT": "*i32", "SEQ": "*i32", "BUDGET": i64, "SINK": i64,
+    ptrs = {"SCORES": "*fp32", "TAGS": i64, "BT": "*i32", "SEQ": "*i32", "CLOCK": i64, "BUDGET": i64, "SINK": i64,
             "WINDOW": i64, "MODE": i64, "PRIOR": i64, "RTAG": i64, "CTAG": i64, "BND": "*fp32", "PMAX": "*fp32",
             "WS": "*i32", "IDS": "*i32", "COUNTS": "*i32", "KCOUNTS": "*i32", "DENSE": "*i8", "ROW": i64,
             "CKEY": i64, "COL": i64, "SPARSE": i64, "LABEL": i64, "ACC": "*fp64"}
@@ -22,7 +22,7 @@ CODE = textwrap.dedent("""
                       OVERFLOW_DENSE=True, S_PAD=256, STATS=True, G=4, G_PAD=4, NS_PAD=max(2, ch // 128), REG=reg)
             out = compile_for_cuda(_select_kernel, ptrs, cx, scalar="i32")
             assert out.asm["cubin"]
-        qp = {"Q": "*bf16", "KMIN": "*bf16", "KMAX": "*bf16", "BT": "*i32", "SEQ": "*i32", "MODE": i64,
+        qp = {"Q": "*bf16", "KMIN": "*bf16", "KMAX": "*bf16", "BT": "*i32", "SEQ": "*i32", "CLOCK": i64, "MODE": i64,
               "BND": "*fp32", "PMAX": "*fp32", "ROW": i64, "CKEY": i64, "KCOUNTS": "*i32", "RTAG": i64,
               "BUDGET": i64, "SINK": i64, "WINDOW": i64, "scale": "fp32", "beta": "fp32"}
         out = compile_for_cuda(_qbound_kernel, qp, dict(H=8, USE_CACHE=True, HEAD_SIZE=128, D_PAD=128, G=4, G_PAD=4,

@@ -300,12 +300,15 @@ def test_incremental_selection_is_taken():
     assert int(inc.counts[0, 0]) == int(full.counts[0, 0])
 
 
+@pytest.mark.parametrize("clocked", [True, False], ids=["step-clock", "length-clock"])
 @pytest.mark.parametrize("triton", [True, False])
 @pytest.mark.parametrize("every", [1, 4, 5])
-def test_query_aware_reuse_schedule(every, triton):
-    """``every`` > 1 (reselect_every): a quest/hybrid row re-selects when its length is a multiple of ``every``
+def test_query_aware_reuse_schedule(every, triton, clocked):
+    """``every`` > 1 (reselect_every): a quest/hybrid row re-selects when its clock is a multiple of ``every``
     (then it equals a fresh selection exactly) and otherwise keeps its cached blocks, plus the block a new
-    token opened; prior rows are unaffected; a new request in the slot (new tag) re-selects at once."""
+    token opened; prior rows are unaffected; a new request in the slot (new tag) re-selects at once. The clock:
+    the step clock the backend's planner fills (the same for every row: rows of different lengths re-select on
+    the same steps), or by default the row's length."""
     from prescore.kernels import SelectionCache
 
     BS, H = 16, 2
@@ -331,11 +334,13 @@ def test_query_aware_reuse_schedule(every, triton):
             ctags[0] += 100
         args = (summ, bt, s, t([6, 5, 3, 4]), t([1, 1, 1, 1]), t([2, 2, 2, 2]), modes, t([0, 2, 0, 0]), tags, 40)
         fresh = select_blocks(*args, q=qs, block_size=BS, use_triton=True)
+        clk = torch.full((len(lens),), step + 3, dtype=torch.int64) if clocked else None
         got = select_blocks(*args, q=qs, block_size=BS, use_triton=triton, cache=cache, rows=rows,
-                            every=every, ctags=ctags.clone()).per_row()
+                            every=every, ctags=ctags.clone(), clocks=clk).per_row()
         for b in range(len(lens)):
             new_req = (step == 20 and b == 3) or (step == 27 and b == 0)
-            if every == 1 or int(modes[b]) == 0 or int(s[b]) % every == 0 or step == 0 or new_req:
+            tick = step + 3 if clocked else int(s[b])
+            if every == 1 or int(modes[b]) == 0 or tick % every == 0 or step == 0 or new_req:
                 assert torch.equal(fresh.counts[b], got.counts[b]), (step, b)
                 assert torch.equal(fresh.ids[b], got.ids[b]), (step, b)
                 continue
