@@ -18,9 +18,13 @@ prior no share), ``quest_beta`` (the query-aware key q.c + beta * |q|.r of a blo
 midpoint c and half range r: 1 = Quest's upper bound, default 0.5, see results/QUALITY.md) and ``max_selected``
 (tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
 sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated) and
-``reselect_every`` (decode steps, default 4: a quest/hybrid row runs the query-aware selection when its length
-is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step). Token counts are
-rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
+``reselect_every`` (decode steps, default 4: a quest/hybrid row runs the query-aware selection when its clock
+is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step) and
+``reselect_clock`` (``"request"``, the default: the row's own length, so a request's tokens do not depend on
+the step at which it was admitted (the same greedy request twice gives the same tokens), at the cost of about one
+selection launch on most steps when rows of different lengths share a batch; ``"step"``: the engine's step
+count, the same for every row, so the rows of a batch re-select together and the other steps skip the
+selection, but a request's tokens depend on its admission step). Token counts are rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
 first layer's prefill scoring and selections. ``methods`` (a list of method names, default the default
 ``method`` plus every stateless method) is what the server offers: each stateful method offered costs its fitted
 state per request slot and layer (allocated before vLLM sizes the KV cache), and a request for a method not
@@ -48,6 +52,7 @@ METHOD_NAMES = tuple(METHODS)  # the scoring-method registry (kernels/scoring.py
 PREFIX = "prescore_"
 ENV_CONFIG = "PRESCORE_CONFIG"
 MAX_TOKENS = 1 << 24
+RESELECT_CLOCKS = ("step", "request")
 
 
 @dataclass(frozen=True)
@@ -62,6 +67,7 @@ class PrescoreParams:
     quest_beta: float = 0.5
     max_selected: int = 8192
     reselect_every: int = 4
+    reselect_clock: str = "request"  # by the row's length (reproducible); "step": rows re-select together
     # server policy (never per request)
     min_budget: int = 0
     max_budget: int = MAX_TOKENS
@@ -96,7 +102,7 @@ def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float,
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
 POLICY_FIELDS = ("min_budget", "max_budget", "allow_dense", "max_attended")
 CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected",
-                                   "reselect_every") + POLICY_FIELDS + ("debug", "methods")
+                                   "reselect_every", "reselect_clock") + POLICY_FIELDS + ("debug", "methods")
 # environment variables that override the config (prescore-serve's flags set them)
 ENV_POLICY = {"PRESCORE_DEFAULT_BUDGET": "budget", "PRESCORE_MIN_BUDGET": "min_budget",
               "PRESCORE_MAX_BUDGET": "max_budget", "PRESCORE_ALLOW_DENSE": "allow_dense",
@@ -133,6 +139,10 @@ def _check(field: str, value, shown: str):
     if field == "reselect_every":
         if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= 1024:
             raise _err(f"{shown} must be an integer in [1, 1024] (decode steps), got {_show(value)}", shown, value)
+        return value
+    if field == "reselect_clock":
+        if value not in RESELECT_CLOCKS:
+            raise _err(f"{shown} must be one of {', '.join(RESELECT_CLOCKS)}; got {_show(value)}", shown, value)
         return value
     if field == "method":
         if value not in METHOD_NAMES:

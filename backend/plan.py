@@ -72,15 +72,17 @@ class DecodeBuffers:
     def field(self, name: str, n: int) -> torch.Tensor:
         return self.buf[self.FIELDS.index(name), :n]
 
-    def fill(self, rows: list[tuple], clock: int | None = None) -> None:
-        """``rows``: one tuple per row of every field but ``clock``, which is the step clock (``clock``, default
-        the next tick): query-aware rows re-select when it is a multiple of ``reselect_every``, so all rows of a
-        step re-select together and the steps between do no bound or selection work, whatever the rows'
-        lengths (a row's own length as the clock put rows of different lengths on different steps, and one
-        re-selecting row costs a whole selection launch's latency)."""
+    def fill(self, rows: list[tuple], clock: int | list[int] | None = None) -> None:
+        """``rows``: one tuple per row of every field but ``clock``: query-aware rows re-select when their clock
+        is a multiple of ``reselect_every``. ``clock``: None, the step clock's next tick (every row of the step
+        the same: rows re-select together and the steps between do no bound or selection work, whatever the
+        rows' lengths); an int, that step clock; a list, one clock per row (``reselect_clock`` "request": the
+        rows' lengths)."""
         n = len(rows)
-        self.clock = self.clock + 1 if clock is None else clock
-        rows = [(*r, self.clock) for r in rows]
+        if clock is None or isinstance(clock, int):
+            self.clock = self.clock + 1 if clock is None else clock
+            clock = [self.clock] * n
+        rows = [(*r, c) for r, c in zip(rows, clock)]
         if n > self.max_rows:
             raise RuntimeError(f"prescore: {n} decode rows in one step, the buffers hold {self.max_rows}")
         if n:
@@ -158,6 +160,7 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
         bufs.fill([_pad_fields(0, scratch + i) for i in range(n)])
         return Plan(bufs, n, n, None, None, [], [], **consts)
     seq = compat.host_seq_lens(cm).tolist()
+    by_length = d.reselect_clock == "request"  # else the step clock (DecodeBuffers.fill)
     slots = table.slots(n, compat.req_slots(cm))
     rows = [(i, slots[i], *classify(qlens[i], int(seq[i]), slots[i], table, block_size)) for i in range(n)]
     prefill = [PrefillRow(i, int(seq[i]) - qlens[i], int(seq[i]), int(seq[i]) >= table.prefill_len[s], s,
@@ -170,13 +173,14 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
                            table.tag[s] if stateless(p.method) else 0)
                 for i, s, kind, p, _ in rows if kind == DENSE and qlens[i] > 1 and p.budget > 0]
     if fused_dense and fits and all(kind != PREFILL for _, _, kind, _, _ in rows):
-        bufs.fill([f if kind == DECODE else _pad_fields(s, scratch + i) for i, s, kind, _, f in rows])
+        bufs.fill([f if kind == DECODE else _pad_fields(s, scratch + i) for i, s, kind, _, f in rows],
+                  clock=[int(x) for x in seq] if by_length else None)
         return Plan(bufs, n, n, None, None, [], [], **consts)
     attend = [(i, f) for i, _, kind, _, f in rows if kind == DECODE and (fused_dense or f[_SPARSE])]
     scored = [(i, f) for i, _, kind, _, f in rows if kind == DECODE and not (fused_dense or f[_SPARSE])]
     dense_rows = sorted(set(range(n)) - {i for i, _ in attend})
     dec = attend + scored
-    bufs.fill([f for _, f in dec])
+    bufs.fill([f for _, f in dec], clock=[int(seq[i]) for i, _ in dec] if by_length else None)
     dev = bufs.buf.device
     return Plan(bufs, len(dec), len(attend), torch.tensor([i for i, _ in dec], dtype=torch.long, device=dev),
                 torch.tensor([qsl[i] for i, _ in dec], dtype=torch.long, device=dev), prefill, dense_rows, **consts)

@@ -146,13 +146,13 @@ def test_capture_plans_every_row_as_padding():
 
 
 def test_plan_fills_one_step_clock_for_every_row():
-    """The planner's step clock: one tick per planned step, the same value in every row of the step (rows of
-    different lengths re-select on the same steps)."""
+    """reselect_clock "step": one tick per planned step, the same value in every row of the step (rows of
+    different lengths re-select on the same steps); "request" (default): each row's length."""
     from prescore.backend import params as P
     from prescore.backend.plan import DecodeBuffers
     from prescore.backend.requests import TABLE
 
-    TABLE.configure(4, P.PrescoreParams())
+    TABLE.configure(4, P.PrescoreParams(reselect_clock="step"))
     bt = torch.zeros(3, 40, dtype=torch.int32)
     bufs = DecodeBuffers(8, "cpu")
     clocks = []
@@ -162,6 +162,9 @@ def test_plan_fills_one_step_clock_for_every_row():
         assert len(set(c)) == 1
         clocks.append(c[0])
     assert clocks[1] == clocks[0] + 1 and clocks[2] == clocks[1] + 1
+    TABLE.configure(4, P.PrescoreParams())  # the default: by the row's length (reproducible)
+    _plan(_cm([1, 1, 1], [300, 517, 41], bt, [0, 1, 2]), bufs)
+    assert bufs.field("clock", 3).tolist() == [300, 517, 41]
 
 
 @pytest.mark.parametrize("every", [1, 4])

@@ -58,6 +58,10 @@ def test_server_defaults_env_then_additional_config():
         P.load_defaults({"prescore": {"quest_beta": 1.5}}, env={})
     with pytest.raises(Exception, match="prescore_quest_beta"):  # server-wide only, not per request
         P.validate_request({"prescore_quest_beta": 0.5})
+    assert P.load_defaults({}, env={}).reselect_clock == "request"
+    assert P.load_defaults({"prescore": {"reselect_clock": "step"}}, env={}).reselect_clock == "step"
+    with pytest.raises(ValueError, match="additional_config.prescore.reselect_clock"):
+        P.load_defaults({"prescore": {"reselect_clock": "length"}}, env={})
 
 
 def _bu(removed=(), added=(), moved=()):
