@@ -25,6 +25,7 @@ import argparse
 import json
 import math
 import time
+from dataclasses import replace
 
 import torch
 
@@ -91,28 +92,26 @@ def main() -> int:
     configs = [E.Config("dense", "dense", None)] + [E.Config(f"v{i}", "quest", args.budget)
                                                     for i in range(len(variants))]
 
-    def controls(self, c):
+    def params(self, c):  # the config boundary: each variant's own sink / window, quest mode
         if c.mode == "dense":
-            return None
+            return orig_params(self, c)
         _, sink, window = variants[int(c.method[1:])]
         BS = self.BS
         sb, wb, tb = -(-sink // BS), -(-window // BS), c.budget // BS
-        return E.Controls(tb - sb - wb, sb, wb, E.MODES["quest"], 0, tb)
+        return replace(self.defaults, method="keynorm", mode="quest", sink=sink, window=window,
+                       budget=(tb - sb - wb) * BS)
 
-    orig_group, orig_select = E.SparseEvalEngine._group, E.SparseEvalEngine._select
+    orig_params, orig_select = E.SparseEvalEngine.params, E.EvalTorchOps.select
 
-    def group(self, m, cfg_ids, rows, per_row=False):
-        g = orig_group(self, m, cfg_ids, rows, per_row)
-        g["fid_cfg"] = cfg_ids[0] if per_row else None  # fidelity groups run one config on the dense rows
-        return g
-
-    def select(self, layer, g, q, seq):
-        _STATE.update(eng=self, layer=layer, rows=g["rows"], seq=seq[g["rows"]], fid_cfg=g["fid_cfg"])
-        return orig_select(self, layer, g, q, seq)
+    def select(self, store, q, bt, sl, f, *args):  # every row of these configs is in the keynorm column
+        eng = _STATE["eng"]
+        _STATE.update(layer=eng.stores.index(store), rows=f("srow").long(), seq=sl)
+        return orig_select(self, store, q, bt, sl, f, *args)
 
     def bound(q, kmin, kmax, in_ctx, beta=1.0):
-        eng, rows = _STATE["eng"], _STATE["rows"]
-        cfg = (rows % eng.C) - 1 if _STATE["fid_cfg"] is None else torch.full_like(rows, _STATE["fid_cfg"] - 1)
+        eng, rows = _STATE["eng"], _STATE["rows"]  # request slots: model rows, then fidelity rows, then padding
+        fid = torch.tensor(eng.fid_cfg or [0]).to(rows.device)[((rows - eng.R) // eng.T).clamp(0, len(eng.fid_cfg) - 1)]
+        cfg = torch.where(rows < eng.R, rows % eng.C, torch.where(rows < eng.slots, fid, 0)) - 1  # -1: dense
         out = torch.empty(q.shape[0], q.shape[1], kmin.shape[2], dtype=torch.float32, device=q.device)
         D = q.shape[-1]
         def group_key(name, sel):
@@ -120,7 +119,8 @@ def main() -> int:
             best = torch.where(in_ctx[sel][:, None, None, :], raw, float("-inf")).amax(-1, keepdim=True)
             return torch.logsumexp((raw - best) / math.sqrt(D), dim=2)
 
-        for vi in torch.unique(cfg).tolist():
+        out[cfg < 0] = 0.0  # dense rows (padding): never ranked
+        for vi in [v for v in torch.unique(cfg).tolist() if v >= 0]:
             sel = (cfg == vi).nonzero()[:, 0]
             name, sink, window = variants[vi]
             if not name.startswith("refine"):
@@ -135,11 +135,12 @@ def main() -> int:
             out[sel] = torch.where(short, group_key("oracle", sel), torch.full_like(approx, -1e30))
         return out
 
-    E.SparseEvalEngine.controls, E.SparseEvalEngine._group, E.SparseEvalEngine._select = controls, group, select
+    E.SparseEvalEngine.params, E.EvalTorchOps.select = params, select
     S.quest_bound = bound
     name, path = resolve_model(args.model)
     tok, model = load_model(path, args.device, torch.float32 if args.device == "cpu" else torch.bfloat16)
     eng = E.SparseEvalEngine(model, block_size=16, use_triton=False)
+    _STATE["eng"] = eng
     t0 = time.time()
     rows, fid, timing = ppl_task(eng, tok, load_texts(), configs, args.context, args.decode, args.trials,
                                  fidelity_steps=4, trial_batch=args.trials)
