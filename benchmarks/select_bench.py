@@ -33,11 +33,15 @@ from kernels.select_triton import quest_bounds_triton, select_blocks_triton  # n
 from kernels.selection import MODES  # noqa: E402
 
 
-def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: int, device, ops=None):
+def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: int, device, ops=None,
+                lengths=None, steps: int = 16):
     """The backend's decode step (``prescore.backend.step.decode`` with the Triton ops: tail scoring, query-aware
     bound + selection into the per-slot cache, sparse decode) on a :class:`LayerStore` over ``kv``, a uniform plan
     of ``B = bt.shape[0]`` budgeted rows with the server's default settings (``PrescoreParams``) at ``budget`` /
-    ``mode_name`` / ``every``. Returns ``step(q, seq_lens, out)``. ``ops``: the step's op set (default Triton)."""
+    ``mode_name`` / ``every``. Returns ``step(q, seq_lens, out)``. ``ops``: the step's op set (default Triton).
+    ``reselect_clock``: "step" (``lengths`` None: the planner's step clock, one plan per phase) or "request"
+    (``lengths [B]``: the rows' lengths at the first of ``steps`` consecutive calls, each call one token longer:
+    one plan per call with those lengths as the clocks, as the planner fills them)."""
     from prescore.backend import params as P
     from prescore.backend import step as core
     from prescore.backend.plan import DecodeBuffers, Plan
@@ -55,7 +59,8 @@ def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: 
     bb, sink, win, prior = p.blocks(BS)
     col = P.METHOD_NAMES.index(p.method)
     plans = []
-    for clock in range(max(every, 1)):  # the planner fills the step clock each step: one plan per phase
+    clocks = range(max(every, 1)) if lengths is None else [[int(x) + i for x in lengths] for i in range(steps)]
+    for clock in clocks:  # what the planner fills each step: one plan per phase of the step clock, or per call
         bufs = DecodeBuffers(B, device)
         bufs.fill([(b, METHODS[p.method].method_id, col, b, bb, sink, win, MODES[mode_name], prior, 7, 0, 1, 100 + b)
                    for b in range(B)], clock=clock)
@@ -72,7 +77,7 @@ def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: 
     return step
 
 
-def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=False):
+def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=False, clock="request"):
     kv, bt = paged_cache(B, L, gen)
     if width > bt.shape[1]:  # the block table of a server with a longer max_model_len (width x block size)
         bt = torch.cat([bt, torch.zeros(B, width - bt.shape[1], dtype=bt.dtype, device="cuda")], 1)
@@ -93,7 +98,8 @@ def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=F
     beta = p.quest_beta
     out = torch.empty(B, HQ, D, dtype=torch.bfloat16, device="cuda")
     seqs = [seq0 + i for i in range(16)]
-    row = dict(B=B, L=L, budget=budget, mode=mode_name, reselect_every=every, width=bt.shape[1], phases=phases)
+    row = dict(B=B, L=L, budget=budget, mode=mode_name, reselect_every=every, width=bt.shape[1], phases=phases,
+               reselect_clock=clock)
     qb = quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=beta)
     row["bound_ms"] = graph_time_ms(lambda: quest_bounds_triton(q[0], kmin, kmax, bt, seqs[0], mode, BS, beta=beta), 4)
     row["select_ms"] = graph_time_ms(lambda: select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode,
@@ -101,7 +107,8 @@ def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=F
     ids, counts, kc, _ = select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode, prior, rtag, cap, BS, qb)
     row["decode_ms"] = graph_time_ms(lambda: sparse_decode(q[0], kv, bt, seqs[0], ids, kc, out=out), 4)
 
-    step = shared_step(kv, bt, scores, kmin, kmax, budget, mode_name, every, "cuda")
+    step = shared_step(kv, bt, scores, kmin, kmax, budget, mode_name, every, "cuda",
+                       lengths=seq0.tolist() if clock == "request" else None)
 
     def steps():
         for i in range(16):
@@ -111,8 +118,9 @@ def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=F
     if profile:
         row["kernels_us"] = kernel_profile(steps, 16)
     row["sel_ms"] = row["step_ms"] - row["decode_ms"]
-    k_c = kv[..., :D][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
-    v_c = kv[..., D:][bt.long()].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+    ctx = bt[:, : L // BS].long()  # the context's blocks (a --width table is padded past them)
+    k_c = kv[..., :D][ctx].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
+    v_c = kv[..., D:][ctx].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
     row["dense_sdpa_ms"] = graph_time_ms(lambda: F.scaled_dot_product_attention(q[0][:, :, None], k_c, v_c,
                                                                                   enable_gqa=True), 4)
     row["speedup_vs_sdpa"] = row["dense_sdpa_ms"] / row["step_ms"]
@@ -181,26 +189,29 @@ def main(argv=None):
                     "default: the context's own)")
     ap.add_argument("--phases", choices=("spread", "aligned"), default="spread",
                     help="rows at different lengths (re-select on different steps) or one length")
+    ap.add_argument("--clocks", default="request", help="reselect_clock values to run (request,step)")
     ap.add_argument("--profile", action="store_true", help="also the device time per kernel (us per step)")
     a = ap.parse_args(argv)
     gen = torch.Generator(device="cuda").manual_seed(0)
     check(gen)
     rows = []
-    hdr = f"{'B':>3} {'L':>7} {'mode':>7} {'every':>5} {'bound':>8} {'select':>8} {'decode':>8} {'sel/step':>8} " \
-          f"{'step':>8} {'sdpa':>8} {'x sdpa':>6}"
-    print(torch.cuda.get_device_name(), torch.__version__, flush=True)
+    hdr = f"{'B':>3} {'L':>7} {'mode':>7} {'every':>5} {'clock':>7} {'bound':>8} {'select':>8} {'decode':>8} " \
+          f"{'sel/step':>8} {'step':>8} {'sdpa':>8} {'x sdpa':>6}"
+    print(torch.cuda.get_device_name(), torch.__version__, f"width {a.width or 'context'}, phases {a.phases}",
+          flush=True)
     print(hdr, flush=True)
     for shape in a.shapes.split(","):
         B, L = (int(x) for x in shape.split("x"))
         for m in a.modes.split(","):
             for e in (int(x) for x in a.every.split(",")):
-                r = run(B, L, a.budget, m, e, gen, a.width, a.phases, a.profile)
-                rows.append(r)
-                print(f"{B:>3} {L:>7} {m:>7} {e:>5} {r['bound_ms']:8.4f} {r['select_ms']:8.4f} {r['decode_ms']:8.4f} "
-                      f"{r['sel_ms']:8.4f} {r['step_ms']:8.4f} {r['dense_sdpa_ms']:8.4f} {r['speedup_vs_sdpa']:6.2f}",
-                      flush=True)
-                for name, us in (r.get("kernels_us") or {}).items():
-                    print(f"      {us:9.2f} us/step  {name}", flush=True)
+                for c in a.clocks.split(","):
+                    r = run(B, L, a.budget, m, e, gen, a.width, a.phases, a.profile, c)
+                    rows.append(r)
+                    print(f"{B:>3} {L:>7} {m:>7} {e:>5} {c:>7} {r['bound_ms']:8.4f} {r['select_ms']:8.4f} "
+                          f"{r['decode_ms']:8.4f} {r['sel_ms']:8.4f} {r['step_ms']:8.4f} {r['dense_sdpa_ms']:8.4f} "
+                          f"{r['speedup_vs_sdpa']:6.2f}", flush=True)
+                    for name, us in (r.get("kernels_us") or {}).items():
+                        print(f"      {us:9.2f} us/step  {name}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
