@@ -15,6 +15,8 @@ Decode rows (Hq=32, Hkv=8, D=128, bf16, block 16, vLLM's GPU cache layout, shuff
 ``sparse_ms``      prior-mode selection + our kernel, per step of a 16-step decode run (the selection is kept
                    per request slot and recomputed when the row's block count changes, once per run here);
 ``sparse_nocache_ms`` the same with the selection recomputed on every call;
+``step_prior_ms``  the backend's own decode step in prior mode (``step.decode``, server defaults; needs prescore
+                   installed), per step of a 16-step run;
 ``ideal_ms``       bytes of the selected K/V at the measured device-to-device copy bandwidth.
 Every time is the median over CUDA-graph replays of R calls with rotating inputs (different queries and
 selections each call), divided by R; the dense baseline is measured in the same run.
@@ -312,16 +314,41 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
             sparse_decode(qs[i], kv, bt, seq, sel.ids, sel.kcounts, out=out, **cfg)
 
         sph = graph_time_ms(sparse_hybrid, reps=rot)
+        stp = backend_step_ms(kv, bt, summs[0], budget, qs, L)
         rows.append(dict(B=B, L=L, budget=budget, selected_tokens_per_head=sel_tokens // (B * HKV),
                          dense_sdpa_ms=round(dense_sdpa, 5), dense_paged_ms=round(dense_paged, 5),
                          sparse_ms=round(sp, 5), sparse_nocache_ms=round(sp_nocache, 5),
                          sparse_kernel_ms=round(spk, 5), sparse_hybrid_ms=round(sph, 5),
+                         step_prior_ms=None if stp is None else round(stp, 5),
                          ideal_ms=round(ideal, 5),
                          bw_fraction=round(ideal / sp, 4), speedup_vs_sdpa=round(dense_sdpa / sp, 2),
                          dense_paged_vs_sdpa=round(dense_paged / dense_sdpa, 4), dense_paged_rel_err=dense_err))
     del kv, bt, summs, kmin, kmax
     torch.cuda.empty_cache()
     return rows
+
+
+def backend_step_ms(kv, bt, summ, budget: int, qs, L: int) -> float | None:
+    """``step_prior_ms``: one layer of a decode step as the server runs it in ``prior`` mode at ``budget`` (the
+    backend's ``step.decode``: tail scoring, selection into the per-slot cache, sparse decode; server defaults for
+    sink/window), 16 consecutive steps in one CUDA graph (``select_bench.shared_step``). None without an installed
+    prescore (``pip install -e .``)."""
+    try:
+        from select_bench import shared_step  # same folder; needs the installed prescore (the backend's step)
+    except ImportError as e:
+        print(f"step_prior_ms skipped: {e}", flush=True)
+        return None
+    B = bt.shape[0]
+    step = shared_step(kv, bt, summ.scores, summ.kmin.contiguous(), summ.kmax.contiguous(), budget, "prior", 1,
+                       "cuda")
+    out = torch.empty(B, HQ, D, dtype=torch.bfloat16, device="cuda")
+    seqs = [torch.full((B,), L - 24 + j, dtype=torch.int32, device="cuda") for j in range(16)]
+
+    def steps():
+        for j in range(16):
+            step(qs[j % len(qs)], seqs[j], out)
+
+    return graph_time_ms(steps, reps=1) / 16
 
 
 def scoring_rows(L: int, gen: torch.Generator) -> list[dict]:
@@ -612,12 +639,13 @@ def main(argv=None):
         traceback.print_exc()
         scoring = []
     hdr = f"{'B':>3} {'L':>7} {'budget':>6} {'sdpa ms':>8} {'paged ms':>9} {'sparse ms':>9} {'ideal ms':>8} " \
-          f"{'bw frac':>7} {'x sdpa':>7} {'paged/sdpa':>10}"
+          f"{'bw frac':>7} {'x sdpa':>7} {'paged/sdpa':>10} {'step ms':>8}"
     print("\n" + hdr)
     for r in decode:
+        stp = r.get("step_prior_ms")
         print(f"{r['B']:>3} {r['L']:>7} {r['budget']:>6} {r['dense_sdpa_ms']:>8.4f} {r['dense_paged_ms']:>9.4f} "
               f"{r['sparse_ms']:>9.4f} {r['ideal_ms']:>8.4f} {r['bw_fraction']:>7.2f} {r['speedup_vs_sdpa']:>7.1f} "
-              f"{r['dense_paged_vs_sdpa']:>10.3f}")
+              f"{r['dense_paged_vs_sdpa']:>10.3f} {'-' if stp is None else f'{stp:8.4f}':>8}")
     print_scoring(scoring)
     res = {"device": dev, "copy_gbps": round(gbps, 1), "torch": torch.__version__,
            "command": "python benchmarks/kernels_bench.py --out results/kernels-h100.json",
