@@ -11,22 +11,25 @@ MODEL=${MODEL:-/tmp/llama3-8b-dummy}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 PORT=8765
-for run in ${RUNS:-prescore:2048 FLASH_ATTN:none}; do
-  be=${run%%:*}; budget=${run#*:}
+# RUNS: backend:budget[:reselect_clock] (prescore's clock: request, the default, or step)
+for run in ${RUNS:-prescore:2048 prescore:2048:step FLASH_ATTN:none}; do
+  IFS=: read -r be budget clock <<< "$run"
+  tag=$be-$budget${clock:+-$clock}
   extra=()
-  [ "$be" = prescore ] && extra=(--additional-config "{\"prescore\": {\"budget\": $budget}}")
-  echo "[serve_bench $(date +%T)] $be budget=$budget"
+  [ "$be" = prescore ] && extra=(--additional-config \
+    "{\"prescore\": {\"budget\": $budget${clock:+, \"reselect_clock\": \"$clock\"}}}")
+  echo "[serve_bench $(date +%T)] $tag"
   vllm serve "$MODEL" --load-format dummy --attention-backend "$be" --max-model-len 34816 --max-num-seqs 16 \
-    --host 127.0.0.1 --port $PORT "${extra[@]}" > "$RES/server-$be.log" 2>&1 &
+    --host 127.0.0.1 --port $PORT "${extra[@]}" > "$RES/server-$tag.log" 2>&1 &
   pid=$!
   for _ in $(seq 300); do curl -sf 127.0.0.1:$PORT/health >/dev/null && break; sleep 1; done
   vllm bench serve --backend vllm --base-url http://127.0.0.1:$PORT --model "$MODEL" --dataset-name random \
     --random-input-len "${INLEN:-32768}" --random-output-len "${OUTLEN:-1024}" --ignore-eos \
     --max-concurrency "${CONC:-8}" --num-prompts "${PROMPTS:-64}" --num-warmups "${WARMUPS:-8}" \
     --percentile-metrics ttft,tpot,itl,e2el \
-    --metric-percentiles 50,99 --save-result --result-dir "$RES" --result-filename "bench-$be-$budget.json" \
-    > "$RES/bench-$be.log" 2>&1
-  echo "[serve_bench $(date +%T)] $be bench rc=$?"; grep -E "throughput|TTFT|TPOT|Failed" "$RES/bench-$be.log" | head -12
-  grep -E "prescore:" "$RES/server-$be.log" | head -3
+    --metric-percentiles 50,99 --save-result --result-dir "$RES" --result-filename "bench-$tag.json" \
+    > "$RES/bench-$tag.log" 2>&1
+  echo "[serve_bench $(date +%T)] $be bench rc=$?"; grep -E "throughput|TTFT|TPOT|Failed" "$RES/bench-$tag.log" | head -12
+  grep -E "prescore:" "$RES/server-$tag.log" | head -3
   kill $pid; wait $pid 2>/dev/null
 done

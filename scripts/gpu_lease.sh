@@ -1,0 +1,41 @@
+#!/usr/bin/env bash
+# One H100 lease for issues 14/15: the default mode end to end vs FA3 (8 x 32k, 1 x 131k, 8 x 16k in one engine
+# each, max_model_len 131072, budgets 2048/512/4096), `vllm bench serve` (prescore with each reselect_clock, then
+# stock FA3), the selection bench, and issue 15's start check. STEPS picks and orders (default below).
+# Started by scripts/gpu_lease_start.sh after the devgpu bundle is unpacked.
+set -uo pipefail
+RES=${1:-/tmp/res}
+mkdir -p "$RES"
+cd "$(dirname "$0")/.."
+python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > "$RES/install.log" 2>&1
+export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
+log() { echo "[lease $(date +%T)] $*"; }
+[ -d /tmp/llama3-8b-dummy ] || python3 "${DUMMY:-/tmp/tools/dummy_model.py}" /tmp/llama3-8b-dummy
+for step in ${STEPS:-e2e serve sel defaults}; do
+  case $step in
+    e2e)
+      for run in ${RUNS:-PRESCORE:hybrid FLASH_ATTN:none}; do
+        be=${run%%:*}; mode=${run#*:}
+        log "e2e $be $mode"
+        python3 scripts/e2e_h100.py --backend "$be" --mode "$mode" --graphs \
+          --workloads "${WORKLOADS:-8x32768,1x130816,8x16384}" --max-model-len 131072 \
+          --budgets "${BUDGETS:-2048,512,4096}" --out "$RES/e2e-$be-$mode.json" > "$RES/e2e-$be-$mode.log" 2>&1
+        log "e2e $be rc=$?"; grep "^ROW" "$RES/e2e-$be-$mode.log"
+      done ;;
+    serve)
+      log "serve bench"; bash scripts/serve_bench.sh "$RES/serve"; log "serve bench rc=$?"
+      python3 scripts/collect_serve_bench.py --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
+        --vllm "$(python3 -c 'import vllm; print(vllm.__version__)')" --out "$RES/serve-bench.json" \
+        "$RES"/serve/bench-*.json > "$RES/serve-collect.log" 2>&1; log "collect rc=$?" ;;
+    sel)
+      log "select bench"
+      python3 benchmarks/select_bench.py --modes hybrid --every 4 --clocks request,step --width 8192 \
+        --shapes "${SEL_SHAPES:-8x33024,32x33024,1x131072,8x131072}" --profile --out "$RES/select-bench.json" \
+        > "$RES/select-bench.log" 2>&1
+      log "select bench rc=$?" ;;
+    defaults)
+      log "defaults (issue 15)"; bash scripts/defaults_h100.sh "$RES/defaults"; log "defaults rc=$?" ;;
+  esac
+done
+touch "$RES/DONE"
+log done

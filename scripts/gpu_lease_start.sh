@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# Start the GPU lease's jobs detached (scripts/gpu_lease.sh), from a private copy of the repo.
+#   call 1 (carry .devgpu/c00):  bash .devgpu/c00/unpack
+#   call 2 (carry .devgpu/c01), within 30 s:
+#       eval "$(bash .devgpu/c01/unpack)"; STEPS="e2e serve sel defaults" bash scripts/gpu_lease_start.sh
+#   (never pipe that eval: a pipe runs it in a subshell and the jobs lose vLLM's PYTHONPATH; session 7 lost a
+#   lease that way.) Then, call after call, short waits so each brings back what exists (a machine taken back
+#   mid-call returns nothing; session 8 lost 6 minutes that way):
+#       bash /tmp/devgpu/bg wait lease 240 '/tmp/res/*.json' '/tmp/res/*.log'
+#   (bg names its own log lease/lease.log: keep result files' names different from the job's.)
+set -u
+mkdir -p /tmp/repo /tmp/res /tmp/tools
+[ -f /tmp/repo/pyproject.toml ] || tar --exclude=./.devgpu --exclude=./.gpu_old -cf - . | tar -xf - -C /tmp/repo
+[ -f .devgpu/c01/tools/dummy_model.py ] && cp .devgpu/c01/tools/dummy_model.py /tmp/tools/
+cd /tmp/repo
+bash /tmp/devgpu/bg start lease -- env STEPS="${STEPS:-e2e serve sel defaults}" bash scripts/gpu_lease.sh /tmp/res
