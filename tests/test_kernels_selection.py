@@ -2,10 +2,13 @@
 
 import pytest
 import torch
+import triton
+import triton.language as tl
 
 from kernel_utils import MODE_NAMES, QUERY_MODES, make_paged, rel_err
 from prescore.kernels import (MODES, BlockSummaries, get_method, score_prefill, select_blocks, select_blocks_ref,
                               sparse_decode, sparse_decode_ref)
+from prescore.kernels.select_triton import _threshold_reg, _top_reg, _ukey
 
 
 def build(seq_lens, H=2, D=32, BS=16, G=3, seed=0, stale=(), other=()):
@@ -350,3 +353,30 @@ def test_query_aware_reuse_schedule(every, triton, clocked):
                 now = got.ids[b, h, :int(got.counts[b, h])].tolist()
                 assert now == (prev if nb - 1 in prev else prev + [nb - 1]), (step, b, h)
         last = got
+
+
+@triton.jit
+def _top_n(X, OUT, n, total, CH: tl.constexpr):
+    """One program over the register path's helpers: OUT[j] = 1 for the top ``total`` of X[:n]."""
+    j = tl.arange(0, CH)
+    valid = j < n
+    u = _ukey(tl.load(X + j, mask=valid, other=float("-inf")))
+    thr, ties = _threshold_reg(u, valid, total)
+    tl.store(OUT + j, _top_reg(u, valid, thr, ties, total).to(tl.int32), mask=valid)
+
+def test_register_threshold_picks_the_top_n_with_index_order_ties():
+    """The register path's radix threshold (which stops as soon as the keys above its prefix are exactly n) +
+    _top_reg: the top n keys, ties taken in index order, on random keys, many ties, FORCED keys next to keys
+    1e-6 apart, n from 0 to all."""
+    g = torch.Generator().manual_seed(0)
+    for trial in range(150):
+        n = int(torch.randint(1, 200, (1,), generator=g))
+        x = [torch.randn(n, generator=g), torch.randint(0, 5, (n,), generator=g).float(),
+             torch.where(torch.rand(n, generator=g) < 0.3, torch.tensor(3e38), torch.randn(n, generator=g) * 1e-6)
+             ][trial % 3]
+        total = int(torch.randint(0, n + 1, (1,), generator=g))
+        out = torch.zeros(n, dtype=torch.int32)
+        _top_n[(1,)](x, out, n, total, CH=256)
+        ref = torch.zeros(n, dtype=torch.int32)
+        ref[sorted(range(n), key=lambda i: (-float(x[i]), i))[:total]] = 1
+        assert torch.equal(out, ref), (trial, n, total)
