@@ -167,8 +167,8 @@ def test_plan_fills_one_step_clock_for_every_row():
     assert bufs.field("clock", 3).tolist() == [300, 517, 41]
 
 
-@pytest.mark.parametrize("every", [1, 4])
-def test_step_triton_ops_equal_torch_ops(every):
+@pytest.mark.parametrize("every,clock", [(1, "request"), (4, "request"), (4, "step")])
+def test_step_triton_ops_equal_torch_ops(every, clock):
     """The one step, run on the same plans with the Triton ops (the CUDA path; interpreter) and with the torch
     ops (the CPU path): rows of every method and mode, a dense-by-request row and a padding row, over decode
     steps that cross a block boundary (uniform plans) and a step with a prompt prefilling beside them (a mixed
@@ -188,7 +188,7 @@ def test_step_triton_ops_equal_torch_ops(every):
     raw, kv = _gpu_layout_cache(NB)
     kv.copy_(torch.randn(kv.shape, generator=g).to(kv.dtype))
     bt = torch.randperm(NB, generator=g)[: (R + 2) * MB].view(R + 2, MB).int()  # + a padding row, a new prompt
-    TABLE.configure(16, P.PrescoreParams(hybrid_min_budget=0, reselect_every=every))
+    TABLE.configure(16, P.PrescoreParams(hybrid_min_budget=0, reselect_every=every, reselect_clock=clock))
     sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
     for i, (m, md) in enumerate(reqs):
         TABLE.set(i, sp(budget=48, sink=16, window=32, method=m, mode=md), lens[i])
