@@ -6,8 +6,10 @@
 #   (never pipe that eval: a pipe runs it in a subshell and the jobs lose vLLM's PYTHONPATH; session 7 lost a
 #   lease that way.) Then, call after call, short waits so each brings back what exists (a machine taken back
 #   mid-call returns nothing; session 8 lost 6 minutes that way):
-#       bash /tmp/devgpu/bg wait lease 240 '/tmp/res/*.json' '/tmp/res/*.log'
-#   (bg names its own log lease/lease.log: keep result files' names different from the job's.)
+#       bash /tmp/devgpu/bg wait lease 240 '/tmp/res/e2e-*.json' /tmp/res/serve-bench.json \
+#           /tmp/res/select-bench.json '/tmp/res/defaults/*.json'
+#   (at most 8 files come back per call: name logs one at a time when a step fails; bg names its own log
+#   lease/lease.log, so keep result files' names different from the job's.)
 set -u
 mkdir -p /tmp/repo /tmp/res /tmp/tools
 [ -f /tmp/repo/pyproject.toml ] || tar --exclude=./.devgpu --exclude=./.gpu_old -cf - . | tar -xf - -C /tmp/repo
