@@ -72,17 +72,14 @@ class DecodeBuffers:
     def field(self, name: str, n: int) -> torch.Tensor:
         return self.buf[self.FIELDS.index(name), :n]
 
-    def fill(self, rows: list[tuple], clock: int | list[int] | None = None) -> None:
-        """``rows``: one tuple per row of every field but ``clock``: query-aware rows re-select when their clock
-        is a multiple of ``reselect_every``. ``clock``: None, the step clock's next tick (every row of the step
-        the same: rows re-select together and the steps between do no bound or selection work, whatever the
-        rows' lengths); an int, that step clock; a list, one clock per row (``reselect_clock`` "request": the
-        rows' lengths)."""
+    def fill(self, rows: list[tuple], clock: int | None = None) -> None:
+        """``rows``: one tuple per row of every field but ``clock``, the step clock every row of the step gets
+        (``clock``, default the next tick). With ``reselect_clock`` "step" query-aware rows re-select when it is a
+        multiple of ``reselect_every`` (all rows together; the steps between do no bound or selection work);
+        with "request" (``Plan.step_clock`` False) the step ignores it and the rows' lengths decide."""
         n = len(rows)
-        if clock is None or isinstance(clock, int):
-            self.clock = self.clock + 1 if clock is None else clock
-            clock = [self.clock] * n
-        rows = [(*r, c) for r, c in zip(rows, clock)]
+        self.clock = self.clock + 1 if clock is None else clock
+        rows = [(*r, self.clock) for r in rows]
         if n > self.max_rows:
             raise RuntimeError(f"prescore: {n} decode rows in one step, the buffers hold {self.max_rows}")
         if n:
@@ -111,6 +108,7 @@ class Plan:
     quest_beta: float
     every: int  # reselect_every
     debug: bool = False
+    step_clock: bool = False  # reselect_clock "step": re-select on DecodeBuffers' clock, else on the row's length
     dense_tokens: torch.Tensor | None = None  # set by the platform when vLLM's kernel attends a subset
     dense_md: object | None = None
 
@@ -151,7 +149,8 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
     qsl = cm.query_start_loc_cpu[: n + 1].tolist()
     qlens = [qsl[i + 1] - qsl[i] for i in range(n)]
     d = table.defaults
-    consts = dict(max_selected=max_selected, quest_beta=d.quest_beta, every=d.reselect_every, debug=d.debug)
+    consts = dict(max_selected=max_selected, quest_beta=d.quest_beta, every=d.reselect_every, debug=d.debug,
+                  step_clock=d.reselect_clock == "step")
     scratch = max(table.capacity, 1)
     fits = n <= bufs.max_rows and all(q <= 1 for q in qlens)
     if capture and fused_dense and fits:
@@ -160,7 +159,6 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
         bufs.fill([_pad_fields(0, scratch + i) for i in range(n)])
         return Plan(bufs, n, n, None, None, [], [], **consts)
     seq = compat.host_seq_lens(cm).tolist()
-    by_length = d.reselect_clock == "request"  # else the step clock (DecodeBuffers.fill)
     slots = table.slots(n, compat.req_slots(cm))
     rows = [(i, slots[i], *classify(qlens[i], int(seq[i]), slots[i], table, block_size)) for i in range(n)]
     prefill = [PrefillRow(i, int(seq[i]) - qlens[i], int(seq[i]), int(seq[i]) >= table.prefill_len[s], s,
@@ -173,14 +171,13 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
                            table.tag[s] if stateless(p.method) else 0)
                 for i, s, kind, p, _ in rows if kind == DENSE and qlens[i] > 1 and p.budget > 0]
     if fused_dense and fits and all(kind != PREFILL for _, _, kind, _, _ in rows):
-        bufs.fill([f if kind == DECODE else _pad_fields(s, scratch + i) for i, s, kind, _, f in rows],
-                  clock=[int(x) for x in seq] if by_length else None)
+        bufs.fill([f if kind == DECODE else _pad_fields(s, scratch + i) for i, s, kind, _, f in rows])
         return Plan(bufs, n, n, None, None, [], [], **consts)
     attend = [(i, f) for i, _, kind, _, f in rows if kind == DECODE and (fused_dense or f[_SPARSE])]
     scored = [(i, f) for i, _, kind, _, f in rows if kind == DECODE and not (fused_dense or f[_SPARSE])]
     dense_rows = sorted(set(range(n)) - {i for i, _ in attend})
     dec = attend + scored
-    bufs.fill([f for _, f in dec], clock=[int(seq[i]) for i, _ in dec] if by_length else None)
+    bufs.fill([f for _, f in dec])
     dev = bufs.buf.device
     return Plan(bufs, len(dec), len(attend), torch.tensor([i for i, _ in dec], dtype=torch.long, device=dev),
                 torch.tensor([qsl[i] for i, _ in dec], dtype=torch.long, device=dev), prefill, dense_rows, **consts)

@@ -81,17 +81,17 @@ class TritonOps:
         score_tail_triton(kv, store.scores3, store.kmin, store.kmax, store.tags2, bt, sl, f("method"), f("col"),
                           store.states, f("srow"), f("tag"), only_full=True)
 
-    def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int) -> None:
+    def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int,
+               clocks) -> None:
         from prescore.kernels.select_triton import quest_bounds_triton, select_blocks_triton
 
         srow, cols, mode = f("srow"), f("col"), f("mode")
         budget, sink, window, tag = f("budget"), f("sink"), f("window"), f("tag")
         qb = quest_bounds_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size, beta=beta,
-                                 reuse=(cache, srow, f("ctag"), budget, sink, window, max_selected, every, f("clock")))
+                                 reuse=(cache, srow, f("ctag"), budget, sink, window, max_selected, every, clocks))
         select_blocks_triton(store.scores3, store.tags2, bt, sl, budget, sink, window, mode, f("prior"), tag,
                              max_selected, block_size, qb, cache, srow, cols=cols, overflow_dense=True,
-                             stats=(f("sparse"), f("label"), store.acc), every=every, ctags=f("ctag"),
-                             clocks=f("clock"))
+                             stats=(f("sparse"), f("label"), store.acc), every=every, ctags=f("ctag"), clocks=clocks)
 
     def attend(self, q, kv, bt, sl, cache, srow, scale, out) -> None:
         if out.dtype == q.dtype:  # straight into the layer's output (no temporary, no copy launch)
@@ -113,7 +113,8 @@ class TorchOps:
             score_decode_tail(kv, store.summ[name], bt[r], sl[r], mids[r], store.states[srow[r]], f("tag")[r],
                               {mid: _method(name)})
 
-    def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int) -> None:
+    def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int,
+               clocks) -> None:
         cols = f("col")
         for c in sorted(set(cols.tolist())):
             r = (cols == c).nonzero()[:, 0]
@@ -121,7 +122,7 @@ class TorchOps:
             select_blocks(store.summ[METHOD_NAMES[c]], bt[r], sl[r], g("budget"), g("sink"), g("window"), g("mode"),
                           g("prior"), g("tag"), max_selected, q=q[r], block_size=block_size, use_triton=False,
                           cache=cache, rows=g("srow"), overflow_dense=True, quest_beta=beta, every=every,
-                          ctags=g("ctag"), clocks=g("clock"))
+                          ctags=g("ctag"), clocks=None if clocks is None else clocks[r])
         # the device counters, as the Triton selection adds them: per sparse row and KV head the selection did
         # not turn dense, (selected tokens, context tokens, selected blocks, context blocks) / H
         kc = cache.kcounts[f("srow").long()].long()  # [n, H]
@@ -151,7 +152,9 @@ def decode(store: LayerStore, plan, query, kv, block_table, seq_lens, output, sc
     srow = f("srow")
     cache = store.selection_cache(plan.max_selected, U.max_rows)
     ops.score_tail(kv, store, bt, sl, f)
-    ops.select(store, q, bt, sl, f, cache, plan.max_selected, block_size, plan.quest_beta, plan.every)
+    # reselect_clock: the planner's step clock, or (None) the rows' lengths, which the kernels default to
+    clocks = f("clock") if plan.step_clock else None
+    ops.select(store, q, bt, sl, f, cache, plan.max_selected, block_size, plan.quest_beta, plan.every, clocks)
     if a == n:
         ops.attend(q, kv, bt, sl, cache, srow, scale, output[:n])
     elif a:

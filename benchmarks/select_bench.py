@@ -34,14 +34,13 @@ from kernels.selection import MODES  # noqa: E402
 
 
 def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: int, device, ops=None,
-                lengths=None, steps: int = 16):
+                clock: str = "request"):
     """The backend's decode step (``prescore.backend.step.decode`` with the Triton ops: tail scoring, query-aware
     bound + selection into the per-slot cache, sparse decode) on a :class:`LayerStore` over ``kv``, a uniform plan
     of ``B = bt.shape[0]`` budgeted rows with the server's default settings (``PrescoreParams``) at ``budget`` /
     ``mode_name`` / ``every``. Returns ``step(q, seq_lens, out)``. ``ops``: the step's op set (default Triton).
-    ``reselect_clock``: "step" (``lengths`` None: the planner's step clock, one plan per phase) or "request"
-    (``lengths [B]``: the rows' lengths at the first of ``steps`` consecutive calls, each call one token longer:
-    one plan per call with those lengths as the clocks, as the planner fills them)."""
+    ``clock``: ``reselect_clock`` ("request": the rows' lengths; "step": the planner's step clock, one plan per
+    phase, taken in turn call after call)."""
     from prescore.backend import params as P
     from prescore.backend import step as core
     from prescore.backend.plan import DecodeBuffers, Plan
@@ -50,7 +49,7 @@ def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: 
 
     B = bt.shape[0]
     BS = kv.shape[2]
-    p = PrescoreParams(budget=budget, mode=mode_name, reselect_every=every)
+    p = PrescoreParams(budget=budget, mode=mode_name, reselect_every=every, reselect_clock=clock)
     store = LayerStore(kv, mirror=False, num_slots=B)
     store.scores3.copy_(scores[:, None, :].expand_as(store.scores3))
     store.kmin.copy_(kmin)
@@ -59,13 +58,13 @@ def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: 
     bb, sink, win, prior = p.blocks(BS)
     col = P.METHOD_NAMES.index(p.method)
     plans = []
-    clocks = range(max(every, 1)) if lengths is None else [[int(x) + i for x in lengths] for i in range(steps)]
-    for clock in clocks:  # what the planner fills each step: one plan per phase of the step clock, or per call
+    for phase in range(max(every, 1) if clock == "step" else 1):  # the step clock's phases, as the planner fills it
         bufs = DecodeBuffers(B, device)
         bufs.fill([(b, METHODS[p.method].method_id, col, b, bb, sink, win, MODES[mode_name], prior, 7, 0, 1, 100 + b)
-                   for b in range(B)], clock=clock)
+                   for b in range(B)], clock=phase)
         plans.append(Plan(bufs=bufs, num_rows=B, num_attend=B, rows=None, tokens=None, prefill=[], dense_rows=[],
-                          max_selected=p.capacity_blocks(BS), quest_beta=p.quest_beta, every=every))
+                          max_selected=p.capacity_blocks(BS), quest_beta=p.quest_beta, every=every,
+                          step_clock=clock == "step"))
     store.selection_cache(plans[0].max_selected, B)
     scale = (kv.shape[-1] // 2) ** -0.5
     tick = [0]
@@ -107,8 +106,7 @@ def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=F
     ids, counts, kc, _ = select_blocks_triton(scores, tags, bt, seqs[0], bb, sink, win, mode, prior, rtag, cap, BS, qb)
     row["decode_ms"] = graph_time_ms(lambda: sparse_decode(q[0], kv, bt, seqs[0], ids, kc, out=out), 4)
 
-    step = shared_step(kv, bt, scores, kmin, kmax, budget, mode_name, every, "cuda",
-                       lengths=seq0.tolist() if clock == "request" else None)
+    step = shared_step(kv, bt, scores, kmin, kmax, budget, mode_name, every, "cuda", clock=clock)
 
     def steps():
         for i in range(16):

@@ -131,14 +131,15 @@ class _SinkWindowRows:
 
     static: torch.Tensor | None = None  # bool [selection-cache rows]
 
-    def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int) -> None:
+    def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int,
+               clocks) -> None:
         st = None if self.static is None else self.static[f("srow").long()]
         if st is None or not bool(st.any()):
-            return super().select(store, q, bt, sl, f, cache, max_selected, block_size, beta, every)
+            return super().select(store, q, bt, sl, f, cache, max_selected, block_size, beta, every, clocks)
         rest = (~st).nonzero()[:, 0]
         if rest.numel():
             super().select(store, q[rest], bt[rest], sl[rest], lambda name: f(name)[rest], cache, max_selected,
-                           block_size, beta, every)
+                           block_size, beta, every, None if clocks is None else clocks[rest])
         idx = st.nonzero()[:, 0]
         key = (f("col")[idx] << 32) | (f("sink")[idx] + f("window")[idx])
         for k in torch.unique(key).tolist():

@@ -230,7 +230,8 @@ def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget
                  mode, ctags, block_size: int, every: int, clocks) -> Selection:
     """The selection cache in torch, with the Triton kernel's rule (``select_triton._reuse``): a query-aware row
     whose clock (the step clock, or its length) is not a multiple of ``every`` keeps its cached blocks
-    (appending the block a new token opened); every other row takes the fresh selection. Prior rows always take it (the kernel's prior cache is exact)."""
+    (appending the block a new token opened); every other row takes the fresh selection. Prior rows always take
+    it (the kernel's prior cache is exact)."""
     r = rows.long()
     S = cache.ids.shape[2]
     seq = seq_lens.long()

@@ -147,7 +147,8 @@ def test_capture_plans_every_row_as_padding():
 
 def test_plan_fills_one_step_clock_for_every_row():
     """reselect_clock "step": one tick per planned step, the same value in every row of the step (rows of
-    different lengths re-select on the same steps); "request" (default): each row's length."""
+    different lengths re-select on the same steps); "request" (default): the plan says so and the step passes no
+    clock, so the kernels re-select on each row's length (their default; see test_query_aware_reuse_schedule)."""
     from prescore.backend import params as P
     from prescore.backend.plan import DecodeBuffers
     from prescore.backend.requests import TABLE
@@ -157,14 +158,13 @@ def test_plan_fills_one_step_clock_for_every_row():
     bufs = DecodeBuffers(8, "cpu")
     clocks = []
     for k in range(3):
-        _plan(_cm([1, 1, 1], [300 + k, 517 + k, 41 + k], bt, [0, 1, 2]), bufs)
+        assert _plan(_cm([1, 1, 1], [300 + k, 517 + k, 41 + k], bt, [0, 1, 2]), bufs).step_clock
         c = bufs.field("clock", 3).tolist()
         assert len(set(c)) == 1
         clocks.append(c[0])
     assert clocks[1] == clocks[0] + 1 and clocks[2] == clocks[1] + 1
     TABLE.configure(4, P.PrescoreParams())  # the default: by the row's length (reproducible)
-    _plan(_cm([1, 1, 1], [300, 517, 41], bt, [0, 1, 2]), bufs)
-    assert bufs.field("clock", 3).tolist() == [300, 517, 41]
+    assert not _plan(_cm([1, 1, 1], [300, 517, 41], bt, [0, 1, 2]), bufs).step_clock
 
 
 @pytest.mark.parametrize("every,clock", [(1, "request"), (4, "request"), (4, "step")])
