@@ -43,13 +43,15 @@ def run(args):
     llm.generate([{"prompt_token_ids": [rng.randrange(0, 100000) for _ in range(512)]}],
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
     for wl in args.workloads.split(","):
-        batch, plen = (int(x) for x in wl.split("x"))
+        shape, _, wl_modes = wl.partition(":")  # "8x32768:hybrid+prior" overrides --mode for this workload
+        modes = (wl_modes.replace("+", ",") or args.mode).split(",")
+        batch, plen = (int(x) for x in shape.split("x"))
         prompts = [{"prompt_token_ids": [rng.randrange(0, 100000) for _ in range(plen)]} for _ in range(batch)]
         # warm-up at this shape (first-use compilations / allocations must not land in a timed pass)
-        wx = {"prescore_budget": budgets[0], "prescore_mode": args.mode} if budgets[0] is not None else None
+        wx = {"prescore_budget": budgets[0], "prescore_mode": modes[0]} if budgets[0] is not None else None
         llm.generate(prompts, SamplingParams(max_tokens=48, ignore_eos=True, extra_args=wx), use_tqdm=False)
-        for budget in budgets:
-            xargs = {"prescore_budget": budget, "prescore_mode": args.mode} if budget is not None else None
+        for budget, mode in [(b, m) for b in budgets for m in (modes if b is not None else [None])]:
+            xargs = {"prescore_budget": budget, "prescore_mode": mode} if budget is not None else None
 
             def timed(n):
                 sp = SamplingParams(max_tokens=n, temperature=0.0, ignore_eos=True, extra_args=xargs)
@@ -73,12 +75,15 @@ def run(args):
             row = dict(backend=args.backend, budget=budget, cuda_graphs=bool(args.graphs), tp=args.tensor_parallel_size,
                        batch=batch,
                        prompt_len=plen, new_tokens=16 + args.gen, decode_tok_s=round(batch / step, 1),
-                       step_ms=round(step * 1e3, 3), ttft_s=round(t1, 3), mode=args.mode if budget else None,
+                       step_ms=round(step * 1e3, 3), ttft_s=round(t1, 3), mode=mode if budget else None,
                        timing="direct (pure decode steps 16..%d)" % (16 + args.gen))
             if args.diff_timing:
                 row["step_diff_ms"] = round(step_diff * 1e3, 3)
             print("ROW", json.dumps(row), flush=True)
             rows.append(row)
+            if args.out:  # rows so far: a lease cut short still brings back what ran
+                with open(args.out + ".part", "w") as f:
+                    json.dump({"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}, f)
     return {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}
 
 
@@ -105,8 +110,9 @@ def main():
     ap.add_argument("--backend", default="PRESCORE")
     ap.add_argument("--graphs", action="store_true", help="CUDA graphs (+ torch.compile); default eager")
     ap.add_argument("--budgets", default="512,2048,4096")
-    ap.add_argument("--mode", default="prior")
-    ap.add_argument("--workloads", default="8x16384,8x32768,1x131072")
+    ap.add_argument("--mode", default="hybrid", help="comma list; one engine serves every mode (a request field)")
+    ap.add_argument("--workloads", default="8x16384,8x32768,1x131072",
+                    help="BxL[:mode+mode] comma list; the suffix overrides --mode for that workload")
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=131072 + 128)
