@@ -7,7 +7,7 @@
     python benchmarks/kernels_bench.py --leverage-variants               # leverage: every stage variant
     python benchmarks/kernels_bench.py --profile                         # torch.profiler of scoring
 
-(from the repo root: it imports the repo's ``kernels/``, not an installed ``prescore``)
+(imports the installed ``prescore`` (``pip install -e .``): the kernels and the step are the package's)
 
 Decode rows (Hq=32, Hkv=8, D=128, bf16, block 16, vLLM's GPU cache layout, shuffled physical blocks):
 ``dense_sdpa_ms``  torch SDPA (GQA) over contiguous K/V;
@@ -15,8 +15,8 @@ Decode rows (Hq=32, Hkv=8, D=128, bf16, block 16, vLLM's GPU cache layout, shuff
 ``sparse_ms``      prior-mode selection + our kernel, per step of a 16-step decode run (the selection is kept
                    per request slot and recomputed when the row's block count changes, once per run here);
 ``sparse_nocache_ms`` the same with the selection recomputed on every call;
-``step_prior_ms``  the backend's own decode step in prior mode (``step.decode``, server defaults; needs prescore
-                   installed), per step of a 16-step run;
+``step_prior_ms``  the backend's own decode step in prior mode (``step.decode``, server defaults), per step of a
+                   16-step run;
 ``ideal_ms``       bytes of the selected K/V at the measured device-to-device copy bandwidth.
 Every time is the median over CUDA-graph replays of R calls with rotating inputs (different queries and
 selections each call), divided by R; the dense baseline is measured in the same run.
@@ -34,10 +34,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), ".."))  # the repo's kernels/
-from kernels.decode import sparse_decode, sparse_decode_ref  # noqa: E402
-from kernels.scoring import BlockSummaries, get_method, score_prefill  # noqa: E402
-from kernels.selection import MODES, SelectionCache, select_blocks  # noqa: E402
+from prescore.kernels.decode import sparse_decode, sparse_decode_ref  # noqa: E402
+from prescore.kernels.scoring import BlockSummaries, get_method, score_prefill  # noqa: E402
+from prescore.kernels.selection import MODES, SelectionCache, select_blocks  # noqa: E402
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 SINK, WINDOW = 64, 256  # tokens (the backend's defaults)
@@ -133,7 +132,7 @@ def paged_cache(B: int, L: int, gen: torch.Generator):
 
 def check(gen: torch.Generator) -> list[str]:
     """Compiled kernels vs the float64 reference on fresh random inputs (odd sizes, GQA 1..8, D 64/128/256)."""
-    from kernels.selection import Selection  # noqa: F401
+    from prescore.kernels.selection import Selection  # noqa: F401
 
     lines = []
     cases = [(64, 1, 16, [1, 17, 1000]), (64, 3, 16, [333, 5]), (128, 4, 16, [4099, 16, 70]),
@@ -177,9 +176,9 @@ def check(gen: torch.Generator) -> list[str]:
             if err > 1.5e-2:
                 raise SystemExit("\n".join(lines))
     # selection, summaries and k-means++ init: Triton vs the torch versions, on the GPU
-    from kernels.kmeans_triton import kmeanspp_triton  # noqa: F401
-    from kernels.scoring import KMeans
-    from kernels.summarize import summarize_torch, summarize_triton
+    from prescore.kernels.kmeans_triton import kmeanspp_triton  # noqa: F401
+    from prescore.kernels.scoring import KMeans
+    from prescore.kernels.summarize import summarize_torch, summarize_triton
 
     for L in (4099, 20000):
         kv, bt = paged_cache(2, L - L % BS + BS, gen)
@@ -319,7 +318,7 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
                          dense_sdpa_ms=round(dense_sdpa, 5), dense_paged_ms=round(dense_paged, 5),
                          sparse_ms=round(sp, 5), sparse_nocache_ms=round(sp_nocache, 5),
                          sparse_kernel_ms=round(spk, 5), sparse_hybrid_ms=round(sph, 5),
-                         step_prior_ms=None if stp is None else round(stp, 5),
+                         step_prior_ms=round(stp, 5),
                          ideal_ms=round(ideal, 5),
                          bw_fraction=round(ideal / sp, 4), speedup_vs_sdpa=round(dense_sdpa / sp, 2),
                          dense_paged_vs_sdpa=round(dense_paged / dense_sdpa, 4), dense_paged_rel_err=dense_err))
@@ -328,16 +327,11 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
     return rows
 
 
-def backend_step_ms(kv, bt, summ, budget: int, qs, L: int) -> float | None:
+def backend_step_ms(kv, bt, summ, budget: int, qs, L: int) -> float:
     """``step_prior_ms``: one layer of a decode step as the server runs it in ``prior`` mode at ``budget`` (the
     backend's ``step.decode``: tail scoring, selection into the per-slot cache, sparse decode; server defaults for
-    sink/window), 16 consecutive steps in one CUDA graph (``select_bench.shared_step``). None without an installed
-    prescore (``pip install -e .``)."""
-    try:
-        from select_bench import shared_step  # same folder; needs the installed prescore (the backend's step)
-    except ImportError as e:
-        print(f"step_prior_ms skipped: {e}", flush=True)
-        return None
+    sink/window), 16 consecutive steps in one CUDA graph (``select_bench.shared_step``)."""
+    from select_bench import shared_step  # same folder
     B = bt.shape[0]
     step = shared_step(kv, bt, summ.scores, summ.kmin.contiguous(), summ.kmax.contiguous(), budget, "prior", 1,
                        "cuda")
@@ -414,7 +408,7 @@ def profile_scoring(L: int, gen: torch.Generator):
 
 
 def print_tuned():
-    from kernels.leverage_triton import tuned_configs
+    from prescore.kernels.leverage_triton import tuned_configs
 
     for k, v in sorted(tuned_configs().items(), key=str):
         print(f"leverage tuned {k[0]:5s} T<2^{k[1]} H={k[2]} D={k[3]} BS={k[4]} {str(k[5])[6:]} {k[7:]}: {v}")
@@ -446,8 +440,8 @@ def _rel(x, y) -> float:
 def check_leverage(gen: torch.Generator) -> tuple[list[str], bool]:
     """Triton leverage (tuned configs) + the summarize pass, as the backend runs them, against the float64
     reference on the GPU."""
-    from kernels.scoring import Leverage, gather_keys, score_prefill
-    from kernels.summarize import summarize_torch
+    from prescore.kernels.scoring import Leverage, gather_keys, score_prefill
+    from prescore.kernels.summarize import summarize_torch
 
     lines, ok = [], True
     for dt, L in ((torch.bfloat16, 4099), (torch.bfloat16, 32768), (torch.float16, 4099)):
@@ -475,9 +469,9 @@ def check_leverage(gen: torch.Generator) -> tuple[list[str], bool]:
 def leverage_variants(L: int, gen: torch.Generator):
     """Device time of every variant of every leverage stage (median of CUDA-graph replays), its error against
     float64, and the end-to-end paths; one table, so that one GPU run can decide the defaults."""
-    from kernels import leverage_triton as lt
-    from kernels.scoring import Leverage, gather_keys
-    from kernels.summarize import summarize_triton
+    from prescore.kernels import leverage_triton as lt
+    from prescore.kernels.scoring import Leverage, gather_keys
+    from prescore.kernels.summarize import summarize_triton
 
     kv, bt = leverage_keys(L, gen)
     phys = bt[0]
@@ -552,7 +546,7 @@ def sweep(gen: torch.Generator):
             for nw in (4, 8):
                 for ns in (2, 3, 4):
                     for split_mult in (1, 2):
-                        from kernels.decode import choose_num_splits
+                        from prescore.kernels.decode import choose_num_splits
                         nsp = choose_num_splits(B, HKV, bt.shape[1], q.device, bpi) * split_mult
                         try:
                             t = graph_time_ms(lambda: sparse_decode(q, kv, bt, seq, out=out, blocks_per_iter=bpi,
@@ -569,7 +563,7 @@ def sweep(gen: torch.Generator):
 
 
 def main(argv=None):
-    from kernels import leverage_triton
+    from prescore.kernels import leverage_triton
 
     # the benchmark tunes the leverage configs on this GPU (off in a serving engine)
     leverage_triton._TUNE = True

@@ -19,18 +19,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
 
 import torch
 import torch.nn.functional as F
 
-sys.path.append(os.path.join(os.path.dirname(__file__), ".."))  # after site-packages: the installed prescore, not the repo folder
-from prescore.backend.params import PrescoreParams  # noqa: E402  (first: kernels_bench puts the repo folder first on sys.path; prescore installed: the step is the backend's)
+from prescore.backend.params import PrescoreParams  # noqa: E402  (the installed prescore: the step is the backend's)
 from kernels_bench import BS, D, HKV, HQ, graph_time_ms, paged_cache  # noqa: E402
-from kernels.decode import sparse_decode  # noqa: E402
-from kernels.select_triton import quest_bounds_triton, select_blocks_triton  # noqa: E402
-from kernels.selection import MODES  # noqa: E402
+from prescore.kernels.decode import sparse_decode  # noqa: E402
+from prescore.kernels.select_triton import quest_bounds_triton, select_blocks_triton  # noqa: E402
+from prescore.kernels.selection import MODES  # noqa: E402
 
 
 def shared_step(kv, bt, scores, kmin, kmax, budget: int, mode_name: str, every: int, device, ops=None,
@@ -146,8 +144,8 @@ def kernel_profile(fn, steps: int) -> dict:
 
 def check(gen) -> None:
     """Compiled kernels vs the torch reference: the split bound's group key, and the whole selection."""
-    from kernels.selection import BlockSummaries, quest_bound, select_blocks
-    from kernels.select_triton import quest_key_from_bounds
+    from prescore.kernels.selection import BlockSummaries, quest_bound, select_blocks
+    from prescore.kernels.select_triton import quest_key_from_bounds
 
     B, L = 3, 40000
     kv, bt = paged_cache(B, L, gen)

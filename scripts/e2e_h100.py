@@ -87,7 +87,7 @@ def run(args):
     return {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}
 
 
-def merge(out_path, parts):
+def merge(out_path, parts, command=None):
     import torch
 
     runs, meta = [], {}
@@ -98,7 +98,7 @@ def merge(out_path, parts):
         meta.update({k: v for k, v in d.items() if k != "runs"})
     res = {"vllm": meta.get("vllm"), "device": meta.get("device"), "runs": runs,
            "greedy_identical": meta.get("greedy_identical"),
-           "command": "scripts/e2e_h100.py (see results/README.md)"}
+           "command": command or "scripts/e2e_h100.py (one run per backend, then --merge)"}
     with open(out_path, "w") as f:
         json.dump(res, f, indent=1)
     _ = torch
@@ -121,9 +121,10 @@ def main():
     ap.add_argument("--diff-timing", action="store_true", help="also the old (t2N - tN) / N step")
     ap.add_argument("--out")
     ap.add_argument("--merge", nargs="+", metavar=("OUT", "PART"))
+    ap.add_argument("--command", help="with --merge: the command that produced the parts, kept in OUT")
     args = ap.parse_args()
     if args.merge:
-        merge(args.merge[0], args.merge[1:])
+        merge(args.merge[0], args.merge[1:], args.command)
         return
     import torch
 
