@@ -112,7 +112,7 @@ def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=F
 
     row["step_ms"] = graph_time_ms(steps, 1) / 16
     if profile:
-        row["kernels_us"] = kernel_profile(steps, 16)
+        row["kernels_us"], row["calls_us"] = kernel_profile(steps, 16)
     row["sel_ms"] = row["step_ms"] - row["decode_ms"]
     ctx = bt[:, : L // BS].long()  # the context's blocks (a --width table is padded past them)
     k_c = kv[..., :D][ctx].permute(0, 2, 1, 3, 4).reshape(B, HKV, L, D).contiguous()
@@ -125,8 +125,10 @@ def run(B, L, budget, mode_name, every, gen, width=0, phases="spread", profile=F
     return {k: (round(v, 5) if isinstance(v, float) else v) for k, v in row.items()}
 
 
-def kernel_profile(fn, steps: int) -> dict:
-    """Device time per kernel name (us per step) of ``fn`` run eagerly (torch.profiler, CUDA activity)."""
+def kernel_profile(fn, steps: int) -> tuple[dict, dict]:
+    """Device time per kernel name (us per step) of ``fn`` run eagerly (torch.profiler, CUDA activity), and each
+    call's device time in launch order (us) per kernel: a selection schedule shows as re-selecting calls among
+    the cheap calls of steps that keep their blocks."""
     from torch.profiler import ProfilerActivity, profile
 
     fn()
@@ -139,7 +141,12 @@ def kernel_profile(fn, steps: int) -> dict:
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t:
             out[e.key[:60]] = round(t / steps, 2)
-    return dict(sorted(out.items(), key=lambda kv: -kv[1]))
+    calls: dict = {}
+    for e in sorted(prof.events(), key=lambda e: e.time_range.start):
+        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
+        if t:
+            calls.setdefault(e.name[:60], []).append(round(t, 2))
+    return dict(sorted(out.items(), key=lambda kv: -kv[1])), calls
 
 
 def check(gen) -> None:
@@ -207,7 +214,10 @@ def main(argv=None):
                           f"{r['decode_ms']:8.4f} {r['sel_ms']:8.4f} {r['step_ms']:8.4f} {r['dense_sdpa_ms']:8.4f} "
                           f"{r['speedup_vs_sdpa']:6.2f}", flush=True)
                     for name, us in (r.get("kernels_us") or {}).items():
-                        print(f"      {us:9.2f} us/step  {name}", flush=True)
+                        c_us = sorted(r["calls_us"].get(name, []))
+                        spread = f"  calls {len(c_us)}: min {c_us[0]:.1f} median {c_us[len(c_us) // 2]:.1f} max " \
+                                 f"{c_us[-1]:.1f} us" if c_us else ""
+                        print(f"      {us:9.2f} us/step  {name}{spread}", flush=True)
     if a.out:
         with open(a.out, "w") as f:
             json.dump({"device": torch.cuda.get_device_name(), "torch": torch.__version__,
