@@ -34,6 +34,9 @@ def run(args):
               enforce_eager=not args.graphs, enable_prefix_caching=False, gpu_memory_utilization=0.90, seed=0,
               attention_backend=args.backend, max_num_seqs=args.max_num_seqs,
               tensor_parallel_size=args.tensor_parallel_size)
+    config = parse_config(args.config)
+    if config:
+        kw["additional_config"] = {"prescore": config}
     t0 = time.perf_counter()
     llm = LLM(**kw)
     start_s = time.perf_counter() - t0
@@ -77,6 +80,8 @@ def run(args):
                        prompt_len=plen, new_tokens=16 + args.gen, decode_tok_s=round(batch / step, 1),
                        step_ms=round(step * 1e3, 3), ttft_s=round(t1, 3), mode=mode if budget else None,
                        timing="direct (pure decode steps 16..%d)" % (16 + args.gen))
+            if config and budget is not None:
+                row["config"] = config
             if args.diff_timing:
                 row["step_diff_ms"] = round(step_diff * 1e3, 3)
             print("ROW", json.dumps(row), flush=True)
@@ -85,6 +90,18 @@ def run(args):
                 with open(args.out + ".part", "w") as f:
                     json.dump({"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}, f)
     return {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}
+
+
+def parse_config(text: str | None) -> dict:
+    """``reselect_every=8,reselect_clock=step`` -> server-wide prescore defaults (``--additional-config``)."""
+    out = {}
+    for item in filter(None, (text or "").split(",")):
+        k, _, v = item.partition("=")
+        try:
+            out[k.strip()] = json.loads(v)
+        except json.JSONDecodeError:
+            out[k.strip()] = v.strip()
+    return out
 
 
 def merge(out_path, parts, command=None):
@@ -113,6 +130,8 @@ def main():
     ap.add_argument("--mode", default="hybrid", help="comma list; one engine serves every mode (a request field)")
     ap.add_argument("--workloads", default="8x16384,8x32768,1x131072",
                     help="BxL[:mode+mode] comma list; the suffix overrides --mode for that workload")
+    ap.add_argument("--config", help="server-wide prescore defaults, k=v comma list (e.g. reselect_every=8); "
+                    "kept in each PRESCORE row as `config`")
     ap.add_argument("--gen", type=int, default=64)
     ap.add_argument("--repeat", type=int, default=1)
     ap.add_argument("--max-model-len", type=int, default=131072 + 128)

@@ -14,13 +14,15 @@ log() { echo "[lease $(date +%T)] $*"; }
 for step in ${STEPS:-e2e serve sel defaults}; do
   case $step in
     e2e)
+      # RUNS: BACKEND:MODE[:k=v,...] (server-wide prescore defaults, e.g. PRESCORE:hybrid:reselect_every=8)
       for run in ${RUNS:-PRESCORE:hybrid FLASH_ATTN:none}; do
-        be=${run%%:*}; mode=${run#*:}
-        log "e2e $be $mode"
-        python3 scripts/e2e_h100.py --backend "$be" --mode "$mode" --graphs \
+        IFS=: read -r be mode cfg <<< "$run"
+        tag=$be-$mode${cfg:+-$(echo "$cfg" | tr -c 'A-Za-z0-9\n' _)}
+        log "e2e $be $mode $cfg"
+        python3 scripts/e2e_h100.py --backend "$be" --mode "$mode" --graphs ${cfg:+--config "$cfg"} \
           --workloads "${WORKLOADS:-8x32768,1x130816,8x16384}" --max-model-len 131072 \
-          --budgets "${BUDGETS:-2048,512,4096}" --out "$RES/e2e-$be-$mode.json" > "$RES/e2e-$be-$mode.log" 2>&1
-        log "e2e $be rc=$?"; grep "^ROW" "$RES/e2e-$be-$mode.log"
+          --budgets "${BUDGETS:-2048,512,4096}" --out "$RES/e2e-$tag.json" > "$RES/e2e-$tag.log" 2>&1
+        log "e2e $be rc=$?"; grep "^ROW" "$RES/e2e-$tag.log"
       done ;;
     serve)
       log "serve bench"; bash scripts/serve_bench.sh "$RES/serve"; log "serve bench rc=$?"
