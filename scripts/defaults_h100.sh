@@ -4,8 +4,12 @@
 # prefill, CUDA graphs) must come up and serve a budgeted request sparse; the same start with stock FLASH_ATTN gives
 # the KV capacity prescore costs. Writes OUT/defaults-part1.json {"vllm", "device", "max_num_seqs",
 # "kv_cache_tokens_prescore", "kv_cache_tokens_flash_attn", "start_ok", "sparse_rows", "prescore_memory_line"}.
-# (prefix_cache_sparse and dense_identical come from other runs; see issue 15.) Needs the devgpu bundle unpacked
-# (eval "$(bash .devgpu/c01/unpack)", never in a pipe), prescore on PYTHONPATH and the dummy model.
+# Part 2, with a real model ($SMOLLM2_DIR, e.g. from scripts/devgpu_models.sh assemble smollm2): the prefix-cache
+# check (scripts/prefix_cache_check.py -> OUT/prefix.json) and dense identity (scripts/identity_h100.py: FA3,
+# TRITON_ATTN, PRESCORE, then --compare-dense -> OUT/dense.json). Last, scripts/collect_defaults.py writes
+# OUT/defaults-h100.json (issue 15's keys; a part that did not run stays null). PARTS picks (default "1 2").
+# Needs the devgpu bundle unpacked (eval "$(bash .devgpu/c01/unpack)", never in a pipe), prescore on PYTHONPATH
+# and the dummy model.
 #   bash scripts/defaults_h100.sh /tmp/res/defaults
 set -uo pipefail
 OUT=${1:-/tmp/res/defaults}
@@ -14,6 +18,8 @@ mkdir -p "$OUT"
 export PRESCORE_METRICS_DIR="$OUT/metrics" PYTHONUNBUFFERED=1
 mkdir -p "$PRESCORE_METRICS_DIR"
 PORT=8766
+PARTS=${PARTS:-1 2}
+if [[ " $PARTS " == *" 1 "* ]]; then
 for be in prescore FLASH_ATTN; do
   echo "[defaults $(date +%T)] $be"
   vllm serve "$MODEL" --load-format dummy --attention-backend "$be" --host 127.0.0.1 --port $PORT \
@@ -70,3 +76,21 @@ res = {"vllm": ver, "device": torch.cuda.get_device_name() if torch.cuda.is_avai
 json.dump(res, open(os.path.join(out, "defaults-part1.json"), "w"), indent=1)
 print(json.dumps(res))
 PY
+fi
+if [[ " $PARTS " == *" 2 "* ]] && [ -n "${SMOLLM2_DIR:-}" ]; then
+  echo "[defaults $(date +%T)] prefix caching check"
+  env -u PRESCORE_METRICS_DIR python3 scripts/prefix_cache_check.py --model "$SMOLLM2_DIR" --gpu-memory-utilization 0.4 \
+    --out "$OUT/prefix.json" > "$OUT/prefix.log" 2>&1
+  echo "[defaults $(date +%T)] prefix rc=$?"
+  for be in FLASH_ATTN TRITON_ATTN PRESCORE; do
+    echo "[defaults $(date +%T)] identity $be"
+    python3 scripts/identity_h100.py --model "$SMOLLM2_DIR" --backend $be --out "$OUT/identity-$be.json" \
+      > "$OUT/identity-$be.log" 2>&1
+    echo "[defaults $(date +%T)] identity $be rc=$?"
+  done
+  python3 scripts/identity_h100.py --compare-dense "$OUT"/identity-{FLASH_ATTN,TRITON_ATTN,PRESCORE}.json \
+    --out "$OUT/dense.json"
+fi
+python3 scripts/collect_defaults.py --part1 "$OUT/defaults-part1.json" --prefix "$OUT/prefix.json" \
+  --dense "$OUT/dense.json" --out "$OUT/defaults-h100.json" \
+  --command "PARTS='$PARTS' SMOLLM2_DIR=... bash scripts/defaults_h100.sh OUT (scripts/collect_defaults.py)"

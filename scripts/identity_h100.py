@@ -4,6 +4,8 @@
     python3 scripts/identity_h100.py --model DIR --backend TRITON_ATTN --out a.json
     python3 scripts/identity_h100.py --model DIR --backend PRESCORE --out b.json
     python3 scripts/identity_h100.py --compare a.json b.json
+    # issue 15: FA3 as the base, TRITON_ATTN for the noise floor, PRESCORE's dense passes
+    python3 scripts/identity_h100.py --compare-dense fa.json triton.json prescore.json --out dense.json
     # tensor parallelism (issue 6): runs with --tensor-parallel-size 1 / 2, then
     python3 scripts/identity_h100.py --compare-tp FA_TP1.json PS_TP1.json PS_TP2.json [FA_TP2.json] --out id-tp.json
 
@@ -48,14 +50,75 @@ def run(args):
            "prompt_tokens": [len(tok(m).input_ids) for m in msgs]}
     budgets = {"default": None} if args.backend != "PRESCORE" else {"ge_context": 1 << 20, "dense0": 0, "b256": 256}
     for name, b in budgets.items():
-        sp = SamplingParams(max_tokens=64, temperature=0.0,
+        sp = SamplingParams(max_tokens=64, temperature=0.0, logprobs=2,
                             extra_args=None if b is None else {"prescore_budget": b, "prescore_mode": "hybrid"})
         outs = llm.generate(msgs, sp, use_tqdm=False)
         res[name] = [list(o.outputs[0].token_ids) for o in outs]
+        res[name + "_margin"] = [margins(o.outputs[0].logprobs) for o in outs]
         res[name + "_text"] = [o.outputs[0].text for o in outs[:3]]
     res["run_s"] = round(time.perf_counter() - t0, 1)
     with open(args.out, "w") as f:
         json.dump(res, f)
+
+
+def margins(logprobs) -> list:
+    """Per generated position: top-1 minus top-2 log-probability (None without two candidates)."""
+    out = []
+    for pos in logprobs or []:
+        v = sorted((lp.logprob for lp in pos.values()), reverse=True)
+        out.append(round(v[0] - v[1], 6) if len(v) > 1 else None)
+    return out
+
+
+def first_divergence(x: list, y: list):
+    """Index of the first differing token of two greedy sequences (None when equal)."""
+    for k, (u, v) in enumerate(zip(x, y)):
+        if u != v:
+            return k
+    return None if len(x) == len(y) else min(len(x), len(y))
+
+
+def _gap(ma: list, mb: list, k: int) -> float:
+    """The larger of two runs' top-1 - top-2 margins at position k (the tie the divergence crossed)."""
+    vals = [m[k] for m in (ma, mb) if k < len(m) and m[k] is not None]
+    return max(vals) if vals else float("inf")
+
+
+def compare_dense(base: dict, noise: dict, ps: dict, passes=("ge_context", "dense0")) -> dict:
+    """Issue 15's dense identity: PRESCORE's dense passes (budget >= context, budget 0) against the dense base
+    backend (FA3), with the noise floor of two dense backends (FA3 vs TRITON_ATTN) on the same prompts. At each
+    prompt's first divergence the margin is the larger of the two runs' top-1 - top-2 log-probability gaps;
+    the noise floor is the largest such margin between the two dense backends (0 when they agree everywhere).
+    ``dense_identical``: every dense pass gives the base's tokens on every prompt, or every divergence is a
+    near-tie (margin <= noise floor); ``dense_detail["which"]`` says which."""
+    ref, ref_m = base["default"], base["default_margin"]
+    floor_rows = []
+    for i, (x, y) in enumerate(zip(ref, noise["default"])):
+        k = first_divergence(x, y)
+        if k is not None:
+            floor_rows.append({"prompt": i, "position": k, "margin": _gap(ref_m[i], noise["default_margin"][i], k)})
+    floor = max((r["margin"] for r in floor_rows), default=0.0)
+    div, identical = [], {}
+    for name in passes:
+        same = 0
+        for i, (x, y) in enumerate(zip(ref, ps[name])):
+            k = first_divergence(x, y)
+            if k is None:
+                same += 1
+                continue
+            m = _gap(ref_m[i], ps[name + "_margin"][i], k)
+            div.append({"pass": name, "prompt": i, "position": k, "margin": m, "near_tie": m <= floor})
+        identical[name] = {"identical": same, "of": len(ref)}
+    all_same = not div
+    near = all(d["near_tie"] for d in div)
+    which = "identical" if all_same else ("near_ties" if near else "differs")
+    return {"dense_identical": all_same or near,
+            "dense_detail": {"which": which, "base": base.get("backend"), "noise": noise.get("backend"),
+                             "prompts": len(ref), "tokens_per_prompt": max(map(len, ref), default=0),
+                             "passes": identical, "noise_floor_margin": floor,
+                             "noise_divergences": floor_rows, "divergences": div,
+                             "definition": "first divergence per prompt; margin = larger top-1 - top-2 logprob "
+                                           "gap of the two runs there; near-tie when <= the base-vs-noise floor"}}
 
 
 def compare(a, b, out):
@@ -132,6 +195,8 @@ if __name__ == "__main__":
     ap.add_argument("--gpu-memory-utilization", type=float, default=0.5)
     ap.add_argument("--out")
     ap.add_argument("--compare", nargs=2)
+    ap.add_argument("--compare-dense", nargs=3, metavar=("BASE", "NOISE", "PRESCORE"),
+                    help="issue 15: FLASH_ATTN, TRITON_ATTN and PRESCORE run outputs -> dense_identical")
     ap.add_argument("--compare-tp", nargs="+", metavar="FILE",
                     help="FLASH_ATTN_TP1 PRESCORE_TP1 PRESCORE_TP2 [FLASH_ATTN_TP2] run outputs")
     a = ap.parse_args()
@@ -141,5 +206,11 @@ if __name__ == "__main__":
         compare_tp(a.compare_tp, a.out)
     elif a.compare:
         compare(*a.compare, a.out)
+    elif a.compare_dense:
+        res = compare_dense(*(json.load(open(f)) for f in a.compare_dense))
+        print(json.dumps({"dense_identical": res["dense_identical"], "which": res["dense_detail"]["which"],
+                          "passes": res["dense_detail"]["passes"]}))
+        if a.out:
+            json.dump(res, open(a.out, "w"), indent=1)
     else:
         run(a)
