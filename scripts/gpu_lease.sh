@@ -2,7 +2,8 @@
 # One H100 lease for issues 14/15: the default mode end to end vs FA3 (8 x 32k, 1 x 131k, 8 x 16k in one engine
 # each, max_model_len 131072, budgets 2048/512/4096), `vllm bench serve` (prescore with each reselect_clock, then
 # stock FA3), the selection bench, and issue 15's start check. STEPS picks and orders (default below).
-# Started by scripts/gpu_lease_start.sh after the devgpu bundle is unpacked.
+# Started by scripts/gpu_lease_start.sh after the devgpu bundle is unpacked. Steps: e2e serve sel defaults quality
+# (quality and defaults part 2 need the real models under /tmp/models: scripts/devgpu_models.sh).
 set -uo pipefail
 RES=${1:-/tmp/res}
 mkdir -p "$RES"
@@ -11,6 +12,9 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > 
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 log() { echo "[lease $(date +%T)] $*"; }
 [ -d /tmp/llama3-8b-dummy ] || python3 "${DUMMY:-/tmp/tools/dummy_model.py}" /tmp/llama3-8b-dummy
+# real models carried and converted by scripts/devgpu_models.sh (stash + assemble) before this script starts
+[ -d /tmp/models/smollm2 ] && export SMOLLM2_DIR=/tmp/models/smollm2
+[ -d /tmp/models/qwen ] && export QWEN_DIR=/tmp/models/qwen
 for step in ${STEPS:-e2e serve sel defaults}; do
   case $step in
     e2e)
@@ -37,6 +41,10 @@ for step in ${STEPS:-e2e serve sel defaults}; do
       log "select bench rc=$?" ;;
     defaults)
       log "defaults (issue 15)"; bash scripts/defaults_h100.sh "$RES/defaults"; log "defaults rc=$?" ;;
+    quality)  # issue 13: the quality tables through the shared step (SmolLM2 8k ~1 min, Qwen 32k ~1.5 min)
+      log "quality"; mkdir -p "$RES/quality"
+      MODELS="${QUALITY_MODELS:-smollm2 qwen}" RESULTS="$RES/quality" bash eval/h100.sh > "$RES/quality.log" 2>&1
+      log "quality rc=$?" ;;
   esac
 done
 touch "$RES/DONE"

@@ -1,8 +1,13 @@
 #!/usr/bin/env bash
 # Start the GPU lease's jobs detached (scripts/gpu_lease.sh), from a private copy of the repo.
-#   call 1 (carry .devgpu/c00):  bash .devgpu/c00/unpack
-#   call 2 (carry .devgpu/c01), within 30 s:
-#       eval "$(bash .devgpu/c01/unpack)"; STEPS="e2e serve sel defaults" bash scripts/gpu_lease_start.sh
+#   (here, once: ../shared/devgpu/pack --drop-moe --chunk-mb 52; bash scripts/devgpu_models.sh prepare smollm2;
+#    cp ../shared/devgpu/dummy_model.py .devgpu/c01/tools/)
+#   call 1 (carry .devgpu/s00): bash scripts/devgpu_models.sh stash .devgpu/s00
+#   call 2 (carry .devgpu/s01): bash scripts/devgpu_models.sh stash .devgpu/s01 && bash scripts/devgpu_models.sh assemble smollm2
+#     (only for the steps `quality` and `defaults` part 2; SmolLM2 -> /tmp/models/smollm2)
+#   call 3 (carry .devgpu/c00):  bash .devgpu/c00/unpack
+#   call 4 (carry .devgpu/c01), each within 30 s of the last:
+#       eval "$(bash .devgpu/c01/unpack)"; STEPS="quality e2e defaults serve" bash scripts/gpu_lease_start.sh
 #   (never pipe that eval: a pipe runs it in a subshell and the jobs lose vLLM's PYTHONPATH; session 7 lost a
 #   lease that way.) Then, call after call, short waits so each brings back what exists (a machine taken back
 #   mid-call returns nothing; session 8 lost 6 minutes that way):
