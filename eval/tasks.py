@@ -39,6 +39,13 @@ def _ids(tok, text: str) -> list[int]:
     return tok(text, add_special_tokens=False)["input_ids"]
 
 
+def _bos(tok) -> list[int]:
+    """[BOS] when the tokenizer starts every prompt with one (gemma-3), else [] (SmolLM2, Qwen): a window or
+    prompt then starts with it, as a served prompt does."""
+    ids = tok("a")["input_ids"]
+    return ids[:1] if tok.bos_token_id is not None and ids and ids[0] == tok.bos_token_id else []
+
+
 class Corpus:
     """Tokenised documents (cached per tokenizer)."""
 
@@ -70,7 +77,8 @@ def ppl_task(engine: SparseEvalEngine, tok, texts, configs, context: int, decode
     corpus = Corpus(tok, texts, N + decode + 1)
     rng = random.Random(seed)
     wins = [corpus.window(t, N + decode + 1, rng) for t in range(trials)]
-    ids = torch.tensor([w[1] for w in wins])
+    bos = _bos(tok)
+    ids = torch.tensor([bos + w[1][len(bos):] for w in wins])
     nll, fid, timing = [], [], {"prefill_s": 0.0, "decode_s": 0.0}
     for s in range(0, trials, trial_batch):
         x = ids[s:s + trial_batch]
@@ -123,7 +131,7 @@ def passkey_prompt(tok, corpus: Corpus, context: int, depth: float, key: int, do
     q = _ids(tok, QUESTION)
     qa = _ids(tok, QUESTION + ANSWER.format(key=key))
     a = qa[len(q):] if qa[:len(q)] == q else _ids(tok, ANSWER.format(key=key))
-    intro, needle = _ids(tok, INTRO), _ids(tok, NEEDLE.format(key=key))
+    intro, needle = _bos(tok) + _ids(tok, INTRO), _ids(tok, NEEDLE.format(key=key))
     if question == "decode":
         N = (context - len(q) - len(a)) // block_size * block_size
         tail, dec = [], q + a
@@ -331,7 +339,8 @@ def ruler_prompts(task: str, tok, corpus: Corpus, context: int, trials: int, blo
         qa = _ids(tok, s["question"] + s["answer"])
         a = qa[len(q):] if qa[:len(q)] == q else _ids(tok, s["answer"])
         tail, dec = (q[:-1], q[-1:] + a) if question == "prefill" else ([], q + a)
-        parts.append((s, _ids(tok, s["intro"]), [_ids(tok, x) for x in s["needles"]], tail, dec, len(a)))
+        parts.append((s, _bos(tok) + _ids(tok, s["intro"]), [_ids(tok, x) for x in s["needles"]], tail, dec,
+                      len(a)))
     N = min((context - len(p[4])) // block_size * block_size for p in parts)
     out = []
     for t, (s, intro, needles, tail, dec, A) in enumerate(parts):

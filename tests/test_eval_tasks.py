@@ -54,7 +54,9 @@ def test_needles_where_said_and_answer_after_question(task, question, tok, corpu
         for at, ids, text in zip(p["needle_at"], p["needle_ids"], s["needles"]):
             assert p["prefix"][at:at + len(ids)] == ids  # the needle's tokens, exactly at the said offset
             assert tok.decode(ids) == text
-        assert tok.decode(p["prefix"][:len(T._ids(tok, s["intro"]))]) == s["intro"]
+        bos = T._bos(tok)  # the tiny tokenizer starts a prompt with BOS, as a served prompt does
+        assert p["prefix"][:len(bos)] == bos
+        assert tok.decode(p["prefix"][len(bos):len(bos) + len(T._ids(tok, s["intro"]))]) == s["intro"]
         # the decoded part ends with the answer tokens; the question (or its head) ends the prefix
         A = p["answer_len"]
         assert tok.decode(p["dec"][-A:]).strip() == s["answer"].strip()
@@ -151,9 +153,10 @@ def test_cli_new_tasks_end_to_end_with_intervals_and_plot(tmp_path, capsys):
         assert len(dense) == 1 and any(r["mode"] == "static" for r in sub)
         big = [r for r in sub if r["budget"] == 1024]
         assert len(big) == 3
-        for r in big:  # budget >= context: dense exactly (hits and the answer's NLL)
-            assert (r["value"], r["per_trial"], r["answer_nll"]) == (dense[0]["value"], dense[0]["per_trial"],
-                                                                      dense[0]["answer_nll"])
+        for r in big:  # budget >= context: dense (the same hits; the answer's NLL to float32 rounding: the
+            # attention runs in float64, then the float32 model rounds a row's output by its batch position)
+            assert (r["value"], r["per_trial"]) == (dense[0]["value"], dense[0]["per_trial"])
+            assert r["answer_nll"] == pytest.approx(dense[0]["answer_nll"], rel=1e-6)
         assert any(r["answer_nll"] != dense[0]["answer_nll"] for r in sub if r["budget"] == 128)
     assert set(data["settings"]["tasks"]) == set(T.NEW_TASKS)
     text = capsys.readouterr().out
