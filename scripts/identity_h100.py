@@ -44,7 +44,7 @@ def run(args):
     start_s = time.perf_counter() - t0
     tok = llm.get_tokenizer()
     msgs = [tok.apply_chat_template([{"role": "user", "content": p}], tokenize=False, add_generation_prompt=True)
-            for p in prompts()]
+            if tok.chat_template else p for p in prompts()]  # a base model (gemma-3-270m): the plain text
     res = {"backend": args.backend, "tp": args.tensor_parallel_size, "eager": bool(args.eager),
            "vllm": vllm.__version__, "model": args.model, "engine_start_s": round(start_s, 1),
            "prompt_tokens": [len(tok(m).input_ids) for m in msgs]}
