@@ -18,8 +18,9 @@ log() { echo "[lease $(date +%T)] $*"; }
 for step in ${STEPS:-e2e serve sel defaults}; do
   case $step in
     e2e)
-      # RUNS: BACKEND:MODE[:k=v,...] (server-wide prescore defaults, e.g. PRESCORE:hybrid:reselect_every=8)
-      for run in ${RUNS:-PRESCORE:hybrid FLASH_ATTN:none}; do
+      # E2E_RUNS: BACKEND:MODE[:k=v,...] (server-wide prescore defaults, e.g. PRESCORE:hybrid:reselect_every=8;
+      # serve_bench.sh has its own RUNS)
+      for run in ${E2E_RUNS:-PRESCORE:hybrid FLASH_ATTN:none}; do
         IFS=: read -r be mode cfg <<< "$run"
         tag=$be-$mode${cfg:+-$(echo "$cfg" | tr -c 'A-Za-z0-9\n' _)}
         log "e2e $be $mode $cfg"
