@@ -116,18 +116,24 @@ def test_harness_decode_is_the_backend_step(tiny, monkeypatch):
     assert n_static == 2 * L * M
 
 
-def test_dense_decode_mode_matches_full_forward(tiny):
-    path, _ = tiny
+def _forward_nll_and_ours(path, pre, feed, tgt):
+    """transformers' own (sdpa) NLL of ``tgt`` after ``pre + feed``, and the model loaded with our attention."""
     from transformers import AutoModelForCausalLM
 
-    pre, feed, tgt = _ids(T=2, N=128, M=8, seed=2)
     sdpa = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa").eval()
     with torch.no_grad():
-        logits = sdpa(torch.cat([pre, feed], 1)).logits[:, 128:].float()
+        logits = sdpa(torch.cat([pre, feed], 1)).logits[:, pre.shape[1]:].float()
     want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
     eng.register()
     ours = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
                                                 attn_implementation=eng.ATTN_NAME).eval()
+    return want, ours
+
+
+def test_dense_decode_mode_matches_full_forward(tiny):
+    path, _ = tiny
+    pre, feed, tgt = _ids(T=2, N=128, M=8, seed=2)
+    want, ours = _forward_nll_and_ours(path, pre, feed, tgt)
     r = eng.SparseEvalEngine(ours).run(pre, feed, tgt, eng.make_configs([]))
     torch.testing.assert_close(r["nll"][:, 0], want, rtol=1e-4, atol=1e-4)
 
@@ -221,21 +227,12 @@ def test_estimator_diagnostics_script_runs(tmp_path):
 def test_gemma3_sliding_layers_dense_within_window_full_layers_sparse(tmp_path):
     """A tiny gemma-3 (window 64, sliding : full = 2 : 1): dense decode mode equals transformers' own forward
     (its sliding-window mask) over a 256-token context; budget >= context equals dense (to float32 rounding); a
-    small budget
-    changes only the full-attention layers (fidelity measured there, None on the sliding ones)."""
-    from transformers import AutoModelForCausalLM
-
+    small budget changes only the full-attention layers (fidelity measured there, None on the sliding ones)."""
     from prescore.models import build_tiny_gemma3
 
     path = build_tiny_gemma3(tmp_path / "g3", num_layers=6, sliding_pattern=3, sliding_window=64)
     pre, feed, tgt = _ids(T=2, N=256, M=8, seed=3)
-    sdpa = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa").eval()
-    with torch.no_grad():
-        logits = sdpa(torch.cat([pre, feed], 1)).logits[:, 256:].float()
-    want = torch.nn.functional.cross_entropy(logits.transpose(1, 2), tgt, reduction="none")
-    eng.register()
-    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32,
-                                                 attn_implementation=eng.ATTN_NAME).eval()
+    want, model = _forward_nll_and_ours(path, pre, feed, tgt)
     cfgs = eng.make_configs([128, 512], methods=("kmeans",), modes=("quest", "hybrid"))
     e = eng.SparseEvalEngine(model)
     assert e.window_of == [64, 64, None, 64, 64, None]
