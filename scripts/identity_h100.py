@@ -140,12 +140,7 @@ def _pair(a, b):
     """{"identical", "of", "first_diff"}: per-prompt token-list equality; first_diff = [prompt, token index] of
     the first mismatching prompt (None if all equal)."""
     same = [x == y for x, y in zip(a, b)]
-    first = None
-    for i, (x, y) in enumerate(zip(a, b)):
-        if x != y:
-            j = next((k for k, (u, v) in enumerate(zip(x, y)) if u != v), min(len(x), len(y)))
-            first = [i, j]
-            break
+    first = next(([i, first_divergence(x, y)] for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
     return {"identical": sum(same), "of": len(same), "all": len(a) == len(b) and all(same), "first_diff": first}
 
 
