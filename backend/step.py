@@ -26,7 +26,7 @@ import time
 import torch
 
 from prescore.kernels import METHODS, MODES as MODE_IDS, get_method, score_decode_tail, score_prefill, select_blocks
-from prescore.kernels.decode import sparse_decode, sparse_decode_ref
+from prescore.kernels.decode import MERGE_PADS, default_blocks_per_iter, sparse_decode, sparse_decode_ref
 
 from . import metrics
 from .store import METHOD_NAMES, LayerStore
@@ -250,6 +250,13 @@ def warm(store: LayerStore, kv, bufs, width: int, max_selected: int, block_size:
         for n in (nblk * BS - BS, nblk * BS - 1):  # a step that fills a block (tail scoring) and one that does not
             decode(store, plan, q, kv, bt, torch.tensor([n], dtype=torch.int32, device=dev), out,
                    (kv.shape[3] // 2) ** -0.5, BS, ops)
+    if ops is TRITON:  # the other builds a batch size can ask for: each merge tile, and 128-token tiles (B x Hkv >= 256)
+        D, Hkv = kv.shape[3] // 2, kv.shape[1]
+        sl = torch.tensor([nblk * BS - 1], dtype=torch.int32, device=dev)
+        for bpi in sorted({default_blocks_per_iter(D, BS, Hkv), default_blocks_per_iter(D, BS, 256)}):
+            for pad in MERGE_PADS:
+                sparse_decode(q, kv, bt, sl, cache.ids, cache.kcounts, D ** -0.5, sel_rows=bufs.field("srow", 1),
+                              out=out, num_splits=pad, blocks_per_iter=bpi)
     store.tags2[:, 0] = -1
     store.scores3[0] = 0
     store.kmin[0] = 0

@@ -31,7 +31,13 @@ import triton.language as tl
 _INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 
 
-@triton.jit
+# Arguments that follow the batch size (the split count and the partials' strides) are not specialised: one
+# compile serves every batch, so a mixed step with an uncaptured decode-row count compiles nothing while serving
+# (vLLM's jit monitor flagged it on the H100; results/h100/e2e-session9-*.log).
+_BATCH_ARGS = ["NUM_SPLITS", "stride_ob", "stride_oh", "stride_lb", "stride_lh"]
+
+
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _decode_split_kernel(
     Q, KV, BT, SEL, CNT, SEQ, O_PART, LSE_PART, ROWS,
     stride_qb, stride_qh, stride_qd,
@@ -41,9 +47,9 @@ def _decode_split_kernel(
     stride_cb, stride_ch,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
-    sm_scale_log2,
+    sm_scale_log2, NUM_SPLITS,
     HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr,
-    BS: tl.constexpr, BPI: tl.constexpr, NUM_SPLITS: tl.constexpr, HAS_SEL: tl.constexpr,
+    BS: tl.constexpr, BPI: tl.constexpr, HAS_SEL: tl.constexpr,
     UPCAST: tl.constexpr, HAS_ROWS: tl.constexpr,
 ):
     b = tl.program_id(0)
@@ -127,13 +133,13 @@ def _decode_split_kernel(
     tl.store(LSE_PART + b * stride_lb + (kvh * G + offs_g) * stride_lh + split * stride_ls, lse, mask=g_mask)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=_BATCH_ARGS)
 def _merge_kernel(
     O_PART, LSE_PART, OUT,
     stride_ob, stride_oh, stride_os, stride_od,
     stride_lb, stride_lh, stride_ls,
-    stride_outb, stride_outh, stride_outd,
-    HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, NUM_SPLITS: tl.constexpr, S_PAD: tl.constexpr,
+    stride_outb, stride_outh, stride_outd, NUM_SPLITS,
+    HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, S_PAD: tl.constexpr,
 ):
     b = tl.program_id(0)
     h = tl.program_id(1)
@@ -172,6 +178,14 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_row: int, de
     target = max(1, (4 * _num_sms(device) + programs - 1) // programs)
     most = max(1, max_blocks_per_row // (2 * blocks_per_iter))
     return int(max(1, min(target, most, 128)))
+
+
+def merge_pad(num_splits: int) -> int:
+    """The merge kernel's split tile: 16, 32, 64 or 128 (four builds cover every split count; warm builds them)."""
+    return max(16, triton.next_power_of_2(num_splits))
+
+
+MERGE_PADS = (16, 32, 64, 128)
 
 
 def default_blocks_per_iter(head_size: int, block_size: int, programs: int = 1) -> int:
@@ -230,8 +244,8 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         sel_counts.stride(0), sel_counts.stride(1),
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        scale * 1.4426950408889634,
-        HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=G_PAD, BS=BS, BPI=bpi, NUM_SPLITS=num_splits, HAS_SEL=has_sel,
+        scale * 1.4426950408889634, num_splits,
+        HEAD_SIZE=D, D_PAD=D_PAD, G=G, G_PAD=G_PAD, BS=BS, BPI=bpi, HAS_SEL=has_sel,
         UPCAST=_INTERPRET and q.dtype == torch.bfloat16, HAS_ROWS=sel_rows is not None,
         num_warps=num_warps, num_stages=num_stages,
     )
@@ -239,8 +253,8 @@ def sparse_decode(q: torch.Tensor, kv_cache: torch.Tensor, block_table: torch.Te
         o_part, lse_part, out,
         o_part.stride(0), o_part.stride(1), o_part.stride(2), o_part.stride(3),
         lse_part.stride(0), lse_part.stride(1), lse_part.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        HEAD_SIZE=D, D_PAD=D_PAD, NUM_SPLITS=num_splits, S_PAD=triton.next_power_of_2(num_splits),
+        out.stride(0), out.stride(1), out.stride(2), num_splits,
+        HEAD_SIZE=D, D_PAD=D_PAD, S_PAD=merge_pad(num_splits),
         num_warps=4,
     )
     return out

@@ -13,7 +13,9 @@ import triton.language as tl
 PROGRAMS_PER_HEAD = 128
 
 
-@triton.jit
+# Sizes that follow the prompt length (keys, programs, tiles and the strides they set) are runtime values, not
+# specialised: one build per model shape serves every prompt (built at start by the backend's warm-up).
+@triton.jit(do_not_specialize=["N", "K", "s_xh", "s_xn", "s_gk", "s_gh"])
 def _kmeanspp_kernel(X, IDX0, GUMBEL, D2, CENT, N, K,
                      s_xh, s_xn, s_xd, s_gk, s_gh, s_gn, s_ch, s_ck, s_cd,
                      HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, CHN: tl.constexpr):
@@ -63,11 +65,10 @@ def kmeanspp_triton(sample: torch.Tensor, idx0: torch.Tensor, gumbel: torch.Tens
     return cents
 
 
-@triton.jit
-def _assign_kernel(X, CENT, ASSIGN, DIST, PSUM, PCNT, T, K,
+@triton.jit(do_not_specialize=["T", "K", "TILES", "s_xh", "s_xt", "s_ph", "s_pp"])
+def _assign_kernel(X, CENT, ASSIGN, DIST, PSUM, PCNT, T, K, TILES,
                    s_xh, s_xt, s_xd, s_ch, s_ck, s_cd, s_ph, s_pp, s_pk, s_pd,
-                   HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr,
-                   TILES: tl.constexpr):
+                   HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, K_PAD: tl.constexpr, BLOCK_T: tl.constexpr):
     """Nearest centroid of TILES x BLOCK_T keys; exact distance to it; per-cluster sums and counts of them."""
     h = tl.program_id(0)
     p = tl.program_id(1)
@@ -100,21 +101,26 @@ def _assign_kernel(X, CENT, ASSIGN, DIST, PSUM, PCNT, T, K,
     tl.store(PCNT + (h * tl.num_programs(1) + p) * K + kk, pcnt, mask=km)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["P", "K", "s_ph", "s_pp"])
 def _update_kernel(PSUM, PCNT, CENT, P, K, s_ph, s_pp, s_pk, s_ch, s_ck, HEAD_SIZE: tl.constexpr,
-                   D_PAD: tl.constexpr, P_PAD: tl.constexpr):
-    """Centroid k of head h = mean of its keys (sum of the programs' partials); unchanged if it has none."""
+                   D_PAD: tl.constexpr, P_TILE: tl.constexpr):
+    """Centroid k of head h = mean of its keys (sum of the programs' partials, P_TILE at a time); unchanged if it
+    has none."""
     h = tl.program_id(0)
     k = tl.program_id(1)
-    pp = tl.arange(0, P_PAD)
     d = tl.arange(0, D_PAD)
-    pm = pp < P
     dm = d < HEAD_SIZE
-    ps = tl.load(PSUM + h * s_ph + pp[:, None] * s_pp + k * s_pk + d[None, :], mask=pm[:, None] & dm[None, :],
-                 other=0.0)
-    cnt = tl.sum(tl.load(PCNT + (h * P + pp) * K + k, mask=pm, other=0.0), 0)
+    tot = tl.zeros([D_PAD], dtype=tl.float32)
+    cnt = tl.zeros([], dtype=tl.float32)
+    for p0 in range(0, P, P_TILE):
+        pp = p0 + tl.arange(0, P_TILE)
+        pm = pp < P
+        ps = tl.load(PSUM + h * s_ph + pp[:, None] * s_pp + k * s_pk + d[None, :], mask=pm[:, None] & dm[None, :],
+                     other=0.0)
+        tot += tl.sum(ps, 0)
+        cnt += tl.sum(tl.load(PCNT + (h * P + pp) * K + k, mask=pm, other=0.0), 0)
     old = tl.load(CENT + h * s_ch + k * s_ck + d, mask=dm, other=0.0)
-    new = tl.where(cnt > 0, tl.sum(ps, 0) / tl.maximum(cnt, 1.0), old)
+    new = tl.where(cnt > 0, tot / tl.maximum(cnt, 1.0), old)
     tl.store(CENT + h * s_ch + k * s_ck + d, new, mask=dm)
 
 
@@ -135,13 +141,13 @@ def lloyd_triton(x: torch.Tensor, cents: torch.Tensor, iters: int):
     K_PAD = max(16, triton.next_power_of_2(K))
     for it in range(iters + 1):
         _assign_kernel[(H, P)](
-            x, cents, assign, dist, psum, pcnt, T, K,
+            x, cents, assign, dist, psum, pcnt, T, K, TILES,
             x.stride(0), x.stride(1), x.stride(2), cents.stride(0), cents.stride(1), cents.stride(2),
             psum.stride(0), psum.stride(1), psum.stride(2), psum.stride(3),
-            HEAD_SIZE=D, D_PAD=D_PAD, K_PAD=K_PAD, BLOCK_T=BLOCK_T, TILES=TILES, num_warps=4,
+            HEAD_SIZE=D, D_PAD=D_PAD, K_PAD=K_PAD, BLOCK_T=BLOCK_T, num_warps=4,
         )
         if it < iters:
             _update_kernel[(H, K)](psum, pcnt, cents, P, K, psum.stride(0), psum.stride(1), psum.stride(2),
-                                   cents.stride(0), cents.stride(1), HEAD_SIZE=D, D_PAD=D_PAD,
-                                   P_PAD=triton.next_power_of_2(P), num_warps=4)
+                                   cents.stride(0), cents.stride(1), HEAD_SIZE=D, D_PAD=D_PAD, P_TILE=32,
+                                   num_warps=4)
     return cents, assign.long(), dist
