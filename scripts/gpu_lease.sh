@@ -12,10 +12,14 @@ python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > 
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 log() { echo "[lease $(date +%T)] $*"; }
 [ -d /tmp/llama3-8b-dummy ] || python3 "${DUMMY:-/tmp/tools/dummy_model.py}" /tmp/llama3-8b-dummy
-# real models carried and converted by scripts/devgpu_models.sh (stash + assemble) before this script starts
-[ -d /tmp/models/smollm2 ] && export SMOLLM2_DIR=/tmp/models/smollm2
-[ -d /tmp/models/qwen ] && export QWEN_DIR=/tmp/models/qwen
 for step in ${STEPS:-e2e serve sel defaults}; do
+  # real models carried and converted by scripts/devgpu_models.sh (stash + assemble), looked up at each step (the
+  # pieces may arrive while an earlier step runs)
+  if [ "$step" = quality ] && [ -d /tmp/models/q00 ]; then  # Qwen's pieces are on their way: wait for the convert
+    for _ in $(seq 300); do [ -f /tmp/models/qwen/.prescore-complete ] && break; sleep 2; done
+  fi
+  [ -f /tmp/models/smollm2/.prescore-complete ] && export SMOLLM2_DIR=/tmp/models/smollm2
+  [ -f /tmp/models/qwen/.prescore-complete ] && export QWEN_DIR=/tmp/models/qwen
   case $step in
     e2e)
       # E2E_RUNS: BACKEND:MODE[:k=v,...] (server-wide prescore defaults, e.g. PRESCORE:hybrid:reselect_every=8;
@@ -36,7 +40,7 @@ for step in ${STEPS:-e2e serve sel defaults}; do
         "$RES"/serve/bench-*.json > "$RES/serve-collect.log" 2>&1; log "collect rc=$?" ;;
     sel)
       log "select bench"
-      python3 benchmarks/select_bench.py --modes hybrid --every 4 --clocks request,step --width 8192 \
+      python3 benchmarks/select_bench.py --modes hybrid --every "${SEL_EVERY:-4}" --clocks "${SEL_CLOCKS:-request,step}" --width 8192 \
         --shapes "${SEL_SHAPES:-8x33024,32x33024,1x131072,8x131072}" --profile --out "$RES/select-bench.json" \
         > "$RES/select-bench.log" 2>&1
       log "select bench rc=$?" ;;
