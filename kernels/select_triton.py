@@ -23,6 +23,7 @@ import math
 import triton
 import triton.language as tl
 
+from .decode import _num_sms
 from .selection import MODE_HYBRID, MODE_PRIOR
 
 CH_LO = tl.constexpr(2048)  # the register path's tiers in a wider table: 32k tokens at block 16 ...
@@ -559,50 +560,55 @@ QB_TILE = 32  # blocks per tile inside a program
 
 @triton.jit
 def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, CLOCK, MODE, BND, PMAX, ROW, CKEY, KCOUNTS, RTAG, BUDGET, SINK, WINDOW,
-                   scale, beta, S, EVERY,
+                   scale, beta, S, EVERY, NS,
                    s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d, s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h,
-                   s_pm_s, s_ck_r, s_ck_h, s_cn_b, H: tl.constexpr, USE_CACHE: tl.constexpr, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, G: tl.constexpr,
-                   G_PAD: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr, TILE: tl.constexpr):
-    """Per (row, KV head, chunk of blocks): each query head's scaled bound on every block of the chunk
-    (``BND[b, h, g, j]``) and its chunk maximum (``PMAX[b, h, split, g]``, -inf past the context). Rows in prior
-    mode (0) are skipped. Summaries are loaded once per tile for the whole GQA group."""
+                   s_pm_s, s_ck_r, s_ck_h, s_cn_b, H: tl.constexpr, USE_CACHE: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                   D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
+                   TILE: tl.constexpr):
+    """Per (row, KV head), program p of the grid's second axis takes chunks p, p + P, ... of CHUNK blocks (P
+    programs per row and head: about 8 per SM in all, whatever the batch): each query head's scaled bound on every
+    block of a chunk (``BND[b, h, g, j]``) and its chunk maximum (``PMAX[b, h, chunk, g]``, -inf past the
+    context). Rows in prior mode (0), and with a cache the rows that keep their selection this step, do nothing
+    (the selection reads neither output for them). Summaries are loaded once per tile for the whole GQA group."""
     bh = tl.program_id(0)
-    s = tl.program_id(1)
+    p = tl.program_id(1)
+    P = tl.num_programs(1)
     b = bh // H
     h = bh % H
     mode = tl.load(MODE + b)
+    live = mode != MODE_PRIOR
     seq = tl.load(SEQ + b).to(tl.int32)
     nblk = (seq + BS - 1) // BS
-    start = s * CHUNK
-    offs_g = tl.arange(0, G_PAD)
-    best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
-    live = (mode != MODE_PRIOR) & (start < nblk)
     if USE_CACHE:  # rows that keep their cached selection this step (the selection kernel decides the same)
         packed = _packed(nblk, tl.load(BUDGET + b).to(tl.int32), tl.load(SINK + b).to(tl.int32),
                          tl.load(WINDOW + b).to(tl.int32))
         live = live & (_reuse(CKEY, KCOUNTS, tl.load(ROW + b), h, tl.load(RTAG + b).to(tl.int64), packed, nblk,
                               tl.load(CLOCK + b), mode, S, EVERY, s_ck_r, s_ck_h, s_cn_b) == 0)
     if live:
+        offs_g = tl.arange(0, G_PAD)
         d = tl.arange(0, D_PAD)
         dm = d < HEAD_SIZE
         hi = 0.5 + 0.5 * beta
         lo = 0.5 - 0.5 * beta
-        for c in range(start, tl.minimum(start + CHUNK, nblk), TILE):
-            j = c + tl.arange(0, TILE)
-            jm = j < nblk
-            phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
-            base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
-            mn = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            mx = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
-            kmin = mn * hi + mx * lo
-            kmax = mx * hi + mn * lo
-            for g in tl.static_range(G):
-                qv = tl.load(Q + b * s_q_b + (h * G + g) * s_q_h + d, mask=dm, other=0.0).to(tl.float32)
-                bg = tl.sum(tl.maximum(qv[None, :] * kmin, qv[None, :] * kmax), 1) * scale
-                tl.store(BND + b * s_bd_b + h * s_bd_h + g * s_bd_g + j, bg, mask=jm)
-                mg = tl.max(tl.where(jm, bg, float("-inf")), 0)
-                best = tl.where(offs_g == g, tl.maximum(best, mg), best)
-    tl.store(PMAX + b * s_pm_b + h * s_pm_h + s * s_pm_s + offs_g, best, mask=offs_g < G)
+        for s in range(p, NS, P):
+            start = s * CHUNK
+            best = tl.full([G_PAD], float("-inf"), dtype=tl.float32)
+            for c in range(start, tl.minimum(start + CHUNK, nblk), TILE):
+                j = c + tl.arange(0, TILE)
+                jm = j < nblk
+                phys = tl.load(BT + b * s_bt_b + j * s_bt_n, mask=jm, other=0).to(tl.int64)
+                base = phys[:, None] * s_mn_b + h * s_mn_h + d[None, :] * s_mn_d
+                mn = tl.load(KMIN + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                mx = tl.load(KMAX + base, mask=jm[:, None] & dm[None, :], other=0.0).to(tl.float32)
+                kmin = mn * hi + mx * lo
+                kmax = mx * hi + mn * lo
+                for g in tl.static_range(G):
+                    qv = tl.load(Q + b * s_q_b + (h * G + g) * s_q_h + d, mask=dm, other=0.0).to(tl.float32)
+                    bg = tl.sum(tl.maximum(qv[None, :] * kmin, qv[None, :] * kmax), 1) * scale
+                    tl.store(BND + b * s_bd_b + h * s_bd_h + g * s_bd_g + j, bg, mask=jm)
+                    mg = tl.max(tl.where(jm, bg, float("-inf")), 0)
+                    best = tl.where(offs_g == g, tl.maximum(best, mg), best)
+            tl.store(PMAX + b * s_pm_b + h * s_pm_h + s * s_pm_s + offs_g, best, mask=offs_g < G)
 
 
 @triton.jit
@@ -635,7 +641,8 @@ def _qkey_load(BND, best, b, h, j, jm, s_bd_b, s_bd_h, s_bd_g, G: tl.constexpr, 
 def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: int, beta: float = 1.0,
                         reuse=None):
     """Per-head scaled bounds ``[B, H, G, MB]`` and chunk maxima ``[B, H, NS, G]`` (float32) of the query-aware
-    key (see :func:`prescore.kernels.selection.quest_bound`); rows in prior mode (0) are skipped. The selection
+    key (see :func:`prescore.kernels.selection.quest_bound`); rows in prior mode (0) are skipped (their outputs
+    are not written). The selection
     kernel combines them into the group's key (:func:`quest_key_from_bounds` is the same in torch).
 
     ``reuse = (cache, rows, ctags, budget, sink, window, max_selected, every[, clocks])`` (``ctags``: the cache
@@ -660,9 +667,12 @@ def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: 
     else:
         rows = rtag = budget = sink = window = clocks = seq_lens
         ckey, kc, S, every = pmax, seq_lens.view(1, -1), 1, 1
-    _qbound_kernel[(B * H, NS)](
+    # programs per (row, KV head): about 8 per SM over the whole grid, at most one per chunk (a full grid of
+    # B x H x NS programs cost every step, re-selecting or not, ~B x H x 64 launches at 131k tables)
+    per = max(1, min(NS, triton.cdiv(8 * _num_sms(q.device), B * H)))
+    _qbound_kernel[(B * H, per)](
         q, kmin, kmax, block_table, seq_lens, clocks, mode, bnd, pmax, rows, ckey, kc, rtag, budget, sink, window,
-        1.0 / math.sqrt(D), float(beta), int(S), int(every),
+        1.0 / math.sqrt(D), float(beta), int(S), int(every), NS,
         q.stride(0), q.stride(1), block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1),
         kmin.stride(2), bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2),
         ckey.stride(0), ckey.stride(1), kc.stride(0), H=H, USE_CACHE=reuse is not None, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), G=G, G_PAD=max(2, triton.next_power_of_2(G)),

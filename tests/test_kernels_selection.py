@@ -187,6 +187,26 @@ def test_triton_streaming_path_for_long_rows(monkeypatch):
         assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts)
 
 
+@pytest.mark.parametrize("sms", [1, 64])
+def test_bound_programs_take_several_chunks(monkeypatch, sms):
+    """The bound kernel's programs each take every P-th chunk of a row (P from the SM count): with 4-block chunks
+    and 1 or 64 SMs (P = 1..NS), query-aware selections equal the torch reference."""
+    import prescore.kernels.select_triton as st
+
+    monkeypatch.setattr(st, "QB_CHUNK", 4)
+    monkeypatch.setattr(st, "QB_TILE", 4)
+    monkeypatch.setattr(st, "_num_sms", lambda device: sms)
+    kv, bt, seq, summ, tags, q = build([700, 1203, 90, 16 * 13], seed=5, other=[(1, 7), (0, 2)])
+    t = torch.tensor
+    n = 4
+    for mode in ("hybrid", "quest"):
+        args = (summ, bt, seq, t([6, 9, 2, 4]), t([1] * n), t([2] * n), t([MODES[mode], MODES[mode], MODES["prior"],
+                MODES[mode]]), t([2] * n), tags, 20)
+        a = select_blocks(*args, q=q, block_size=16, use_triton=False)
+        b = select_blocks(*args, q=q, block_size=16, use_triton=True)
+        assert torch.equal(a.ids, b.ids) and torch.equal(a.counts, b.counts) and torch.equal(a.dense, b.dense)
+
+
 def test_triton_register_tiers_in_a_wide_table(monkeypatch):
     """Rows of a wide block table search the smallest register tier that holds them (CH_LO, CH_MID, CH): same
     result as the torch reference on each side of every tier edge (tiers shrunk to 8 / 16 / 32 blocks)."""
