@@ -18,8 +18,10 @@ prior no share), ``quest_beta`` (the query-aware key q.c + beta * |q|.r of a blo
 midpoint c and half range r: 1 = Quest's upper bound, default 0.5, see results/QUALITY.md) and ``max_selected``
 (tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
 sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated) and
-``reselect_every`` (decode steps, default 4: a quest/hybrid row runs the query-aware selection when its clock
-is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step) and
+``reselect_every`` (decode steps, default 16: a quest/hybrid row runs the query-aware selection when its clock
+is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step; 16
+spreads the selection's cost over 16 steps at the same perplexity within noise: SmolLM2 4k, budget 1024, 1.031x
+dense vs 1.029x at 4, results/sweeps/reuse-smollm2-4k-every16-cpu.json) and
 ``reselect_clock`` (``"request"``, the default: the row's own length, so a request's tokens do not depend on
 the step at which it was admitted (the same greedy request twice gives the same tokens), at the cost of about one
 selection launch on most steps when rows of different lengths share a batch; ``"step"``: the engine's step
@@ -66,7 +68,7 @@ class PrescoreParams:
     hybrid_min_budget: int = 512
     quest_beta: float = 0.5
     max_selected: int = 8192
-    reselect_every: int = 4
+    reselect_every: int = 16
     reselect_clock: str = "request"  # by the row's length (reproducible); "step": rows re-select together
     # server policy (never per request)
     min_budget: int = 0
