@@ -17,6 +17,10 @@ Decode rows (Hq=32, Hkv=8, D=128, bf16, block 16, vLLM's GPU cache layout, shuff
 ``sparse_nocache_ms`` the same with the selection recomputed on every call;
 ``step_prior_ms``  the backend's own decode step in prior mode (``step.decode``, server defaults), per step of a
                    16-step run;
+``step_default_ms`` the same step in the DEFAULT mode and settings (hybrid, reselect_every, request clock), 16
+                   steps from a length that is a multiple of 16: 16 / reselect_every query-aware re-selections;
+``select_ms``      ``step_default_ms - sparse_kernel_ms``: everything from the query to the block table
+                   (bound, selection, tail scoring), per layer and step, amortised;
 ``ideal_ms``       bytes of the selected K/V at the measured device-to-device copy bandwidth.
 Every time is the median over CUDA-graph replays of R calls with rotating inputs (different queries and
 selections each call), divided by R; the dense baseline is measured in the same run.
@@ -313,11 +317,13 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
 
         sph = graph_time_ms(sparse_hybrid, reps=rot)
         stp = backend_step_ms(kv, bt, summs[0], budget, qs, L)
+        std = backend_step_ms(kv, bt, summs[0], budget, qs, L, mode=None)
         rows.append(dict(B=B, L=L, budget=budget, selected_tokens_per_head=sel_tokens // (B * HKV),
                          dense_sdpa_ms=round(dense_sdpa, 5), dense_paged_ms=round(dense_paged, 5),
                          sparse_ms=round(sp, 5), sparse_nocache_ms=round(sp_nocache, 5),
                          sparse_kernel_ms=round(spk, 5), sparse_hybrid_ms=round(sph, 5),
-                         step_prior_ms=round(stp, 5),
+                         step_prior_ms=round(stp, 5), step_default_ms=round(std, 5),
+                         select_ms=round(std - spk, 5),
                          ideal_ms=round(ideal, 5),
                          bw_fraction=round(ideal / sp, 4), speedup_vs_sdpa=round(dense_sdpa / sp, 2),
                          dense_paged_vs_sdpa=round(dense_paged / dense_sdpa, 4), dense_paged_rel_err=dense_err))
@@ -326,16 +332,24 @@ def decode_row(B: int, L: int, budgets: list[int], gbps: float, gen: torch.Gener
     return rows
 
 
-def backend_step_ms(kv, bt, summ, budget: int, qs, L: int) -> float:
-    """``step_prior_ms``: one layer of a decode step as the server runs it in ``prior`` mode at ``budget`` (the
-    backend's ``step.decode``: tail scoring, selection into the per-slot cache, sparse decode; server defaults for
-    sink/window), 16 consecutive steps in one CUDA graph (``select_bench.shared_step``)."""
+def backend_step_ms(kv, bt, summ, budget: int, qs, L: int, mode: str | None = "prior") -> float:
+    """``step_prior_ms`` / ``step_default_ms`` (``mode`` None: the server's default mode and reselect_every): one
+    layer of a decode step as the server runs it at ``budget`` (the backend's ``step.decode``: tail scoring,
+    selection into the per-slot cache, sparse decode; server defaults for the rest), 16 consecutive steps in one
+    CUDA graph (``select_bench.shared_step``)."""
+    from prescore.backend.params import PrescoreParams
     from select_bench import shared_step  # same folder
     B = bt.shape[0]
-    step = shared_step(kv, bt, summ.scores, summ.kmin.contiguous(), summ.kmax.contiguous(), budget, "prior", 1,
+    d = PrescoreParams()
+    mode, every = (d.mode, d.reselect_every) if mode is None else (mode, 1)
+    step = shared_step(kv, bt, summ.scores, summ.kmin.contiguous(), summ.kmax.contiguous(), budget, mode, every,
                        "cuda")
     out = torch.empty(B, HQ, D, dtype=torch.bfloat16, device="cuda")
-    seqs = [torch.full((B,), L - 24 + j, dtype=torch.int32, device="cuda") for j in range(16)]
+    # prior: lengths L-24..L-9 (one block boundary); default: L-16..L-1, so the 16 steps re-select as often as
+    # the schedule says (once at reselect_every 16: graph replays restart the lengths, which forces a
+    # re-selection at the first step)
+    first = L - 24 if mode == "prior" else L - 16
+    seqs = [torch.full((B,), first + j, dtype=torch.int32, device="cuda") for j in range(16)]
 
     def steps():
         for j in range(16):
@@ -632,13 +646,14 @@ def main(argv=None):
         traceback.print_exc()
         scoring = []
     hdr = f"{'B':>3} {'L':>7} {'budget':>6} {'sdpa ms':>8} {'paged ms':>9} {'sparse ms':>9} {'ideal ms':>8} " \
-          f"{'bw frac':>7} {'x sdpa':>7} {'paged/sdpa':>10} {'step ms':>8}"
+          f"{'bw frac':>7} {'x sdpa':>7} {'paged/sdpa':>10} {'step ms':>8} {'default':>8} {'select':>8}"
     print("\n" + hdr)
     for r in decode:
         stp = r.get("step_prior_ms")
         print(f"{r['B']:>3} {r['L']:>7} {r['budget']:>6} {r['dense_sdpa_ms']:>8.4f} {r['dense_paged_ms']:>9.4f} "
               f"{r['sparse_ms']:>9.4f} {r['ideal_ms']:>8.4f} {r['bw_fraction']:>7.2f} {r['speedup_vs_sdpa']:>7.1f} "
-              f"{r['dense_paged_vs_sdpa']:>10.3f} {'-' if stp is None else f'{stp:8.4f}':>8}")
+              f"{r['dense_paged_vs_sdpa']:>10.3f} {'-' if stp is None else f'{stp:8.4f}':>8} "
+              f"{r.get('step_default_ms', float('nan')):>8.4f} {r.get('select_ms', float('nan')):>8.4f}")
     print_scoring(scoring)
     res = {"device": dev, "copy_gbps": round(gbps, 1), "torch": torch.__version__,
            "command": "python benchmarks/kernels_bench.py --out results/kernels-h100.json",
