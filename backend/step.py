@@ -243,20 +243,19 @@ def warm(store: LayerStore, kv, bufs, width: int, max_selected: int, block_size:
                 MODE_IDS[params.mode], prior, WARM_TAG, 0, 0, WARM_TAG)])
     plan = Plan(bufs=bufs, num_rows=1, num_attend=1, rows=None, tokens=None, prefill=[], dense_rows=[],
                 max_selected=max_selected, quest_beta=params.quest_beta, every=1)
-    q = torch.zeros(1, num_q_heads, kv.shape[3] // 2, dtype=kv.dtype, device=dev)
+    D, Hkv = kv.shape[3] // 2, kv.shape[1]
+    q = torch.zeros(1, num_q_heads, D, dtype=kv.dtype, device=dev)
     out = torch.empty_like(q)
+    lens = [torch.tensor([n], dtype=torch.int32, device=dev) for n in (nblk * BS - BS, nblk * BS - 1)]
     for every in sorted({1, params.reselect_every}):
         plan.every = every
-        for n in (nblk * BS - BS, nblk * BS - 1):  # a step that fills a block (tail scoring) and one that does not
-            decode(store, plan, q, kv, bt, torch.tensor([n], dtype=torch.int32, device=dev), out,
-                   (kv.shape[3] // 2) ** -0.5, BS, ops)
+        for sl in lens:  # a step that fills a block (tail scoring) and one that does not
+            decode(store, plan, q, kv, bt, sl, out, D ** -0.5, BS, ops)
     if ops is TRITON:  # the other builds a batch size can ask for: each merge tile, and 128-token tiles (B x Hkv >= 256)
-        D, Hkv = kv.shape[3] // 2, kv.shape[1]
-        sl = torch.tensor([nblk * BS - 1], dtype=torch.int32, device=dev)
         for bpi in sorted({default_blocks_per_iter(D, BS, Hkv), default_blocks_per_iter(D, BS, 256)}):
             for pad in MERGE_PADS:
-                sparse_decode(q, kv, bt, sl, cache.ids, cache.kcounts, D ** -0.5, sel_rows=bufs.field("srow", 1),
-                              out=out, num_splits=pad, blocks_per_iter=bpi)
+                sparse_decode(q, kv, bt, lens[1], cache.ids, cache.kcounts, D ** -0.5,
+                              sel_rows=bufs.field("srow", 1), out=out, num_splits=pad, blocks_per_iter=bpi)
     store.tags2[:, 0] = -1
     store.scores3[0] = 0
     store.kmin[0] = 0

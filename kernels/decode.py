@@ -177,15 +177,19 @@ def choose_num_splits(batch: int, num_kv_heads: int, max_blocks_per_row: int, de
     programs = max(1, batch * num_kv_heads)
     target = max(1, (4 * _num_sms(device) + programs - 1) // programs)
     most = max(1, max_blocks_per_row // (2 * blocks_per_iter))
-    return int(max(1, min(target, most, 128)))
+    return int(max(1, min(target, most, MAX_SPLITS)))
+
+
+MAX_SPLITS = 128
 
 
 def merge_pad(num_splits: int) -> int:
-    """The merge kernel's split tile: 16, 32, 64 or 128 (four builds cover every split count; warm builds them)."""
+    """The merge kernel's split tile: a power of two from 16 to MAX_SPLITS (:data:`MERGE_PADS`: a build each, which
+    the backend's warm-up makes)."""
     return max(16, triton.next_power_of_2(num_splits))
 
 
-MERGE_PADS = (16, 32, 64, 128)
+MERGE_PADS = tuple(1 << i for i in range(4, MAX_SPLITS.bit_length()))  # 16, 32, 64, 128
 
 
 def default_blocks_per_iter(head_size: int, block_size: int, programs: int = 1) -> int:
