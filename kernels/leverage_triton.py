@@ -195,7 +195,7 @@ def _invert(a, i, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, SB: tl.constexpr
 # fit: Gram partials -> reduce + centre -> ridge + inverse
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["T", "CHUNK"])  # one compile for every length
+@triton.jit(do_not_specialize=["PHYS", "T", "CHUNK"])  # one compile for every length and chunk offset
 def _gram_kernel(KV, PHYS, PG, PS, T, CHUNK, s_kb, s_kh, s_kt, s_kd, HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr,
                  BS: tl.constexpr, BLOCK_T: tl.constexpr, UPCAST: tl.constexpr):
     h = tl.program_id(0)
@@ -317,7 +317,7 @@ def fit_triton(kv_cache: torch.Tensor, phys: torch.Tensor, T: int, ridge: float,
 # quadratic form
 # ----------------------------------------------------------------------------------------------------------
 
-@triton.jit(do_not_specialize=["T", "NT"])  # one compile for every length
+@triton.jit(do_not_specialize=["PHYS", "T", "NT"])  # one compile for every length and chunk offset
 def _quad_kernel(KV, PHYS, MU, AINV, OUT, T, NT, s_mu, s_ai, s_out, s_kb, s_kh, s_kt, s_kd,
                  HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr, BLOCK_T: tl.constexpr,
                  SPLIT: tl.constexpr, UPCAST: tl.constexpr):

@@ -16,7 +16,9 @@ import triton.language as tl
 
 # Lengths, tags and length-derived strides are not specialised (and a tag is always int64): one build serves
 # every prompt, built at start (backend warm-up), none while serving.
-@triton.jit(do_not_specialize=["tok_end", "tag_val", "s_ks_i", "s_ks_h", "s_ks_t"])
+# index/score pointers may be slices of a block table at any offset (a chunk starting at any block): never
+# specialised on alignment, so every chunk shares one build (the KV cache and summaries keep theirs)
+@triton.jit(do_not_specialize=["PHYS", "NVALID", "KS", "ITAGS", "tok_end", "tag_val", "s_ks_i", "s_ks_h", "s_ks_t"])
 def _summarize_kernel(KV, PHYS, NVALID, KS, ITAGS, SCORES, KMIN, KMAX, TAGS, tok_end, tag_val: tl.int64,
                       s_kv_b, s_kv_h, s_kv_t, s_kv_d, s_ks_i, s_ks_h, s_ks_t,
                       s_sc_b, s_sc_h, s_mn_b, s_mn_h, s_mn_d,
@@ -101,7 +103,7 @@ def summarize(kv_cache, summ, phys, nvalid, item_tags, key_scores=None, use_trit
     (summarize_triton if use_triton else summarize_torch)(kv_cache, summ, phys, nvalid, item_tags, key_scores)
 
 
-@triton.jit(do_not_specialize=["ntok", "s_oh", "s_ot"])
+@triton.jit(do_not_specialize=["PHYS", "ntok", "s_oh", "s_ot"])
 def _gather_keys_kernel(KV, PHYS, OUT, ntok, s_kv_b, s_kv_h, s_kv_t, s_kv_d, s_oh, s_ot, s_od,
                         HEAD_SIZE: tl.constexpr, D_PAD: tl.constexpr, BS: tl.constexpr):
     i = tl.program_id(0)

@@ -52,18 +52,21 @@ CODE = textwrap.dedent("""
         sparse_decode(q, kv, bt_all[:B], torch.full((B,), 4000, dtype=torch.int32), ids, kc, 0.088,
                       sel_rows=torch.arange(B, dtype=torch.int32), out=torch.empty_like(q))
     # prefill scoring sizes: keys of prompts of many lengths
-    for T in (17, 160, 1000, 2048, 4093, 8192, 16384, 20000, 32768, 65536, 100000, 131072):
+    for i, T in enumerate((17, 160, 1000, 2048, 4093, 8192, 16384, 20000, 32768, 65536, 100000, 131072)):
         x = torch.zeros(H, T, D, dtype=torch.bfloat16)
         lloyd_triton(x, torch.zeros(H, 64, D), 2)
         n = min(T, 4096)
         kmeanspp_triton(x[:, :n], torch.zeros(H, dtype=torch.int64), torch.zeros(64, H, n), 64)
-        phys = torch.zeros(-(-T // BS), dtype=torch.int32)
+        # a chunk's blocks are a slice of the block table row at any block offset (pointer alignment varies)
+        row = torch.zeros(MB + 4, dtype=torch.int32)
+        off = i % 4
+        phys = row[off: off + -(-T // BS)]
         gather_keys_triton(kv, phys, T)
         summ = BlockSummaries(scores=torch.zeros(NB, H), kmin=torch.zeros(NB, H, D, dtype=torch.bfloat16),
                               kmax=torch.zeros(NB, H, D, dtype=torch.bfloat16), tags=torch.zeros(NB, dtype=torch.int64))
         for tag in (2, 12345678901234567, (1 << 62) + 7):
-            summarize_triton(kv, summ, phys, T, tag, key_scores=torch.zeros(H, T).view(H, -1, 1)[:, : phys.shape[0]]
-                             .expand(H, phys.shape[0], BS).permute(1, 0, 2))
+            summarize_triton(kv, summ, phys, T, tag, key_scores=torch.zeros(H, T + 3).view(H, -1, 1)[:, off: off +
+                             phys.shape[0]].expand(H, phys.shape[0], BS).permute(1, 0, 2))
     # builds per kernel over all those sizes: decode 2 (64- and 128-token tiles), merge 4 (split tiles 16..128)
     want = {"_decode_split_kernel": 2, "_merge_kernel": 4, "_assign_kernel": 1, "_update_kernel": 1,
             "_kmeanspp_kernel": 1, "_gather_keys_kernel": 1, "_summarize_kernel": 1}
