@@ -159,7 +159,7 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
         bufs.fill([_pad_fields(0, scratch + i) for i in range(n)])
         return Plan(bufs, n, n, None, None, [], [], **consts)
     seq = compat.host_seq_lens(cm).tolist()
-    slots = table.slots(n, compat.req_slots(cm))
+    slots = table.live(table.slots(n, compat.req_slots(cm)), qlens, seq)
     rows = [(i, slots[i], *classify(qlens[i], int(seq[i]), slots[i], table, block_size)) for i in range(n)]
     prefill = [PrefillRow(i, int(seq[i]) - qlens[i], int(seq[i]), int(seq[i]) >= table.prefill_len[s], s,
                           p.method, p.mode, table.tag[s])

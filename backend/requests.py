@@ -68,6 +68,7 @@ class RequestTable:
         self.prefill_len = [0] * capacity
         self.tag = [-1] * capacity
         self.serial = [0] * capacity
+        self.progressed = [False] * capacity
         self.row_slot = {}
         self._free = list(range(capacity - 1, -1, -1))
 
@@ -85,6 +86,24 @@ class RequestTable:
         self.tag[slot] = (STATELESS_TAG if P.stateless(method) else content_tag(method, tokens) if tokens
                           else next(_TAGS))
         self.serial[slot] = next(_SERIALS)
+        self.progressed[slot] = False
+
+    def live(self, slots: list[int], qlens: list[int], seq: list[int]) -> list[int]:
+        """``slots`` with -1 (unknown request: dense, unscored) for rows that cannot be their slot's request: a row
+        starting at position 0 (a first prefill chunk) in a slot whose request already went past its first chunk.
+        vLLM's dummy batches (profiling, CUDA-graph capture) index slots 0..n-1 as fresh 1-token prompts, while the
+        params of its finished warm-up requests stay there (Model Runner V2 tells logits processors of new requests,
+        never of finished ones): on the H200 with vLLM's default 1024 slots, scoring those rows one by one made the
+        capture take 158 s instead of 9 s. A new request re-admits the slot (``set``) before its first chunk."""
+        out = list(slots)
+        for i, s in enumerate(slots):
+            if s < 0 or qlens[i] <= 0:
+                continue
+            if seq[i] > qlens[i]:
+                self.progressed[s] = True
+            elif self.progressed[s]:
+                out[i] = -1
+        return out
 
     # ---- V1: persistent-batch rows -> own slots --------------------------------------------------------
     def _release_row(self, row: int) -> None:

@@ -274,6 +274,9 @@ class _Table:
     def slots(self, num_rows: int, req_idx) -> list[int]:
         return [int(r) for r in req_idx[:num_rows].tolist()]
 
+    def live(self, slots: list[int], qlens, seq) -> list[int]:  # no dummy batches here: every row is its slot's
+        return slots
+
 
 class _Group:
     """The rows of one (quest_beta, reselect_every) setting: planned and stepped together."""

@@ -8,7 +8,7 @@ part1: the `vllm serve` start with no flags but the backend (scripts/defaults_h1
 scripts/prefix_cache_check.py; dense: scripts/identity_h100.py --compare-dense (FA3 base, TRITON_ATTN noise
 floor, PRESCORE budget >= context and budget 0). A part that did not run leaves its keys null.
 Keys: vllm, device, max_num_seqs, kv_cache_tokens_prescore, kv_cache_tokens_flash_attn, start_ok,
-prefix_cache_sparse, dense_identical, dense_detail (+ prefix_detail, sparse_rows, prescore_memory_line,
+prefix_cache_sparse, dense_identical, dense_detail (+ prefix_detail, sparse_rows, prescore_memory_line, start_s_*,
 kv_capacity_vs_flash_attn, command).
 """
 
@@ -30,6 +30,7 @@ def collect(part1: dict, prefix: dict, dense: dict, command: str | None = None) 
             "kv_cache_tokens_prescore": kp, "kv_cache_tokens_flash_attn": kf,
             "kv_capacity_vs_flash_attn": round(kp / kf, 4) if kp and kf else None,
             "start_ok": part1.get("start_ok"), "sparse_rows": part1.get("sparse_rows"),
+            "start_s_prescore": part1.get("start_s_prescore"), "start_s_flash_attn": part1.get("start_s_flash_attn"),
             "prescore_memory_line": part1.get("prescore_memory_line"),
             "prefix_cache_sparse": prefix.get("prefix_cache_sparse"), "prefix_detail": prefix.get("prefix_detail"),
             "dense_identical": dense.get("dense_identical"), "dense_detail": dense.get("dense_detail"),

@@ -43,12 +43,19 @@ req = urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dum
                              {"Content-Type": "application/json"})
 out = json.load(urllib.request.urlopen(req, timeout=600))
 print(json.dumps({"completion_tokens": out["usage"]["completion_tokens"]}))
+# the GPU workers write their counters when they build a step at least 1 s after the last write: one more
+# 1-token request after that makes the file hold the budgeted request's decode rows
+import time
+time.sleep(1.5)
+body = {"model": model, "prompt": [7, 8, 9], "max_tokens": 1}
+urllib.request.urlopen(urllib.request.Request(f"http://127.0.0.1:{port}/v1/completions", json.dumps(body).encode(),
+                                              {"Content-Type": "application/json"}), timeout=600).read()
 PY
     sleep 2
   fi
   kill $pid; wait $pid 2>/dev/null
 done
-python3 - "$OUT" <<'PY'
+python3 -P - "$OUT" <<'PY'  # -P: the repo's prescore/ folder must not shadow the installed package
 import glob, json, os, re, sys
 out = sys.argv[1]
 def log(be):
@@ -57,7 +64,10 @@ def kv_tokens(text):
     m = re.search(r"KV cache size: ([\d,]+) tokens", text)
     return int(m.group(1).replace(",", "")) if m else None
 p, f = log("prescore"), log("FLASH_ATTN")
-seqs = re.search(r"max_num_seqs[=: ]+(\d+)", p)
+seqs = re.search(r"x (\d+) slots", p)  # prescore's memory line: max_num_seqs + 8 slots (compat.request_slots)
+def start_s(text):
+    m = re.search(r"init engine \(profile, create kv cache, warmup model\) took ([\d.]+) s", text)
+    return float(m.group(1)) if m else None
 mem = re.search(r"prescore: memory per layer: [^\n]*", p)
 from prescore.backend import metrics
 snap = metrics.read_dir(os.path.join(out, "metrics"))
@@ -69,7 +79,8 @@ try:
 except Exception:  # noqa: BLE001
     ver = None
 res = {"vllm": ver, "device": torch.cuda.get_device_name() if torch.cuda.is_available() else None,
-       "max_num_seqs": int(seqs.group(1)) if seqs else None,
+       "max_num_seqs": int(seqs.group(1)) - 8 if seqs else None,
+       "start_s_prescore": start_s(p), "start_s_flash_attn": start_s(f),
        "kv_cache_tokens_prescore": kv_tokens(p), "kv_cache_tokens_flash_attn": kv_tokens(f),
        "start_ok": open(os.path.join(out, "start-prescore")).read().strip() == "1",
        "sparse_rows": sparse, "prescore_memory_line": mem.group(0) if mem else None}

@@ -270,3 +270,26 @@ def test_offered_methods_field():
             P.load_defaults({"prescore": {"methods": bad}}, env={})
     with pytest.raises(ValueError, match="default method 'leverage' is not in the offered methods"):
         P.load_defaults({"prescore": {"method": "leverage", "methods": ["kmeans"]}}, env={})
+
+
+def test_dummy_rows_in_a_finished_requests_slot_run_dense():
+    """vLLM's dummy batches (profiling, CUDA-graph capture) put fresh 1-token prompts in slots 0..n-1 where finished
+    warm-up requests' params remain (V2 never reports finished requests to logits processors): such a row is not
+    its slot's request and must not be scored (the H200 capture took 158 s scoring them). A real first chunk, a
+    second layer-group build of the same step, and a re-admitted slot stay live."""
+    from types import SimpleNamespace
+
+    from prescore.backend.requests import RequestTable
+
+    t = RequestTable()
+    t.configure(4, P.PrescoreParams())
+    sp = SimpleNamespace(extra_args=None)
+    t.set(0, sp, 2)
+    t.set(1, sp, 2)
+    assert t.live([0, 1], [2, 2], [2, 2]) == [0, 1]  # both prompts' first chunk
+    assert t.live([0, 1], [2, 2], [2, 2]) == [0, 1]  # the same step planned again (another KV-cache group)
+    assert t.live([0, 1], [1, 1], [3, 3]) == [0, 1]  # decode: past the first chunk
+    assert t.live([0, 1, 2, -1], [1, 1, 1, 1], [1, 1, 1, 1]) == [-1, -1, 2, -1]  # dummy rows: 0 and 1 are stale
+    t.set(1, sp, 5)  # a new request in slot 1
+    assert t.live([0, 1], [1, 5], [1, 5]) == [-1, 1]
+    assert t.live([1], [3], [8]) == [1]  # its next chunk
