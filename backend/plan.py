@@ -121,6 +121,20 @@ def _pad_fields(slot: int, scratch_row: int) -> tuple:
     return (max(slot, 0), -1, 0, scratch_row, 0, 0, 0, 0, 0, 0, 0, 0, 0)
 
 
+def summary_only(table, slot: int, p, block_size: int) -> bool:
+    """A request with a stateful method (k-means, leverage) that can never go sparse: its prompt plus
+    ``max_tokens`` fit sink + window + budget. Its prompt is summarised (block min/max, key-norm scores) under tag 0
+    (no owner: prefix-cache sharers rank such blocks by their query-aware key, prior rows attend them) and its
+    state is not fitted: the fit is most of a prompt's scoring time, and short requests (chat turns, vLLM's own
+    warm-up of up to max_num_seqs 2-token requests) never use it. Tables without ``max_len`` (the quality harness)
+    score every prompt."""
+    ml = getattr(table, "max_len", None)
+    if ml is None or stateless(p.method):
+        return False
+    budget, sink, window, _ = p.blocks(block_size)
+    return -(-ml[slot] // block_size) <= sink + window + budget
+
+
 def classify(qlen: int, ctx: int, slot: int, table, block_size: int) -> tuple[str, object, tuple | None]:
     """(kind, params, DecodeBuffers fields) of one batch row; counts the row in the host counters.
     ``fields`` only for DECODE rows (their ``sparse`` field: the context exceeds sink + window + budget)."""
@@ -137,8 +151,9 @@ def classify(qlen: int, ctx: int, slot: int, table, block_size: int) -> tuple[st
     budget, sink, window, prior = p.blocks(block_size)
     sparse = -(-ctx // block_size) > sink + window + budget
     metrics.add(p.method, p.mode, **{"decode_rows_sparse" if sparse else "decode_rows_dense": 1})
+    tag = 0 if summary_only(table, slot, p, block_size) else table.tag[slot]  # (its tail blocks: no owner either)
     return DECODE, p, (slot, METHODS[p.method].method_id, METHOD_NAMES.index(p.method), slot, budget, sink, window,
-                       MODES[p.mode], prior, table.tag[slot], label(p), int(sparse), table.serial[slot])
+                       MODES[p.mode], prior, tag, label(p), int(sparse), table.serial[slot])
 
 
 def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, fused_dense: bool,
@@ -161,9 +176,13 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
     seq = compat.host_seq_lens(cm).tolist()
     slots = table.live(table.slots(n, compat.req_slots(cm)), qlens, seq)
     rows = [(i, slots[i], *classify(qlens[i], int(seq[i]), slots[i], table, block_size)) for i in range(n)]
-    prefill = [PrefillRow(i, int(seq[i]) - qlens[i], int(seq[i]), int(seq[i]) >= table.prefill_len[s], s,
-                          p.method, p.mode, table.tag[s])
-               for i, s, kind, p, _ in rows if kind == PREFILL and p.budget > 0]
+    prefill = []
+    for i, s, kind, p, _ in rows:
+        if kind == PREFILL and p.budget > 0:
+            short = summary_only(table, s, p, block_size)
+            prefill.append(PrefillRow(i, int(seq[i]) - qlens[i], int(seq[i]),
+                                      int(seq[i]) >= table.prefill_len[s] and not short, s, p.method, p.mode,
+                                      0 if short else table.tag[s]))
     # multi-token decode rows (speculative decoding) run dense but summarise the blocks they write, so no block
     # of a context keeps a previous occupant's summaries; stateful methods have no key scores there (the fitted
     # state is not applied to a chunk): tag 0, no owner (query-aware rows rank them, prior rows attend them)

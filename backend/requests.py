@@ -69,6 +69,7 @@ class RequestTable:
         self.tag = [-1] * capacity
         self.serial = [0] * capacity
         self.progressed = [False] * capacity
+        self.max_len = [0] * capacity  # prompt + max_tokens: a request that can never outgrow its budget
         self.row_slot = {}
         self._free = list(range(capacity - 1, -1, -1))
 
@@ -82,6 +83,8 @@ class RequestTable:
                            "with the server defaults")
             self.params[slot] = self.defaults  # obey the policy (checked at startup), never dense by accident
         self.prefill_len[slot] = int(prefill_len)
+        mt = getattr(sampling_params, "max_tokens", None)
+        self.max_len[slot] = int(prefill_len) + mt if isinstance(mt, int) and mt >= 0 else 1 << 62
         method = self.params[slot].method
         self.tag[slot] = (STATELESS_TAG if P.stateless(method) else content_tag(method, tokens) if tokens
                           else next(_TAGS))

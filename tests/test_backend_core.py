@@ -145,6 +145,32 @@ def test_capture_plans_every_row_as_padding():
     assert not _plan(_cm([2, 1, 1], [2, 1, 1], bt, [0, 1, 2]), bufs, capture=True).uniform
 
 
+def test_requests_that_cannot_go_sparse_are_summarised_not_fitted():
+    """prompt + max_tokens within sink + window + budget (a stateful method): the prompt's chunk is summarised under
+    tag 0 (no owner) and not fitted (final False), and its decode rows' tail blocks get tag 0 too; a request that
+    can outgrow its budget, one without max_tokens, and a stateless method keep their tags and the fit."""
+    from prescore.backend import params as P
+    from prescore.backend.plan import DecodeBuffers
+    from prescore.backend.requests import TABLE
+
+    TABLE.configure(4, P.PrescoreParams())
+    sp = lambda m, n: SimpleNamespace(extra_args={"prescore_budget": 64, "prescore_method": m}, max_tokens=n)  # noqa: E731
+    # sink 16 + window 64 + budget 64 = 9 blocks of 16 = 144 tokens
+    TABLE.set(0, sp("kmeans", 44), 100)  # 144 tokens at most: never sparse
+    TABLE.set(1, sp("kmeans", 45), 100)  # 145: may go sparse
+    TABLE.set(2, sp("keynorm", 4), 100)  # stateless: its scores need no fit
+    TABLE.set(3, SimpleNamespace(extra_args=None), 100)  # max_tokens unknown
+    bt = torch.zeros(4, 16, dtype=torch.int32)
+    bufs = DecodeBuffers(8, "cpu")
+    plan = _plan(_cm([100] * 4, [100] * 4, bt, [0, 1, 2, 3]), bufs)
+    got = {r.slot: (r.final, r.tag) for r in plan.prefill}
+    assert got[0] == (False, 0)
+    assert got[1] == (True, TABLE.tag[1]) and TABLE.tag[1] not in (0, 2)
+    assert got[2] == (True, 2) and got[3] == (True, TABLE.tag[3])
+    _plan(_cm([1] * 4, [101] * 4, bt, [0, 1, 2, 3]), bufs)
+    assert bufs.field("tag", 4).tolist() == [0, TABLE.tag[1], 2, TABLE.tag[3]]
+
+
 def test_plan_fills_one_step_clock_for_every_row():
     """reselect_clock "step": one tick per planned step, the same value in every row of the step (rows of
     different lengths re-select on the same steps); "request" (default): the plan says so and the step passes no
