@@ -114,15 +114,16 @@ class StoreOwner:
         if not bs:
             return
         self.prealloc = request_memory(compat.request_slots(cfg), batch_rows(cfg, self.CUDA), self.num_kv_heads,
-                                       self.head_size, defaults.methods, defaults.capacity_blocks(bs), device)
+                                       self.head_size, defaults.methods, defaults.capacity_blocks(bs), device,
+                                       pending=defaults.reselect_async)
 
     def store_for(self, kv_cache) -> LayerStore:
         if self.store is None or self.store.key != kv_cache.data_ptr():
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("prescore: layer storage must be allocated before CUDA graph capture")
-            states, cache = self.prealloc or (None, None)
+            states, cache, pending = self.prealloc or (None, None, None)
             self.store = LayerStore(kv_cache, mirror=self.MIRROR, num_slots=max(TABLE.capacity, 1), states=states,
-                                    cache=cache)
+                                    cache=cache, pending=pending)
         return self.store
 
 

@@ -26,7 +26,11 @@ dense vs 1.029x at 4, results/sweeps/reuse-smollm2-4k-every16-cpu.json) and
 the step at which it was admitted (the same greedy request twice gives the same tokens), at the cost of about one
 selection launch on most steps when rows of different lengths share a batch; ``"step"``: the engine's step
 count, the same for every row, so the rows of a batch re-select together and the other steps skip the
-selection, but a request's tokens depend on its admission step). Token counts are rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
+selection, but a request's tokens depend on its admission step); ``reselect_async`` (default false, CUDA
+uniform decode steps): a query-aware row's re-selection runs on a side stream beside the other work of the step
+(joined before the next layer's step) into a pending selection that the row adopts on its next step, so the
+selection is one step older and a re-selecting row costs no latency (elsewhere it runs in order, same
+semantics). Token counts are rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
 first layer's prefill scoring and selections. ``methods`` (a list of method names, default the default
 ``method`` plus every stateless method) is what the server offers: each stateful method offered costs its fitted
 state per request slot and layer (allocated before vLLM sizes the KV cache), and a request for a method not
@@ -70,6 +74,7 @@ class PrescoreParams:
     max_selected: int = 8192
     reselect_every: int = 16
     reselect_clock: str = "request"  # by the row's length (reproducible); "step": rows re-select together
+    reselect_async: bool = False  # CUDA: a re-selection runs beside the decode (side stream), adopted a step later
     # server policy (never per request)
     min_budget: int = 0
     max_budget: int = MAX_TOKENS
@@ -104,7 +109,7 @@ def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float,
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
 POLICY_FIELDS = ("min_budget", "max_budget", "allow_dense", "max_attended")
 CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected",
-                                   "reselect_every", "reselect_clock") + POLICY_FIELDS + ("debug", "methods")
+                                   "reselect_every", "reselect_clock", "reselect_async") + POLICY_FIELDS + ("debug", "methods")
 # environment variables that override the config (prescore-serve's flags set them)
 ENV_POLICY = {"PRESCORE_DEFAULT_BUDGET": "budget", "PRESCORE_MIN_BUDGET": "min_budget",
               "PRESCORE_MAX_BUDGET": "max_budget", "PRESCORE_ALLOW_DENSE": "allow_dense",
@@ -154,7 +159,7 @@ def _check(field: str, value, shown: str):
         if value not in MODE_NAMES:
             raise _err(f"{shown} must be one of {', '.join(MODE_NAMES)}; got {_show(value)}", shown, value)
         return value
-    if field in ("allow_dense", "debug"):
+    if field in ("allow_dense", "debug", "reselect_async"):
         if not isinstance(value, bool):
             raise _err(f"{shown} must be true or false, got {_show(value)}", shown, value)
         return value

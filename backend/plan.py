@@ -109,6 +109,7 @@ class Plan:
     every: int  # reselect_every
     debug: bool = False
     step_clock: bool = False  # reselect_clock "step": re-select on DecodeBuffers' clock, else on the row's length
+    async_select: bool = False  # reselect_async: re-select beside the decode, adopt on the next step
     dense_tokens: torch.Tensor | None = None  # set by the platform when vLLM's kernel attends a subset
     dense_md: object | None = None
 
@@ -165,7 +166,7 @@ def plan(cm, block_size: int, bufs: DecodeBuffers, table, *, max_selected: int, 
     qlens = [qsl[i + 1] - qsl[i] for i in range(n)]
     d = table.defaults
     consts = dict(max_selected=max_selected, quest_beta=d.quest_beta, every=d.reselect_every, debug=d.debug,
-                  step_clock=d.reselect_clock == "step")
+                  step_clock=d.reselect_clock == "step", async_select=d.reselect_async)
     scratch = max(table.capacity, 1)
     fits = n <= bufs.max_rows and all(q <= 1 for q in qlens)
     if capture and fused_dense and fits:

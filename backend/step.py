@@ -10,6 +10,11 @@ sequence (:func:`decode`), each row with its own method, mode and budget from th
    dense); the device counters ride on it;
 3. sparse decode over the cached selections (dense rows: count -1, every block).
 
+``reselect_async`` (config): step 2 only adopts last step's pending selections and keeps / appends (rows with no
+valid selection still select now); the due rows' re-selection runs after it, into the pending cache, on a side
+CUDA stream beside the decode and the rest of the layer (joined before the next layer's step; in order on CPU, in
+mixed steps and at the last layer), and the rows adopt it on their next step.
+
 The ops come in two sets with one meaning: :data:`TRITON` (CUDA; ``score_tail_triton``, ``quest_bounds_triton``
 + ``select_blocks_triton``, ``sparse_decode``: no host sync, no data-dependent host control flow, so a FULL decode
 CUDA graph captures it) and :data:`TORCH` (CPU; ``score_decode_tail``, ``select_blocks`` in torch with the same
@@ -82,16 +87,18 @@ class TritonOps:
                           store.states, f("srow"), f("tag"), only_full=True)
 
     def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int,
-               clocks) -> None:
+               clocks, pending=None, due_only: bool = False) -> None:
         from prescore.kernels.select_triton import quest_bounds_triton, select_blocks_triton
 
         srow, cols, mode = f("srow"), f("col"), f("mode")
         budget, sink, window, tag = f("budget"), f("sink"), f("window"), f("tag")
         qb = quest_bounds_triton(q, store.kmin, store.kmax, bt, sl, mode, block_size, beta=beta,
-                                 reuse=(cache, srow, f("ctag"), budget, sink, window, max_selected, every, clocks))
+                                 reuse=(cache, srow, f("ctag"), budget, sink, window, max_selected, every, clocks),
+                                 due_only=due_only)
         select_blocks_triton(store.scores3, store.tags2, bt, sl, budget, sink, window, mode, f("prior"), tag,
                              max_selected, block_size, qb, cache, srow, cols=cols, overflow_dense=True,
-                             stats=(f("sparse"), f("label"), store.acc), every=every, ctags=f("ctag"), clocks=clocks)
+                             stats=None if due_only else (f("sparse"), f("label"), store.acc), every=every,
+                             ctags=f("ctag"), clocks=clocks, pending=pending, due_only=due_only)
 
     def attend(self, q, kv, bt, sl, cache, srow, scale, out) -> None:
         if out.dtype == q.dtype:  # straight into the layer's output (no temporary, no copy launch)
@@ -114,7 +121,7 @@ class TorchOps:
                               {mid: _method(name)})
 
     def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int,
-               clocks) -> None:
+               clocks, pending=None, due_only: bool = False) -> None:
         cols = f("col")
         for c in sorted(set(cols.tolist())):
             r = (cols == c).nonzero()[:, 0]
@@ -122,7 +129,10 @@ class TorchOps:
             select_blocks(store.summ[METHOD_NAMES[c]], bt[r], sl[r], g("budget"), g("sink"), g("window"), g("mode"),
                           g("prior"), g("tag"), max_selected, q=q[r], block_size=block_size, use_triton=False,
                           cache=cache, rows=g("srow"), overflow_dense=True, quest_beta=beta, every=every,
-                          ctags=g("ctag"), clocks=None if clocks is None else clocks[r])
+                          ctags=g("ctag"), clocks=None if clocks is None else clocks[r], pending=pending,
+                          due_only=due_only)
+        if due_only:
+            return
         # the device counters, as the Triton selection adds them: per sparse row and KV head the selection did
         # not turn dense, (selected tokens, context tokens, selected blocks, context blocks) / H
         kc = cache.kcounts[f("srow").long()].long()  # [n, H]
@@ -150,11 +160,33 @@ def decode(store: LayerStore, plan, query, kv, block_table, seq_lens, output, sc
     bt, sl, q = block_table[:n], seq_lens[:n], query[:n]
     f = lambda name: U.field(name, n)  # noqa: E731
     srow = f("srow")
+    _join_side()
     cache = store.selection_cache(plan.max_selected, U.max_rows)
     ops.score_tail(kv, store, bt, sl, f)
     # reselect_clock: the planner's step clock, or (None) the rows' lengths, which the kernels default to
     clocks = f("clock") if plan.step_clock else None
-    ops.select(store, q, bt, sl, f, cache, plan.max_selected, block_size, plan.quest_beta, plan.every, clocks)
+    if not plan.async_select:
+        ops.select(store, q, bt, sl, f, cache, plan.max_selected, block_size, plan.quest_beta, plan.every, clocks)
+    else:
+        pending = store.selection_cache(plan.max_selected, U.max_rows, pending=True)
+        ops.select(store, q, bt, sl, f, cache, plan.max_selected, block_size, plan.quest_beta, NEVER, clocks,
+                   pending=pending)
+        side = _side_stream(kv) if plan.uniform and not store.is_last() else None
+        if side is None:
+            ops.select(store, q, bt, sl, f, pending, plan.max_selected, block_size, plan.quest_beta, plan.every,
+                       clocks, due_only=True)
+        else:  # the queries outlive this layer's call in the store; the side launches read that copy
+            qa = store.async_queries(U.max_rows, q)
+            qa.copy_(q)
+            fork = torch.cuda.Event()
+            fork.record()
+            side.wait_event(fork)
+            with torch.cuda.stream(side):
+                ops.select(store, qa, bt, sl, f, pending, plan.max_selected, block_size, plan.quest_beta, plan.every,
+                           clocks, due_only=True)
+                done = torch.cuda.Event()
+                done.record(side)
+            _SIDE[0] = done
     if a == n:
         ops.attend(q, kv, bt, sl, cache, srow, scale, output[:n])
     elif a:
@@ -170,6 +202,26 @@ def decode(store: LayerStore, plan, query, kv, block_table, seq_lens, output, sc
         logger.info("prescore debug: seq %s kcounts %s fresh-tag blocks %s method %s budget %s",
                     sl.tolist(), cache.kcounts[srow.long(), 0].tolist(), fresh, f("method").tolist(),
                     f("budget").tolist())
+
+
+NEVER = 1 << 30  # reselect_async's main launch: no row is due (clocks are token counts < 2^24)
+_SIDE: list = [None]  # the side stream's last event not yet joined
+_STREAMS: dict = {}
+
+
+def _side_stream(kv):
+    if not kv.is_cuda:
+        return None
+    if kv.device not in _STREAMS:
+        _STREAMS[kv.device] = torch.cuda.Stream(kv.device)
+    return _STREAMS[kv.device]
+
+
+def _join_side() -> None:
+    """The current stream waits for the previous layer's side launches (reselect_async)."""
+    if _SIDE[0] is not None:
+        torch.cuda.current_stream().wait_event(_SIDE[0])
+        _SIDE[0] = None
 
 
 def run(store: LayerStore, plan, query, kv, block_table, seq_lens, output, scale, block_size: int, ops,
@@ -242,7 +294,8 @@ def warm(store: LayerStore, kv, bufs, width: int, max_selected: int, block_size:
     bufs.fill([(0, METHODS[params.method].method_id, METHOD_NAMES.index(params.method), 0, budget, sink, window,
                 MODE_IDS[params.mode], prior, WARM_TAG, 0, 0, WARM_TAG)])
     plan = Plan(bufs=bufs, num_rows=1, num_attend=1, rows=None, tokens=None, prefill=[], dense_rows=[],
-                max_selected=max_selected, quest_beta=params.quest_beta, every=1)
+                max_selected=max_selected, quest_beta=params.quest_beta, every=1,
+                async_select=params.reselect_async)
     D, Hkv = kv.shape[3] // 2, kv.shape[1]
     q = torch.zeros(1, num_q_heads, D, dtype=kv.dtype, device=dev)
     out = torch.empty_like(q)
@@ -256,6 +309,7 @@ def warm(store: LayerStore, kv, bufs, width: int, max_selected: int, block_size:
             for pad in MERGE_PADS:
                 sparse_decode(q, kv, bt, lens[1], cache.ids, cache.kcounts, D ** -0.5,
                               sel_rows=bufs.field("srow", 1), out=out, num_splits=pad, blocks_per_iter=bpi)
+    _join_side()
     store.tags2[:, 0] = -1
     store.scores3[0] = 0
     store.kmin[0] = 0

@@ -51,7 +51,7 @@ def state_floats(methods, head_size: int) -> int:
 
 
 def request_memory(num_slots: int, scratch_rows: int, num_kv_heads: int, head_size: int, methods, capacity_blocks: int,
-                   device) -> tuple[torch.Tensor, SelectionCache]:
+                   device, pending: bool = False) -> tuple[torch.Tensor, SelectionCache, SelectionCache | None]:
     """One layer's per-request memory, allocated up front (before vLLM's memory profiling): the fitted states
     ``[num_slots, Hkv, S]`` float32 and the selection cache (``num_slots + scratch_rows`` rows of
     ``capacity_blocks``)."""
@@ -60,10 +60,13 @@ def request_memory(num_slots: int, scratch_rows: int, num_kv_heads: int, head_si
     cache = SelectionCache.allocate(num_slots + scratch_rows, num_kv_heads, capacity_blocks, device)
     cache_bytes = sum(t.numel() * t.element_size() for t in (cache.ids, cache.counts, cache.kcounts, cache.dense,
                                                              cache.key))
+    # reselect_async: the pending selections (same shape), written beside the decode and adopted a step later
+    pend = SelectionCache.allocate(num_slots + scratch_rows, num_kv_heads, capacity_blocks, device) if pending else None
+    cache_bytes *= 2 if pending else 1
     _PER_SLOT.update(layers=_PER_SLOT["layers"] + 1, bytes=_PER_SLOT["bytes"] + states.numel() * 4 + cache_bytes,
                      slots=num_slots, floats=S, methods=tuple(methods),
                      slot_bytes=num_kv_heads * S * 4 + cache_bytes // (num_slots + scratch_rows))
-    return states, cache
+    return states, cache, pend
 
 
 def log_once(msg, *args) -> None:
@@ -92,7 +95,7 @@ class LayerStore:
     the page padding when present, else separately allocated. Tags are always a separate [M, NB] tensor."""
 
     def __init__(self, kv_cache: torch.Tensor, mirror: bool, num_slots: int, states: torch.Tensor | None = None,
-                 cache: SelectionCache | None = None):
+                 cache: SelectionCache | None = None, pending: SelectionCache | None = None):
         NB, H, BS, D2 = kv_cache.shape
         D, el, dtype = D2 // 2, kv_cache.element_size(), kv_cache.dtype
         M = len(P.METHOD_NAMES)
@@ -131,6 +134,8 @@ class LayerStore:
         self.scores3, self.tags2, self.kmin, self.kmax = scores, tags, kmin, kmax  # [NB, M, H], [M, NB]
         self.num_slots = num_slots
         self.cache: SelectionCache | None = cache
+        self.pending: SelectionCache | None = pending  # reselect_async's pending selections
+        self.q_async: torch.Tensor | None = None  # reselect_async: the side launches' copy of the step's queries
         if states is None or states.shape[0] < num_slots:
             if states is not None:
                 logger.warning("prescore: %d request slots but states for %d were allocated; allocating %d outside "
@@ -152,12 +157,30 @@ class LayerStore:
         self.index = _STORES[0]
         _STORES[0] += 1
 
-    def selection_cache(self, capacity: int, scratch_rows: int) -> SelectionCache:
-        """Per-slot selections (rows: the request slots, then one scratch row per batch row for padding)."""
-        c = self.cache
+    def selection_cache(self, capacity: int, scratch_rows: int, pending: bool = False) -> SelectionCache:
+        """Per-slot selections (rows: the request slots, then one scratch row per batch row for padding);
+        ``pending``: reselect_async's second cache of the same shape."""
+        c = self.pending if pending else self.cache
         if c is None or c.ids.shape[2] != capacity or c.ids.shape[0] < self.num_slots + scratch_rows:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("prescore: the selection cache must be allocated before CUDA graph capture")
-            self.cache = c = SelectionCache.allocate(self.num_slots + scratch_rows, self.scores3.shape[2], capacity,
-                                                     self.scores3.device)
+            c = SelectionCache.allocate(self.num_slots + scratch_rows, self.scores3.shape[2], capacity,
+                                        self.scores3.device)
+            if pending:
+                self.pending = c
+            else:
+                self.cache = c
         return c
+
+    def async_queries(self, max_rows: int, q: torch.Tensor) -> torch.Tensor:
+        """reselect_async: a persistent copy of the step's queries for the side launches ``[n, Hq, D]``."""
+        b = self.q_async
+        if b is None or b.shape[0] < max_rows or b.shape[1:] != q.shape[1:] or b.dtype != q.dtype:
+            if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
+                raise RuntimeError("prescore: the async query buffer must be allocated before CUDA graph capture")
+            self.q_async = b = torch.empty(max_rows, *q.shape[1:], dtype=q.dtype, device=q.device)
+        return b[: q.shape[0]]
+
+    def is_last(self) -> bool:
+        """The most recently created store: the last prescore layer of the model (layers build in order)."""
+        return self.index == _STORES[0] - 1

@@ -107,6 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reselect-every", type=int, default=d.reselect_every,
                     help="quest/hybrid rows re-select every N decode tokens, keeping their blocks in between "
                          "(default: the backend's)")
+    ap.add_argument("--reselect-async", action="store_true", default=d.reselect_async,
+                    help="the re-selection runs beside the decode and is adopted a step later (config "
+                         "reselect_async; default: the backend's)")
     ap.add_argument("--reselect-everys", default="", type=lambda x: [int(v) for v in _floats(x)],
                     help="extra quest and hybrid rows at these re-selection intervals (sweep), e.g. 1,8")
     ap.add_argument("--quest-betas", default="", type=_floats,
@@ -246,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                               hybrid_prior_fraction=args.hybrid_prior_fraction, use_triton=use_triton,
                               ref_dtype=getattr(torch, args.ref_dtype), decode_impl=args.decode_impl,
                               quest_beta=args.quest_beta, hybrid_min_budget=args.hybrid_min_budget,
-                              reselect_every=args.reselect_every)
+                              reselect_every=args.reselect_every, reselect_async=args.reselect_async)
     configs = make_configs(args.budgets, methods=tuple(args.methods.split(",")), modes=tuple(args.modes.split(",")),
                            quest_betas=args.quest_betas, reselect_everys=args.reselect_everys)
     for c in configs:
@@ -306,6 +309,7 @@ def main(argv: list[str] | None = None) -> int:
             "block_size": args.block_size, "sink": args.sink, "window": args.window,
             "hybrid_prior_fraction": args.hybrid_prior_fraction, "hybrid_min_budget": args.hybrid_min_budget,
             "quest_beta": args.quest_beta, "reselect_every": args.reselect_every,
+            "reselect_async": args.reselect_async,
             "budgets": args.budgets,
             "budget_semantics": "total key tokens attended per KV head = sink + window + selected (whole blocks); "
                                 "backend prescore_budget = budget - sink - window",

@@ -132,14 +132,18 @@ class _SinkWindowRows:
     static: torch.Tensor | None = None  # bool [selection-cache rows]
 
     def select(self, store, q, bt, sl, f, cache, max_selected: int, block_size: int, beta: float, every: int,
-               clocks) -> None:
+               clocks, pending=None, due_only: bool = False) -> None:
         st = None if self.static is None else self.static[f("srow").long()]
         if st is None or not bool(st.any()):
-            return super().select(store, q, bt, sl, f, cache, max_selected, block_size, beta, every, clocks)
+            return super().select(store, q, bt, sl, f, cache, max_selected, block_size, beta, every, clocks,
+                                  pending=pending, due_only=due_only)
         rest = (~st).nonzero()[:, 0]
         if rest.numel():
             super().select(store, q[rest], bt[rest], sl[rest], lambda name: f(name)[rest], cache, max_selected,
-                           block_size, beta, every, None if clocks is None else clocks[rest])
+                           block_size, beta, every, None if clocks is None else clocks[rest], pending=pending,
+                           due_only=due_only)
+        if due_only:  # (reselect_async's side launch: the baseline rows have nothing to re-select)
+            return
         idx = st.nonzero()[:, 0]
         key = (f("col")[idx] << 32) | (f("sink")[idx] + f("window")[idx])
         for k in torch.unique(key).tolist():
@@ -293,7 +297,8 @@ class SparseEvalEngine:
                  hybrid_prior_fraction: float | None = None, use_triton: bool | None = None,
                  ref_dtype: torch.dtype = torch.float64, cache_dtype: torch.dtype | None = None,
                  decode_impl: str | None = None, quest_beta: float | None = None,
-                 hybrid_min_budget: int | None = None, reselect_every: int | None = None):
+                 hybrid_min_budget: int | None = None, reselect_every: int | None = None,
+                 reselect_async: bool | None = None):
         register()
         self.model = model
         cfg = model.config
@@ -309,7 +314,8 @@ class SparseEvalEngine:
         d = PrescoreParams()  # None: the backend's defaults
         over = {k: v for k, v in dict(sink=sink, window=window, hybrid_prior_fraction=hybrid_prior_fraction,
                                       quest_beta=quest_beta, hybrid_min_budget=hybrid_min_budget,
-                                      reselect_every=reselect_every).items() if v is not None}
+                                      reselect_every=reselect_every, reselect_async=reselect_async).items()
+                if v is not None}
         self.defaults = replace(d, **over)  # the "server" config of every row (budgets per config: params())
         self.sink, self.window = self.defaults.sink, self.defaults.window
         self.frac = self.defaults.hybrid_prior_fraction

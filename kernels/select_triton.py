@@ -107,7 +107,7 @@ def _threshold(WS, n_items, total, CH: tl.constexpr, ONE: tl.constexpr):
 @triton.jit
 def _select_kernel(
     SCORES, TAGS, BT, SEQ, CLOCK, BUDGET, SINK, WINDOW, MODE, PRIOR, RTAG, CTAG, BND, PMAX, WS,
-    IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL, SPARSE, LABEL, ACC,
+    IDS, COUNTS, KCOUNTS, DENSE, ROW, CKEY, COL, SPARSE, LABEL, ACC, PIDS, PCOUNTS, PKCOUNTS, PKEY,
     stride_sc_b, stride_sc_h, stride_sc_m, stride_tg_m, stride_bt_b, stride_bt_n,
     s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS,
     stride_ws_b, stride_ws_h,
@@ -115,7 +115,12 @@ def _select_kernel(
     MB, S, EVERY, H: tl.constexpr, BS: tl.constexpr, CH: tl.constexpr, ONE: tl.constexpr, HAS_QKEY: tl.constexpr,
     USE_CACHE: tl.constexpr, HAS_COL: tl.constexpr, OVERFLOW_DENSE: tl.constexpr, S_PAD: tl.constexpr,
     STATS: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, NS_PAD: tl.constexpr, REG: tl.constexpr,
+    ADOPT: tl.constexpr, DUE_ONLY: tl.constexpr,
 ):
+    """One (row, KV head). With a cache (USE_CACHE): ADOPT (the main launch of ``reselect_async``) first takes the
+    pending selection (PIDS.., PKEY) a DUE_ONLY launch made for this row on its previous step; DUE_ONLY (the side
+    launch) selects afresh only the query-aware rows whose clock is due, into the pending cache, and marks it
+    fresh (the sign bit of its key's second word); every other row is left alone."""
     b = tl.program_id(0)
     h = tl.program_id(1)
     if HAS_COL:  # per-row method: its column of the per-method scores and tags
@@ -129,14 +134,28 @@ def _select_kernel(
     window = tl.load(WINDOW + b).to(tl.int32)
     mode = tl.load(MODE + b).to(tl.int32)
     rtag = tl.load(RTAG + b).to(tl.int64)
-    if USE_CACHE:
+    if DUE_ONLY:
+        r = tl.load(ROW + b)
+        if (mode != MODE_PRIOR) & ((tl.load(CLOCK + b) % EVERY) == 0):
+            _select_any(SCORES, TAGS, BT, PRIOR, BND, PMAX, WS, IDS, COUNTS, KCOUNTS, DENSE, b, h, r, nblk,
+                        budget, sink, window, mode, rtag, stride_sc_b, stride_sc_h, stride_bt_b, stride_bt_n,
+                        s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h, s_pm_s, NS, stride_ws_b, stride_ws_h,
+                        stride_id_b, stride_id_h, stride_id_s, stride_cn_b, MB, S, CH, ONE, HAS_QKEY,
+                        OVERFLOW_DENSE, G, G_PAD, NS_PAD, REG)
+            ck = CKEY + r * stride_ck_r + h * stride_ck_h
+            tl.store(ck, tl.load(CTAG + b).to(tl.int64))
+            tl.store(ck + 1, _packed(nblk, budget, sink, window) | (tl.full([], 1, tl.int64) << 63))
+    elif USE_CACHE:
         # prior-mode selection only changes when the row's block count (or request / controls) changes:
         # every block_size tokens. The cache holds the last result per (row, head) and its key.
         r = tl.load(ROW + b)
         packed = _packed(nblk, budget, sink, window)
         ck = CKEY + r * stride_ck_r + h * stride_ck_h
-        old_packed = tl.load(ck + 1)
         ctag = tl.load(CTAG + b).to(tl.int64)  # the cache key: one per admission (content tags repeat)
+        if ADOPT:
+            _adopt(PIDS, PCOUNTS, PKCOUNTS, PKEY, IDS, COUNTS, KCOUNTS, DENSE, ck, r, h, ctag, packed, nblk,
+                   stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h, S_PAD)
+        old_packed = tl.load(ck + 1)
         same = (tl.load(ck) == ctag) & (mode == MODE_PRIOR)
         hit = same & (old_packed == packed)
         # query-aware rows between re-selections (every EVERY tokens): keep the cached choice, appending the
@@ -191,6 +210,31 @@ def _select_kernel(
             tl.atomic_add(a + 1, seq.to(tl.float64) / H)
             tl.atomic_add(a + 2, kc.to(tl.float64) / H)
             tl.atomic_add(a + 3, nblk.to(tl.float64) / H)
+
+
+@triton.jit
+def _adopt(PIDS, PCOUNTS, PKCOUNTS, PKEY, IDS, COUNTS, KCOUNTS, DENSE, ck, r, h, ctag, packed, nblk, stride_id_b,
+           stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h, S_PAD: tl.constexpr):
+    """``reselect_async``: take the pending selection of (row r, head h) when it is fresh (made on the row's
+    previous step), of the same admission and controls, and at most one block behind; clear its fresh mark."""
+    pk = PKEY + r * stride_ck_r + h * stride_ck_h
+    pp = tl.load(pk + 1)
+    pv = pp & ~(tl.full([], 1, tl.int64) << 63)
+    pn = (pv & 0xFFFFFF).to(tl.int32)
+    ok = (tl.load(pk) == ctag) & (pp < 0) & ((pv >> 24) == (packed >> 24)) & ((pn == nblk) | (pn == nblk - 1))
+    if ok:
+        cnt = tl.load(PCOUNTS + r * stride_cn_b + h)
+        kc = tl.load(PKCOUNTS + r * stride_cn_b + h)
+        p = tl.arange(0, S_PAD)
+        m = p < cnt
+        off = r * stride_id_b + h * stride_id_h + p * stride_id_s
+        tl.store(IDS + off, tl.load(PIDS + off, mask=m, other=0), mask=m)
+        tl.store(COUNTS + r * stride_cn_b + h, cnt)
+        tl.store(KCOUNTS + r * stride_cn_b + h, kc)
+        tl.store(DENSE + r, (kc < 0).to(tl.int8), mask=h == 0)
+        tl.store(ck, ctag)
+        tl.store(ck + 1, pv)
+        tl.store(pk + 1, pv)
 
 
 @triton.jit
@@ -465,7 +509,8 @@ def _select_row_reg(SCORES, TAGS, BT, PRIOR, BND, PMAX, IDS, COUNTS, KCOUNTS, DE
 
 def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                          prior_blocks, req_tags, max_selected, block_size, qbounds=None, cache=None, rows=None,
-                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None, clocks=None):
+                         cols=None, overflow_dense=False, stats=None, every=1, ctags=None, clocks=None,
+                         pending=None, due_only=False):
     """Launch wrapper; returns (ids [B,H,S] int32, counts [B,H] int32, kcounts [B,H] int32, dense [B] int8).
 
     With ``cache`` (a :class:`~prescore.kernels.selection.SelectionCache`) and ``rows [B]`` int32 (each batch
@@ -483,7 +528,11 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
 
     ``stats = (sparse [B], labels [B], acc [L, 4] float64)``: also add each sparse row's (selected tokens,
     context tokens, selected blocks, context blocks), averaged over KV heads, into ``acc[labels[b]]`` (a head
-    the selection turned dense adds nothing; the tail block's unfilled slots are not tokens)."""
+    the selection turned dense adds nothing; the tail block's unfilled slots are not tokens).
+
+    ``reselect_async`` (with a cache): ``pending`` (a second SelectionCache of the same shape) makes this the main
+    launch, which first adopts each row's fresh pending selection; ``due_only`` makes it the side launch, which
+    selects afresh only the due query-aware rows, into ``cache`` (the pending one), marked fresh."""
     import torch
 
     # per-row controls are indexed by row without strides (contiguous() is free when they already are)
@@ -534,9 +583,16 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
     else:
         sparse = labels = seq_lens
         acc = torch.empty(1, 4, dtype=torch.float64, device=dev)
+    if pending is not None:
+        if pending.ids.shape != ids.shape:
+            raise ValueError("the pending selection cache must have the cache's shape")
+        pids, pcounts, pkc, pkey = pending.ids, pending.counts, pending.kcounts, pending.key
+    else:
+        pids, pcounts, pkc, pkey = ids, counts, kcounts, ckey
     _select_kernel[(B, H)](
         scores, tags, block_table, seq_lens, clocks, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
         req_tags, ctags, bnd, pmax, ws, ids, counts, kcounts, dense, rows, ckey, cols, sparse, labels, acc,
+        pids, pcounts, pkc, pkey,
         scores.stride(0), scores.stride(-1), s_sc_m, s_tg_m, block_table.stride(0), block_table.stride(1),
         bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2), NS,
         ws.stride(0), ws.stride(1),
@@ -544,7 +600,8 @@ def select_blocks_triton(scores, tags, block_table, seq_lens, budget_blocks, sin
         MB, S, int(every), H, BS=block_size, CH=CH, ONE=MB <= CH, HAS_QKEY=has_q, USE_CACHE=cache is not None,
         HAS_COL=has_col, OVERFLOW_DENSE=overflow_dense, S_PAD=max(16, triton.next_power_of_2(S)),
         STATS=stats is not None, G=G, G_PAD=max(2, triton.next_power_of_2(G)),
-        NS_PAD=max(2, triton.next_power_of_2(NS)), REG=reg, num_warps=8 if CH >= 4096 else 4,
+        NS_PAD=max(2, triton.next_power_of_2(NS)), REG=reg, ADOPT=pending is not None and cache is not None,
+        DUE_ONLY=bool(due_only) and cache is not None, num_warps=8 if CH >= 4096 else 4,
     )
     return ids, counts, kcounts, dense
 
@@ -562,7 +619,8 @@ QB_TILE = 32  # blocks per tile inside a program
 def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, CLOCK, MODE, BND, PMAX, ROW, CKEY, KCOUNTS, RTAG, BUDGET, SINK, WINDOW,
                    scale, beta, S, EVERY, NS,
                    s_q_b, s_q_h, s_bt_b, s_bt_n, s_mn_b, s_mn_h, s_mn_d, s_bd_b, s_bd_h, s_bd_g, s_pm_b, s_pm_h,
-                   s_pm_s, s_ck_r, s_ck_h, s_cn_b, H: tl.constexpr, USE_CACHE: tl.constexpr, HEAD_SIZE: tl.constexpr,
+                   s_pm_s, s_ck_r, s_ck_h, s_cn_b, H: tl.constexpr, USE_CACHE: tl.constexpr, DUE_ONLY: tl.constexpr,
+                   HEAD_SIZE: tl.constexpr,
                    D_PAD: tl.constexpr, G: tl.constexpr, G_PAD: tl.constexpr, BS: tl.constexpr, CHUNK: tl.constexpr,
                    TILE: tl.constexpr):
     """Per (row, KV head), program p of the grid's second axis takes chunks p, p + P, ... of CHUNK blocks (P
@@ -579,7 +637,9 @@ def _qbound_kernel(Q, KMIN, KMAX, BT, SEQ, CLOCK, MODE, BND, PMAX, ROW, CKEY, KC
     live = mode != MODE_PRIOR
     seq = tl.load(SEQ + b).to(tl.int32)
     nblk = (seq + BS - 1) // BS
-    if USE_CACHE:  # rows that keep their cached selection this step (the selection kernel decides the same)
+    if DUE_ONLY:  # reselect_async's side launch: only the query-aware rows whose clock is due
+        live = live & ((tl.load(CLOCK + b) % EVERY) == 0)
+    elif USE_CACHE:  # rows that keep their cached selection this step (the selection kernel decides the same)
         packed = _packed(nblk, tl.load(BUDGET + b).to(tl.int32), tl.load(SINK + b).to(tl.int32),
                          tl.load(WINDOW + b).to(tl.int32))
         live = live & (_reuse(CKEY, KCOUNTS, tl.load(ROW + b), h, tl.load(RTAG + b).to(tl.int64), packed, nblk,
@@ -639,7 +699,7 @@ def _qkey_load(BND, best, b, h, j, jm, s_bd_b, s_bd_h, s_bd_g, G: tl.constexpr, 
 
 
 def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: int, beta: float = 1.0,
-                        reuse=None):
+                        reuse=None, due_only: bool = False):
     """Per-head scaled bounds ``[B, H, G, MB]`` and chunk maxima ``[B, H, NS, G]`` (float32) of the query-aware
     key (see :func:`prescore.kernels.selection.quest_bound`); rows in prior mode (0) are skipped (their outputs
     are not written). The selection
@@ -647,7 +707,9 @@ def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: 
 
     ``reuse = (cache, rows, ctags, budget, sink, window, max_selected, every[, clocks])`` (``ctags``: the cache
     keys that ``select_blocks_triton`` gets, by default the request tags): also skip the rows that
-    ``select_blocks_triton`` with the same arguments will serve from the cache this step."""
+    ``select_blocks_triton`` with the same arguments will serve from the cache this step. ``due_only`` (with
+    ``reuse``): only the query-aware rows whose clock is a multiple of ``every`` (``reselect_async``'s side
+    launch)."""
     import torch
 
     B, MB = block_table.shape
@@ -675,7 +737,8 @@ def quest_bounds_triton(q, kmin, kmax, block_table, seq_lens, mode, block_size: 
         1.0 / math.sqrt(D), float(beta), int(S), int(every), NS,
         q.stride(0), q.stride(1), block_table.stride(0), block_table.stride(1), kmin.stride(0), kmin.stride(1),
         kmin.stride(2), bnd.stride(0), bnd.stride(1), bnd.stride(2), pmax.stride(0), pmax.stride(1), pmax.stride(2),
-        ckey.stride(0), ckey.stride(1), kc.stride(0), H=H, USE_CACHE=reuse is not None, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), G=G, G_PAD=max(2, triton.next_power_of_2(G)),
+        ckey.stride(0), ckey.stride(1), kc.stride(0), H=H, USE_CACHE=reuse is not None,
+        DUE_ONLY=bool(due_only) and reuse is not None, HEAD_SIZE=D, D_PAD=triton.next_power_of_2(D), G=G, G_PAD=max(2, triton.next_power_of_2(G)),
         BS=block_size, CHUNK=QB_CHUNK, TILE=QB_TILE, num_warps=4,
     )
     return bnd, pmax

@@ -133,7 +133,8 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
                   need_query: bool | None = None, use_triton: bool | None = None,
                   cache: SelectionCache | None = None, rows: torch.Tensor | None = None,
                   overflow_dense: bool = False, quest_beta: float = 1.0, every: int = 1,
-                  ctags: torch.Tensor | None = None, clocks: torch.Tensor | None = None) -> Selection:
+                  ctags: torch.Tensor | None = None, clocks: torch.Tensor | None = None,
+                  pending: SelectionCache | None = None, due_only: bool = False) -> Selection:
     """See module doc. ``need_query`` (static) skips the Quest bound when no row uses a query-aware mode
     (None: decided from ``mode``, a host sync). ``use_triton`` (default: on CUDA) runs the fused Triton kernel
     (:mod:`.select_triton`); otherwise this torch implementation runs. ``cache`` + ``rows`` (Triton only): keep
@@ -144,7 +145,10 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     step clock, so every row re-selects on the same steps; default its length) is a multiple of ``every``; in
     between it keeps its cached blocks plus each block a new token opens (LServe-style reuse). ``ctags [B]``
     (default ``req_tags``): the cache's key per row, unique per admitted request (request tags are content
-    tags and repeat when a prompt is sent again: a new request must never start from an older one's choice)."""
+    tags and repeat when a prompt is sent again: a new request must never start from an older one's choice).
+    ``reselect_async`` (with a cache): ``pending`` (a cache of the same shape) first adopts each row's fresh pending
+    selection (:func:`_adopt_torch`); ``due_only`` selects afresh only the due query-aware rows, into ``cache``
+    (the pending one), marked fresh (:func:`_pend_torch`); the Triton kernel does the same."""
     if need_query is None:
         need_query = bool((mode.long() != MODES["prior"]).any())
     if use_triton is None:
@@ -152,14 +156,20 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     if use_triton:
         return _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, cache, rows,
-                              overflow_dense, quest_beta, every, ctags, clocks)
+                              overflow_dense, quest_beta, every, ctags, clocks, pending, due_only)
     if cache is not None:
         fresh = select_blocks(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
                               prior_blocks, req_tags, max_selected, q, block_size, need_query, False,
                               overflow_dense=overflow_dense, quest_beta=quest_beta)
+        ctags = req_tags if ctags is None else ctags
+        clocks = seq_lens if clocks is None else clocks
+        if due_only:
+            return _pend_torch(fresh, cache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, ctags,
+                               block_size, every, clocks)
+        if pending is not None:
+            _adopt_torch(cache, pending, rows, seq_lens, budget_blocks, sink_blocks, window_blocks, ctags, block_size)
         return _reuse_torch(fresh, cache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
-                            req_tags if ctags is None else ctags, block_size, every,
-                            seq_lens if clocks is None else clocks)
+                            ctags, block_size, every, clocks)
     B, MB = block_table.shape
     H = summ.scores.shape[1]
     BS = block_size
@@ -224,6 +234,53 @@ def select_blocks(summ: BlockSummaries, block_table: torch.Tensor, seq_lens: tor
     ids = torch.where(dense[:, None, None], dense_ids[:, None, :].expand(B, H, S), ids)
     counts = torch.where(dense[:, None], nblk[:, None].expand(B, H), counts)
     return Selection(ids=ids.to(torch.int32), counts=counts.to(torch.int32), dense=dense)
+
+
+_FRESH = torch.iinfo(torch.int64).min  # the sign bit of a pending key's second word: made on the last step
+
+
+def _packed_torch(seq_lens, budget_blocks, sink_blocks, window_blocks, block_size: int):
+    nblk = (seq_lens.long() + block_size - 1) // block_size
+    return nblk, nblk | (budget_blocks.long() << 24) | (sink_blocks.long() << 40) | (window_blocks.long() << 52)
+
+
+def _pend_torch(fresh: Selection, pending: SelectionCache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks,
+                mode, ctags, block_size: int, every: int, clocks) -> Selection:
+    """``reselect_async``'s side launch in torch: the due query-aware rows (clock a multiple of ``every``) store
+    the fresh selection in the pending cache, marked fresh; the other rows are left alone."""
+    due = (mode.long() != MODES["prior"]) & ((clocks.long() % every) == 0)
+    if bool(due.any()):
+        r = rows.long()[due]
+        _, packed = _packed_torch(seq_lens, budget_blocks, sink_blocks, window_blocks, block_size)
+        pending.ids[r] = fresh.ids[due].to(pending.ids.dtype)
+        pending.counts[r] = fresh.counts[due].to(pending.counts.dtype)
+        pending.kcounts[r] = fresh.kernel_counts()[due].to(pending.kcounts.dtype)
+        pending.dense[r] = fresh.dense[due].to(pending.dense.dtype)
+        pending.key[r, :, 0] = ctags.long()[due][:, None]
+        pending.key[r, :, 1] = (packed[due] | _FRESH)[:, None]
+    return Selection(ids=pending.ids, counts=pending.counts, dense=pending.dense, kcounts=pending.kcounts, rows=rows)
+
+
+def _adopt_torch(cache: SelectionCache, pending: SelectionCache, rows, seq_lens, budget_blocks, sink_blocks,
+                 window_blocks, ctags, block_size: int) -> None:
+    """``reselect_async``'s main launch in torch, first part (the kernel's ``_adopt``): a row takes its pending
+    selection when it is fresh, of the same admission and controls, and at most one block behind."""
+    r = rows.long()
+    nblk, packed = _packed_torch(seq_lens, budget_blocks, sink_blocks, window_blocks, block_size)
+    ptag, pp = pending.key[r, :, 0], pending.key[r, :, 1]  # [B, H]
+    pv = pp & ~_FRESH
+    pn = pv & 0xFFFFFF
+    ok = ((ptag == ctags.long()[:, None]) & (pp < 0) & ((pv >> 24) == (packed >> 24)[:, None])
+          & ((pn == nblk[:, None]) | (pn == (nblk - 1)[:, None])))
+    if not bool(ok.any()):
+        return
+    cache.ids[r] = torch.where(ok[..., None], pending.ids[r], cache.ids[r])
+    cache.counts[r] = torch.where(ok, pending.counts[r], cache.counts[r])
+    cache.kcounts[r] = torch.where(ok, pending.kcounts[r], cache.kcounts[r])
+    cache.dense[r] = torch.where(ok[:, 0], (pending.kcounts[r][:, 0] < 0).to(cache.dense.dtype), cache.dense[r])
+    cache.key[r, :, 0] = torch.where(ok, ptag, cache.key[r, :, 0])
+    cache.key[r, :, 1] = torch.where(ok, pv, cache.key[r, :, 1])
+    pending.key[r, :, 1] = torch.where(ok, pv, pp)
 
 
 def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget_blocks, sink_blocks, window_blocks,
@@ -302,7 +359,8 @@ def select_blocks_ref(scores: torch.Tensor, kmin: torch.Tensor, kmax: torch.Tens
 
 def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode, prior_blocks,
                    req_tags, max_selected, q, block_size, need_query, cache=None, rows=None,
-                   overflow_dense=False, quest_beta=1.0, every=1, ctags=None, clocks=None) -> Selection:
+                   overflow_dense=False, quest_beta=1.0, every=1, ctags=None, clocks=None, pending=None,
+                   due_only=False) -> Selection:
     from .select_triton import quest_bounds_triton, select_blocks_triton
 
     qb = None
@@ -312,11 +370,11 @@ def _select_triton(summ, block_table, seq_lens, budget_blocks, sink_blocks, wind
         reuse = None if cache is None else (cache, rows, req_tags if ctags is None else ctags, budget_blocks,
                                              sink_blocks, window_blocks, max_selected, every, clocks)
         qb = quest_bounds_triton(q, summ.kmin, summ.kmax, block_table, seq_lens, mode, block_size, beta=quest_beta,
-                                 reuse=reuse)
+                                 reuse=reuse, due_only=due_only)
     ids, counts, kcounts, dense = select_blocks_triton(
         summ.scores, summ.tags, block_table, seq_lens, budget_blocks, sink_blocks, window_blocks, mode,
         prior_blocks, req_tags, max_selected, block_size, qb, cache, rows, overflow_dense=overflow_dense,
-        every=every, ctags=ctags, clocks=clocks)
+        every=every, ctags=ctags, clocks=clocks, pending=pending, due_only=due_only)
     if cache is not None:  # per-slot buffers, not gathered: pass sel_rows=selection.rows to sparse_decode
         return Selection(ids=ids, counts=counts, dense=dense, kcounts=kcounts, rows=rows)
     return Selection(ids=ids, counts=counts, dense=dense.bool(), kcounts=kcounts)

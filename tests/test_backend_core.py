@@ -193,8 +193,9 @@ def test_plan_fills_one_step_clock_for_every_row():
     assert not _plan(_cm([1, 1, 1], [300, 517, 41], bt, [0, 1, 2]), bufs).step_clock
 
 
-@pytest.mark.parametrize("every,clock", [(1, "request"), (4, "request"), (4, "step")])
-def test_step_triton_ops_equal_torch_ops(every, clock):
+@pytest.mark.parametrize("every,clock,asyn", [(1, "request", False), (4, "request", False), (4, "step", False),
+                                             (4, "request", True), (2, "step", True)])
+def test_step_triton_ops_equal_torch_ops(every, clock, asyn):
     """The one step, run on the same plans with the Triton ops (the CUDA path; interpreter) and with the torch
     ops (the CPU path): rows of every method and mode, a dense-by-request row and a padding row, over decode
     steps that cross a block boundary (uniform plans) and a step with a prompt prefilling beside them (a mixed
@@ -214,7 +215,8 @@ def test_step_triton_ops_equal_torch_ops(every, clock):
     raw, kv = _gpu_layout_cache(NB)
     kv.copy_(torch.randn(kv.shape, generator=g).to(kv.dtype))
     bt = torch.randperm(NB, generator=g)[: (R + 2) * MB].view(R + 2, MB).int()  # + a padding row, a new prompt
-    TABLE.configure(16, P.PrescoreParams(hybrid_min_budget=0, reselect_every=every, reselect_clock=clock))
+    TABLE.configure(16, P.PrescoreParams(hybrid_min_budget=0, reselect_every=every, reselect_clock=clock,
+                                         reselect_async=asyn))
     sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
     for i, (m, md) in enumerate(reqs):
         TABLE.set(i, sp(budget=48, sink=16, window=32, method=m, mode=md), lens[i])
@@ -308,3 +310,60 @@ def test_uniform_step_replays_in_a_cuda_graph():
     graph.replay()
     torch.cuda.synchronize()
     torch.testing.assert_close(out.float(), eager.float(), atol=0, rtol=0)
+
+
+@pytest.mark.parametrize("ops_name", ["TRITON", "TORCH"])
+def test_async_reselect_adopts_last_steps_selection(ops_name):
+    """reselect_async: a due row decodes with its kept selection (+ the block a new token opens) and adopts, on its
+    next step, exactly what the in-order schedule selected on the due step (from that step's query)."""
+    import dataclasses
+
+    from prescore.backend import params as P
+    from prescore.backend import step as S
+    from prescore.backend.plan import DecodeBuffers
+    from prescore.backend.requests import TABLE
+    from prescore.backend.store import LayerStore
+
+    g = torch.Generator().manual_seed(3)
+    R, MB, every = 2, 64, 4
+    NB = R * MB
+    raw, kv = _gpu_layout_cache(NB)
+    kv.copy_(torch.randn(kv.shape, generator=g).to(kv.dtype))
+    bt = torch.randperm(NB, generator=g).view(R, MB).int()
+    TABLE.configure(4, P.PrescoreParams(hybrid_min_budget=0, reselect_every=every))
+    sp = lambda **x: SimpleNamespace(extra_args={f"prescore_{k}": v for k, v in x.items()})  # noqa: E731
+    lens = [600, 611]
+    for i, md in enumerate(["hybrid", "quest"]):
+        TABLE.set(i, sp(budget=128, sink=16, window=32, method="kmeans", mode=md), lens[i])
+    stores = [LayerStore(kv, mirror=False, num_slots=4) for _ in range(2)]  # in order / async, one cache
+    stores[1].summ, stores[1].scores3, stores[1].tags2 = stores[0].summ, stores[0].scores3, stores[0].tags2
+    stores[1].kmin, stores[1].kmax, stores[1].states = stores[0].kmin, stores[0].kmax, stores[0].states
+    bufs = DecodeBuffers(8, "cpu")
+    ops = getattr(S, ops_name)
+    q0 = torch.randn(sum(lens), HQ, D, generator=g).to(torch.bfloat16)
+    S.run(stores[0], _plan(_cm(lens, lens, bt, [0, 1]), bufs), q0, kv, bt, torch.tensor(lens, dtype=torch.int32),
+          torch.zeros_like(q0), D ** -0.5, BS, ops)  # prefill (scores the shared summaries once)
+    seq = list(lens)
+    hist = []
+    for _ in range(14):
+        seq = [L + 1 for L in seq]
+        plan = _plan(_cm([1, 1], seq, bt, [0, 1]), bufs, max_selected=64)
+        q = torch.randn(R, HQ, D, generator=g).to(torch.bfloat16)
+        sl = torch.tensor(seq, dtype=torch.int32)
+        for st, asyn in zip(stores, (False, True)):
+            p = dataclasses.replace(plan, async_select=asyn)
+            S.run(st, p, q, kv, bt, sl, torch.zeros_like(q), D ** -0.5, BS, ops)
+        hist.append([[[set(st.cache.ids[r, h, : int(st.cache.counts[r, h])].tolist()) for h in range(H)]
+                      for r in range(R)] for st in stores])
+    due = [[s % every == 0 for s in (L + k + 1 for k in range(14))] for L in lens]
+    adopted = 0
+    for k in range(1, 14):
+        for r in range(R):
+            sync_prev, asyn_now = hist[k - 1][0][r], hist[k][1][r]
+            nblk = -(-(lens[r] + k + 1) // BS)
+            if due[r][k - 1]:  # the async row now holds what the in-order row selected one step ago
+                assert all(a - {nblk - 1} == s - {nblk - 1} for a, s in zip(asyn_now, sync_prev)), (k, r)
+                adopted += 1
+            if due[r][k]:  # due now: the async row decodes with its kept selection
+                assert all(a - {nblk - 1} == p - {nblk - 1} for a, p in zip(asyn_now, hist[k - 1][1][r])), (k, r)
+    assert adopted >= 4
