@@ -23,11 +23,12 @@ def main():
     rows = []
     for f in a.files:
         d = json.loads(Path(f).read_text())
-        m = re.match(r"bench-([A-Za-z_]+)-(\w+?)(?:-(request|step))?\.json", Path(f).name)
+        m = re.match(r"bench-([A-Za-z_]+)-(\w+?)(?:-(request|step|async))?\.json", Path(f).name)
         be, budget, clock = m.group(1), m.group(2), m.group(3)
         prescore = be.lower() == "prescore"
         rows.append({"backend": "PRESCORE" if prescore else be, "mode": a.mode if prescore else None,
-                     "reselect_clock": (clock or "request") if prescore else None,
+                     "reselect_clock": ("step" if clock == "step" else "request") if prescore else None,
+                     "reselect_async": clock == "async" if prescore else None,
                      "budget": int(budget) if prescore else None, "concurrency": d.get("max_concurrency"),
                      "requests": d.get("num_prompts"), "completed": d.get("completed"),
                      "errors": (d.get("num_prompts") or 0) - (d.get("completed") or 0),

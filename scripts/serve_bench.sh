@@ -11,13 +11,18 @@ MODEL=${MODEL:-/tmp/llama3-8b-dummy}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 PORT=8765
-# RUNS: backend:budget[:reselect_clock] (prescore's clock: request, the default, or step)
+# RUNS: backend:budget[:variant] (prescore: request, the default clock; step: reselect_clock step; async:
+# reselect_async on)
 for run in ${RUNS:-prescore:2048 prescore:2048:step FLASH_ATTN:none}; do
   IFS=: read -r be budget clock <<< "$run"
   tag=$be-$budget${clock:+-$clock}
+  case $clock in
+    async) setting=', "reselect_async": true' ;;
+    "") setting= ;;
+    *) setting=", \"reselect_clock\": \"$clock\"" ;;
+  esac
   extra=()
-  [ "$be" = prescore ] && extra=(--additional-config \
-    "{\"prescore\": {\"budget\": $budget${clock:+, \"reselect_clock\": \"$clock\"}}}")
+  [ "$be" = prescore ] && extra=(--additional-config "{\"prescore\": {\"budget\": $budget$setting}}")
   echo "[serve_bench $(date +%T)] $tag"
   vllm serve "$MODEL" --load-format dummy --attention-backend "$be" --max-model-len 34816 --max-num-seqs 16 \
     --host 127.0.0.1 --port $PORT "${extra[@]}" > "$RES/server-$tag.log" 2>&1 &
