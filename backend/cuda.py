@@ -61,7 +61,12 @@ class PrescoreCudaBuilder(BaseBuilder):
             kv = layer.kv_cache[0] if isinstance(layer.kv_cache, (list, tuple)) else layer.kv_cache
             if (isinstance(layer.impl, PrescoreCudaImpl) and no_window(layer.impl.sliding_window)
                     and isinstance(kv, torch.Tensor) and kv.numel()):
-                layer.impl.store_for(kv).selection_cache(self.capacity, self.bufs.max_rows)
+                store = layer.impl.store_for(kv)
+                store.selection_cache(self.capacity, self.bufs.max_rows)
+                if self.defaults.reselect_async:  # its pending selections and the side launches' query copy
+                    store.selection_cache(self.capacity, self.bufs.max_rows, pending=True)
+                    store.async_queries(self.bufs.max_rows, (layer.impl.num_heads, layer.impl.head_size),
+                                        kv.dtype)
                 warm_layer = warm_layer or (layer, kv)
         if not _warmed[0] and warm_layer is not None and not torch.cuda.is_current_stream_capturing():
             _warmed[0] = True

@@ -109,7 +109,8 @@ def hybrid_prior_blocks(budget_blocks: int, budget_tokens: int, fraction: float,
 REQUEST_FIELDS = ("budget", "method", "mode", "sink", "window")
 POLICY_FIELDS = ("min_budget", "max_budget", "allow_dense", "max_attended")
 CONFIG_FIELDS = REQUEST_FIELDS + ("hybrid_prior_fraction", "hybrid_min_budget", "quest_beta", "max_selected",
-                                   "reselect_every", "reselect_clock", "reselect_async") + POLICY_FIELDS + ("debug", "methods")
+                                   "reselect_every", "reselect_clock", "reselect_async") + POLICY_FIELDS \
+    + ("debug", "methods")
 # environment variables that override the config (prescore-serve's flags set them)
 ENV_POLICY = {"PRESCORE_DEFAULT_BUDGET": "budget", "PRESCORE_MIN_BUDGET": "min_budget",
               "PRESCORE_MAX_BUDGET": "max_budget", "PRESCORE_ALLOW_DENSE": "allow_dense",

@@ -176,7 +176,7 @@ def decode(store: LayerStore, plan, query, kv, block_table, seq_lens, output, sc
             ops.select(store, q, bt, sl, f, pending, plan.max_selected, block_size, plan.quest_beta, plan.every,
                        clocks, due_only=True)
         else:  # the queries outlive this layer's call in the store; the side launches read that copy
-            qa = store.async_queries(U.max_rows, q)
+            qa = store.async_queries(U.max_rows, tuple(q.shape[1:]), q.dtype)[:n]
             qa.copy_(q)
             fork = torch.cuda.Event()
             fork.record()

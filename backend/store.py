@@ -172,14 +172,15 @@ class LayerStore:
                 self.cache = c
         return c
 
-    def async_queries(self, max_rows: int, q: torch.Tensor) -> torch.Tensor:
-        """reselect_async: a persistent copy of the step's queries for the side launches ``[n, Hq, D]``."""
+    def async_queries(self, max_rows: int, shape: tuple, dtype) -> torch.Tensor:
+        """reselect_async: the persistent buffer ``[max_rows, Hq, D]`` the step copies its queries into for the
+        side launches (they outlive the layer's call)."""
         b = self.q_async
-        if b is None or b.shape[0] < max_rows or b.shape[1:] != q.shape[1:] or b.dtype != q.dtype:
+        if b is None or b.shape[0] < max_rows or tuple(b.shape[1:]) != tuple(shape) or b.dtype != dtype:
             if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
                 raise RuntimeError("prescore: the async query buffer must be allocated before CUDA graph capture")
-            self.q_async = b = torch.empty(max_rows, *q.shape[1:], dtype=q.dtype, device=q.device)
-        return b[: q.shape[0]]
+            self.q_async = b = torch.empty(max_rows, *shape, dtype=dtype, device=self.scores3.device)
+        return b
 
     def is_last(self) -> bool:
         """The most recently created store: the last prescore layer of the model (layers build in order)."""
