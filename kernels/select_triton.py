@@ -153,7 +153,7 @@ def _select_kernel(
         ck = CKEY + r * stride_ck_r + h * stride_ck_h
         ctag = tl.load(CTAG + b).to(tl.int64)  # the cache key: one per admission (content tags repeat)
         if ADOPT:
-            _adopt(PIDS, PCOUNTS, PKCOUNTS, PKEY, IDS, COUNTS, KCOUNTS, DENSE, ck, r, h, ctag, packed, nblk,
+            _adopt(PIDS, PCOUNTS, PKCOUNTS, PKEY, IDS, COUNTS, KCOUNTS, DENSE, ck, r, h, ctag, packed, nblk, S,
                    stride_id_b, stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h, S_PAD)
         old_packed = tl.load(ck + 1)
         same = (tl.load(ck) == ctag) & (mode == MODE_PRIOR)
@@ -213,7 +213,7 @@ def _select_kernel(
 
 
 @triton.jit
-def _adopt(PIDS, PCOUNTS, PKCOUNTS, PKEY, IDS, COUNTS, KCOUNTS, DENSE, ck, r, h, ctag, packed, nblk, stride_id_b,
+def _adopt(PIDS, PCOUNTS, PKCOUNTS, PKEY, IDS, COUNTS, KCOUNTS, DENSE, ck, r, h, ctag, packed, nblk, S, stride_id_b,
            stride_id_h, stride_id_s, stride_cn_b, stride_ck_r, stride_ck_h, S_PAD: tl.constexpr):
     """``reselect_async``: take the pending selection of (row r, head h) when it is fresh (made on the row's
     previous step), of the same admission and controls, and at most one block behind; clear its fresh mark."""
@@ -226,7 +226,7 @@ def _adopt(PIDS, PCOUNTS, PKCOUNTS, PKEY, IDS, COUNTS, KCOUNTS, DENSE, ck, r, h,
         cnt = tl.load(PCOUNTS + r * stride_cn_b + h)
         kc = tl.load(PKCOUNTS + r * stride_cn_b + h)
         p = tl.arange(0, S_PAD)
-        m = p < cnt
+        m = p < tl.minimum(cnt, S)  # a dense selection counts every block but holds at most S ids
         off = r * stride_id_b + h * stride_id_h + p * stride_id_s
         tl.store(IDS + off, tl.load(PIDS + off, mask=m, other=0), mask=m)
         tl.store(COUNTS + r * stride_cn_b + h, cnt)
