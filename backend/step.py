@@ -25,6 +25,7 @@ blocks: the tail block is always attended, whatever its summaries.
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import time
 
@@ -172,21 +173,19 @@ def decode(store: LayerStore, plan, query, kv, block_table, seq_lens, output, sc
         ops.select(store, q, bt, sl, f, cache, plan.max_selected, block_size, plan.quest_beta, NEVER, clocks,
                    pending=pending)
         side = _side_stream(kv) if plan.uniform and not store.is_last() else None
-        if side is None:
-            ops.select(store, q, bt, sl, f, pending, plan.max_selected, block_size, plan.quest_beta, plan.every,
-                       clocks, due_only=True)
-        else:  # the queries outlive this layer's call in the store; the side launches read that copy
-            qa = store.async_queries(U.max_rows, tuple(q.shape[1:]), q.dtype)[:n]
-            qa.copy_(q)
+        qs = q
+        if side is not None:  # the queries outlive this layer's call in the store; the side launches read that copy
+            qs = store.async_queries(U.max_rows, tuple(q.shape[1:]), q.dtype)[:n]
+            qs.copy_(q)
             fork = torch.cuda.Event()
             fork.record()
             side.wait_event(fork)
-            with torch.cuda.stream(side):
-                ops.select(store, qa, bt, sl, f, pending, plan.max_selected, block_size, plan.quest_beta, plan.every,
-                           clocks, due_only=True)
-                done = torch.cuda.Event()
-                done.record(side)
-            _SIDE[0] = done
+        with torch.cuda.stream(side) if side is not None else contextlib.nullcontext():
+            ops.select(store, qs, bt, sl, f, pending, plan.max_selected, block_size, plan.quest_beta, plan.every,
+                       clocks, due_only=True)
+        if side is not None:
+            _SIDE[0] = torch.cuda.Event()
+            _SIDE[0].record(side)
     if a == n:
         ops.attend(q, kv, bt, sl, cache, srow, scale, output[:n])
     elif a:

@@ -291,9 +291,7 @@ def _reuse_torch(fresh: Selection, cache: SelectionCache, rows, seq_lens, budget
     it (the kernel's prior cache is exact)."""
     r = rows.long()
     S = cache.ids.shape[2]
-    seq = seq_lens.long()
-    nblk = (seq + block_size - 1) // block_size
-    packed = nblk | (budget_blocks.long() << 24) | (sink_blocks.long() << 40) | (window_blocks.long() << 52)
+    nblk, packed = _packed_torch(seq_lens, budget_blocks, sink_blocks, window_blocks, block_size)
     old_tag, old = cache.key[r, :, 0], cache.key[r, :, 1]  # [B, H]
     kc = cache.kcounts[r]
     ok = ((old_tag == ctags.long()[:, None]) & (mode.long() != MODES["prior"])[:, None]
