@@ -105,13 +105,16 @@ def parse_config(text: str | None) -> dict:
     return out
 
 
-def merge(out_path, parts, command=None):
+def merge(out_path, parts, command=None, ran_with=None):
     import torch
 
     runs, meta = [], {}
     for p in parts:
         with open(p) as f:
             d = json.load(f)
+        for r in d["runs"]:  # a PRESCORE row without `config` ran the defaults of its commit: say which they were
+            if ran_with and r.get("backend") == "PRESCORE" and "config" not in r:
+                r["config"] = dict(ran_with)
         runs += d["runs"]
         meta.update({k: v for k, v in d.items() if k != "runs"})
     res = {"vllm": meta.get("vllm"), "device": meta.get("device"), "runs": runs,
@@ -142,9 +145,12 @@ def main():
     ap.add_argument("--out")
     ap.add_argument("--merge", nargs="+", metavar=("OUT", "PART"))
     ap.add_argument("--command", help="with --merge: the command that produced the parts, kept in OUT")
+    ap.add_argument("--ran-with", help="with --merge: k=v list, the settings that PRESCORE rows without `config` ran "
+                    "with (the defaults of the commit that produced them), written into those rows")
     args = ap.parse_args()
     if args.merge:
-        merge(args.merge[0], args.merge[1:], args.command)
+        merge(args.merge[0], args.merge[1:], args.command,
+              parse_config(args.ran_with) if args.ran_with else None)
         return
     import torch
 

@@ -37,6 +37,8 @@ for step in ${STEPS:-e2e serve sel defaults}; do
       log "serve bench"; bash scripts/serve_bench.sh "$RES/serve"; log "serve bench rc=$?"
       python3 scripts/collect_serve_bench.py --device "$(nvidia-smi --query-gpu=name --format=csv,noheader | head -1)" \
         --vllm "$(python3 -c 'import vllm; print(vllm.__version__)')" --out "$RES/serve-bench.json" \
+        --input-len "${INLEN:-32768}" --output-len "${OUTLEN:-1024}" \
+        --command "RUNS=\"${RUNS:-}\" PROMPTS=${PROMPTS:-64} bash scripts/serve_bench.sh (commit $(git rev-parse --short HEAD 2>/dev/null))" \
         "$RES"/serve/bench-*.json > "$RES/serve-collect.log" 2>&1; log "collect rc=$?" ;;
     sel)
       log "select bench"

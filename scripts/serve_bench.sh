@@ -32,7 +32,7 @@ for run in ${RUNS:-prescore:2048 prescore:2048:step FLASH_ATTN:none}; do
     --random-input-len "${INLEN:-32768}" --random-output-len "${OUTLEN:-1024}" --ignore-eos \
     --max-concurrency "${CONC:-8}" --num-prompts "${PROMPTS:-64}" --num-warmups "${WARMUPS:-8}" \
     --percentile-metrics ttft,tpot,itl,e2el \
-    --metric-percentiles 50,99 --save-result --result-dir "$RES" --result-filename "bench-$tag.json" \
+    --metric-percentiles 50,99 --save-result --save-detailed --result-dir "$RES" --result-filename "bench-$tag.json" \
     > "$RES/bench-$tag.log" 2>&1
   echo "[serve_bench $(date +%T)] $be bench rc=$?"; grep -E "throughput|TTFT|TPOT|Failed" "$RES/bench-$tag.log" | head -12
   grep -E "prescore:" "$RES/server-$tag.log" | head -3
