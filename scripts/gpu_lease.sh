@@ -2,7 +2,7 @@
 # One H100 lease for issues 14/15: the default mode end to end vs FA3 (8 x 32k, 1 x 131k, 8 x 16k in one engine
 # each, max_model_len 131072, budgets 2048/512/4096), `vllm bench serve` (prescore with each reselect_clock, then
 # stock FA3), the selection bench, and issue 15's start check. STEPS picks and orders (default below).
-# Started by scripts/gpu_lease_start.sh after the devgpu bundle is unpacked. Steps: e2e serve sel defaults quality
+# Started by scripts/gpu_lease_start.sh after the devgpu bundle is unpacked. Steps: e2e serve sel profile defaults quality
 # (quality and defaults part 2 need the real models under /tmp/models: scripts/devgpu_models.sh).
 set -uo pipefail
 RES=${1:-/tmp/res}
@@ -46,6 +46,16 @@ for step in ${STEPS:-e2e serve sel defaults}; do
         --shapes "${SEL_SHAPES:-8x33024,32x33024,1x131072,8x131072}" --profile --out "$RES/select-bench.json" \
         > "$RES/select-bench.log" 2>&1
       log "select bench rc=$?" ;;
+    profile)  # issue 14: per-kernel device time of one decode step at 8 x 32k (torch profiler, in-graph), default
+      # configuration vs reselect_async off vs FA3, one engine each
+      for run in ${PROFILE_RUNS:-PRESCORE:hybrid PRESCORE:hybrid:reselect_async=false FLASH_ATTN:none}; do
+        IFS=: read -r be mode cfg <<< "$run"
+        tag=$be-$mode${cfg:+-$(echo "$cfg" | tr -c 'A-Za-z0-9\n' _)}
+        log "profile $be $mode $cfg"
+        python3 scripts/profile_h100.py --backend "$be" --mode "$mode" ${cfg:+--config "$cfg"} --budgets 2048 \
+          --profile-budget 2048 --steps 48 --out "$RES/profile-$tag.json" > "$RES/profile-$tag.log" 2>&1
+        log "profile $be rc=$?"; grep "^ROW\|^PROFILE" "$RES/profile-$tag.log"
+      done ;;
     defaults)
       log "defaults (issue 15)"; bash scripts/defaults_h100.sh "$RES/defaults"; log "defaults rc=$?" ;;
     quality)  # issue 13: the quality tables through the shared step (SmolLM2 8k ~1 min, Qwen 32k ~1.5 min)

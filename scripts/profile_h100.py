@@ -76,6 +76,8 @@ def main():
     ap.add_argument("--profile-steps", type=int, default=16)
     ap.add_argument("--max-model-len", type=int, default=131072 + 128)
     ap.add_argument("--tensor-parallel-size", type=int, default=1)
+    ap.add_argument("--config", help="server-wide prescore settings, k=v comma list (e.g. reselect_async=false); "
+                    "kept in each PRESCORE row and the profile as `config`")
     ap.add_argument("--out")
     args = ap.parse_args()
     os.environ.setdefault("VLLM_ENABLE_V1_MULTIPROCESSING", "0")  # the profiler must see the engine's kernels
@@ -84,7 +86,11 @@ def main():
     import vllm
     from vllm import LLM, SamplingParams
 
-    llm = LLM(model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
+    from e2e_h100 import parse_config  # same folder (scripts/)
+
+    config = parse_config(args.config) if args.backend == "PRESCORE" else {}
+    extra = {"additional_config": {"prescore": config}} if config else {}
+    llm = LLM(**extra, model=args.model, load_format="dummy", dtype="bfloat16", max_model_len=args.max_model_len,
               enforce_eager=args.eager, enable_prefix_caching=False, gpu_memory_utilization=0.90, seed=0,
               attention_backend=args.backend, max_num_seqs=16, tensor_parallel_size=args.tensor_parallel_size)
     eng = llm.llm_engine
@@ -114,6 +120,8 @@ def main():
                    cuda_graphs=not args.eager, batch=args.batch, prompt_len=args.prompt_len,
                    tp=args.tensor_parallel_size, step_ms=round(ms, 3), decode_tok_s=round(args.batch / ms * 1e3, 1),
                    timing="direct: pure decode steps %d..%d" % (args.warm, args.warm + args.steps))
+        if config and b is not None:
+            row["config"] = config
         print("ROW", json.dumps(row), flush=True)
         rows.append(row)
     res = {"vllm": vllm.__version__, "device": torch.cuda.get_device_name(), "runs": rows}
@@ -154,7 +162,7 @@ def main():
         print(f"{'us/step':>9} {'calls/step':>10}  kernel")
         for k in kernels[:45]:
             print(f"{k['us_per_step']:9.1f} {k['calls_per_step']:10.1f}  {k['name'][:120]}")
-        res["profile"] = dict(budget=b, steps=nsteps, wall_ms_per_step=round(state["wall"] / nsteps * 1e3, 3),
+        res["profile"] = dict(budget=b, config=config or None, mode=args.mode if b is not None else None, steps=nsteps, wall_ms_per_step=round(state["wall"] / nsteps * 1e3, 3),
                               device_ms_per_step=round(total / 1e3, 3), kernels=kernels[:80])
         if os.environ.get("OUT"):
             try:

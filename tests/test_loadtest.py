@@ -210,3 +210,24 @@ def test_collect_serve_bench_rows(tmp_path):
     assert step["vs_fa3"]["output_tok_s"] == 2.0 and step["vs_fa3"]["tpot_p50_ms"] == round(9 / 16, 3)
     assert rows[("FLASH_ATTN", None, None)]["budget"] is None
     assert rows[("PRESCORE", "request", True)]["vs_fa3"]["output_tok_s"] == 2.2
+
+
+def test_collect_profile_table(tmp_path):
+    """scripts/collect_profile.py: one column pair per profile (us/step with calls, us/layer), kernels missing from
+    a profile left blank, small kernels summed into `other`, the timed step next to the profiled one."""
+    def prof(kernels, step):
+        return {"vllm": "0.33.0", "device": "H100", "runs": [{"budget": 2048, "step_ms": step}],
+                "profile": {"budget": 2048, "config": None, "device_ms_per_step": sum(k[1] for k in kernels) / 1e3,
+                            "wall_ms_per_step": step * 1.1,
+                            "kernels": [{"name": n, "us_per_step": us, "calls_per_step": 32} for n, us in kernels]}}
+    a, b = tmp_path / "a.json", tmp_path / "b.json"
+    a.write_text(json.dumps(prof([("gemm", 3200.0), ("_select_kernel", 640.0), ("tiny", 5.0)], 8.0)))
+    b.write_text(json.dumps(prof([("gemm", 3200.0), ("tiny", 3.0)], 7.0)))
+    script = Path(__file__).resolve().parents[1] / "scripts" / "collect_profile.py"
+    out = tmp_path / "t.md"
+    subprocess.run([sys.executable, str(script), f"async={a}", f"in_order={b}", "--out", str(out)], check=True,
+                   capture_output=True)
+    text = out.read_text()
+    sel = next(line for line in text.splitlines() if "_select_kernel" in line)
+    assert "| 640.0 (32) | 20.0 |  |  |" in sel
+    assert "| other (each < 20 us/step) | 5.0 | 0.2 | 3.0 | 0.1 |" in text and "| 8.0 | " in text
