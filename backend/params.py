@@ -26,11 +26,12 @@ dense vs 1.029x at 4, results/sweeps/reuse-smollm2-4k-every16-cpu.json) and
 the step at which it was admitted (the same greedy request twice gives the same tokens), at the cost of about one
 selection launch on most steps when rows of different lengths share a batch; ``"step"``: the engine's step
 count, the same for every row, so the rows of a batch re-select together and the other steps skip the
-selection, but a request's tokens depend on its admission step); ``reselect_async`` (default false, CUDA
-uniform decode steps): a query-aware row's re-selection runs on a side stream beside the other work of the step
-(joined before the next layer's step) into a pending selection that the row adopts on its next step, so the
-selection is one step older and a re-selecting row costs no latency (elsewhere it runs in order, same
-semantics). Token counts are rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
+selection, but a request's tokens depend on its admission step); ``reselect_async`` (default true): a query-aware row's
+re-selection (from its second one on) runs on a side stream beside the other work of the step (CUDA uniform decode
+steps, joined before the next layer's step; elsewhere in order, same semantics) into a pending selection that the
+row adopts on its next step, so the selection is one step older and a re-selecting row costs no latency (H100,
+session 12, same lease: 8 x 32k 8.09 ms vs 8.70 ms in order, FA3 16.59; results/e2e-h100.json); it doubles the
+selection cache per request slot; false selects in order. Token counts are rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
 first layer's prefill scoring and selections. ``methods`` (a list of method names, default the default
 ``method`` plus every stateless method) is what the server offers: each stateful method offered costs its fitted
 state per request slot and layer (allocated before vLLM sizes the KV cache), and a request for a method not
@@ -74,7 +75,7 @@ class PrescoreParams:
     max_selected: int = 8192
     reselect_every: int = 16
     reselect_clock: str = "request"  # by the row's length (reproducible); "step": rows re-select together
-    reselect_async: bool = False  # CUDA: a re-selection runs beside the decode (side stream), adopted a step later
+    reselect_async: bool = True  # a re-selection runs beside the decode (CUDA side stream), adopted a step later
     # server policy (never per request)
     min_budget: int = 0
     max_budget: int = MAX_TOKENS

@@ -107,9 +107,9 @@ def build_parser() -> argparse.ArgumentParser:
     ap.add_argument("--reselect-every", type=int, default=d.reselect_every,
                     help="quest/hybrid rows re-select every N decode tokens, keeping their blocks in between "
                          "(default: the backend's)")
-    ap.add_argument("--reselect-async", action="store_true", default=d.reselect_async,
+    ap.add_argument("--reselect-async", action=argparse.BooleanOptionalAction, default=d.reselect_async,
                     help="the re-selection runs beside the decode and is adopted a step later (config "
-                         "reselect_async; default: the backend's)")
+                         "reselect_async; default: the backend's, on); --no-reselect-async selects in order")
     ap.add_argument("--reselect-everys", default="", type=lambda x: [int(v) for v in _floats(x)],
                     help="extra quest and hybrid rows at these re-selection intervals (sweep), e.g. 1,8")
     ap.add_argument("--quest-betas", default="", type=_floats,

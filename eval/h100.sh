@@ -17,7 +17,7 @@
 #   into /tmp on a warm machine (it keeps /tmp between calls while warm), then `cat` them back together.
 # Budgets are TOTAL attended tokens per KV head (sink + window + selected).
 # Env: MODELS, SWEEPS, RULER (issue 16's 32k task table, below), RESELECT_EVERYS (extra quest/hybrid rows at these
-# re-selection intervals, e.g. 1), RESELECT_ASYNC (any value: the tables with config reselect_async on), SINK (16), WINDOW (64), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
+# re-selection intervals, e.g. 1), RESELECT_ASYNC (0: the tables with reselect_async off; default the backend's, on), SINK (16), WINDOW (64), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
 # per depth, 4), SMOL_TRIALS (SmolLM2's main table, default TRIALS), RESULTS (output folder, default results/).
 set -euo pipefail
 cd "$(dirname "$0")/.."
@@ -34,7 +34,7 @@ OUT=${RESULTS:-results}
 # The session-4 tables ran with HYBRID_SHARE=0.5 QUEST_BETA=1 SINK=64 WINDOW=256 and 8 / 4 ppl windows.
 COMMON=(--device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048
         ${HYBRID_SHARE:+--hybrid-prior-fraction $HYBRID_SHARE} ${QUEST_BETA:+--quest-beta $QUEST_BETA}
-        ${RESELECT_EVERYS:+--reselect-everys $RESELECT_EVERYS} ${RESELECT_ASYNC:+--reselect-async}
+        ${RESELECT_EVERYS:+--reselect-everys $RESELECT_EVERYS} $( [ "${RESELECT_ASYNC:-}" = 0 ] && echo --no-reselect-async)
         --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
 SW=(--sink ${SINK:-16} --window ${WINDOW:-64})
 SMOL=${SMOLLM2_DIR:-smollm2}

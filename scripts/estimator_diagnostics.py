@@ -103,10 +103,10 @@ def main() -> int:
 
     orig_params, orig_select = E.SparseEvalEngine.params, E.EvalTorchOps.select
 
-    def select(self, store, q, bt, sl, f, *args):  # every row of these configs is in the keynorm column
+    def select(self, store, q, bt, sl, f, *args, **kw):  # every row of these configs is in the keynorm column
         eng = _STATE["eng"]
         _STATE.update(layer=eng.stores.index(store), rows=f("srow").long(), seq=sl)
-        return orig_select(self, store, q, bt, sl, f, *args)
+        return orig_select(self, store, q, bt, sl, f, *args, **kw)
 
     def bound(q, kmin, kmax, in_ctx, beta=1.0):
         eng, rows = _STATE["eng"], _STATE["rows"]  # request slots: model rows, then fidelity rows, then padding

@@ -67,7 +67,12 @@ def _runs(tiny_model):
     # would give them none
     llm = LLM(model=tiny_model, attention_backend="prescore",
               additional_config={"prescore": {"methods": ["kmeans", "leverage", "keynorm"], "hybrid_min_budget": 0, "hybrid_prior_fraction": 0.5,
-                                              "reselect_every": EVERY}}, **ENGINE)
+                                              "reselect_every": EVERY,
+                                              # in order: the spec test below checks each selection against the
+                                              # reference at the step that makes it; the default (async) adoption
+                                              # rule: test_reselect_async_serves_sparse_in_vllm and
+                                              # test_backend_core's test_async_reselect_adopts_last_steps_selection
+                                              "reselect_async": False}}, **ENGINE)
     metrics.reset()
     # 1) budgets that never go sparse: >= context, and 0 (dense by request)
     res["dense"] = [_result(o) for o in llm.generate(

@@ -81,7 +81,7 @@ def test_harness_decode_is_the_backend_step(tiny, monkeypatch):
     monkeypatch.setattr(S, "decode", spy)
     # keynorm: continuous block scores (the tiny model's kmeans / leverage scores tie, and ties rank arbitrarily)
     cfgs = eng.make_configs([128], methods=("keynorm",), quest_betas=[1.0])
-    e = eng.SparseEvalEngine(model, reselect_every=1)
+    e = eng.SparseEvalEngine(model, reselect_every=1, reselect_async=False)  # each selection at the step making it
     M = 4
     S.CAPTURE = []
     try:
