@@ -102,6 +102,8 @@ if [[ " $PARTS " == *" 2 "* ]] && [ -n "${SMOLLM2_DIR:-}" ]; then
   python3 scripts/identity_h100.py --compare-dense "$OUT"/identity-{FLASH_ATTN,TRITON_ATTN,PRESCORE}.json \
     --out "$OUT/dense.json"
 fi
-python3 scripts/collect_defaults.py --part1 "$OUT/defaults-part1.json" --prefix "$OUT/prefix.json" \
+# PART1=path: part 1's JSON from an earlier lease (e.g. results/h100/session12/defaults-part1.json) when PARTS=2
+P1="$OUT/defaults-part1.json"; [ -f "$P1" ] || P1=${PART1:-$P1}
+python3 scripts/collect_defaults.py --part1 "$P1" --prefix "$OUT/prefix.json" \
   --dense "$OUT/dense.json" --out "$OUT/defaults-h100.json" \
-  --command "PARTS='$PARTS' SMOLLM2_DIR=... bash scripts/defaults_h100.sh OUT (scripts/collect_defaults.py)"
+  --command "PARTS='$PARTS' PART1=${PART1:-} SMOLLM2_DIR=... bash scripts/defaults_h100.sh OUT (scripts/collect_defaults.py)"
