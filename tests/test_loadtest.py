@@ -231,3 +231,17 @@ def test_collect_profile_table(tmp_path):
     sel = next(line for line in text.splitlines() if "_select_kernel" in line)
     assert "| 640.0 (32) | 20.0 |  |  |" in sel
     assert "| other (each < 20 us/step) | 5.0 | 0.2 | 3.0 | 0.1 |" in text and "| 8.0 | " in text
+
+
+def test_closed_loop_model_shows_the_ttft_mechanism():
+    """scripts/closed_loop_sim.py (a model, README "Under load"): with replacements schedulable at once, a faster
+    decode step leaves TTFT p50 alone; with an arrival delay, it raises p50 at a higher throughput."""
+    sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+    try:
+        from closed_loop_sim import simulate
+    finally:
+        sys.path.pop(0)
+    fa, ps = simulate(16.59, 1.18, 0.0), simulate(8.09, 1.24, 0.0)
+    assert abs(ps["ttft_p50_ms"] / fa["ttft_p50_ms"] - 1) < 0.05 and ps["output_tok_s"] > 1.4 * fa["output_tok_s"]
+    fa, ps = simulate(16.59, 1.18, 50.0), simulate(8.09, 1.24, 50.0)
+    assert ps["ttft_p50_ms"] > 1.2 * fa["ttft_p50_ms"] and ps["output_tok_s"] > 1.4 * fa["output_tok_s"]
