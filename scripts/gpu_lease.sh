@@ -11,6 +11,8 @@ cd "$(dirname "$0")/.."
 python3 -m pip install -q --no-deps --no-build-isolation --target /tmp/site . > "$RES/install.log" 2>&1
 export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 log() { echo "[lease $(date +%T)] $*"; }
+# BACKEND:MODE[:k=v,...] -> be, mode, cfg and a file-name tag
+split_run() { IFS=: read -r be mode cfg <<< "$1"; tag=$be-$mode${cfg:+-$(echo "$cfg" | tr -c 'A-Za-z0-9\n' _)}; }
 [ -d /tmp/llama3-8b-dummy ] || python3 "${DUMMY:-/tmp/tools/dummy_model.py}" /tmp/llama3-8b-dummy
 for step in ${STEPS:-e2e serve sel defaults}; do
   # real models carried and converted by scripts/devgpu_models.sh (stash + assemble), looked up at each step (the
@@ -25,9 +27,7 @@ for step in ${STEPS:-e2e serve sel defaults}; do
       # E2E_RUNS: BACKEND:MODE[:k=v,...] (server-wide prescore defaults, e.g. PRESCORE:hybrid:reselect_every=8;
       # serve_bench.sh has its own RUNS)
       for run in ${E2E_RUNS:-PRESCORE:hybrid FLASH_ATTN:none}; do
-        IFS=: read -r be mode cfg <<< "$run"
-        tag=$be-$mode${cfg:+-$(echo "$cfg" | tr -c 'A-Za-z0-9\n' _)}
-        log "e2e $be $mode $cfg"
+        split_run "$run"; log "e2e $be $mode $cfg"
         python3 scripts/e2e_h100.py --backend "$be" --mode "$mode" --graphs ${cfg:+--config "$cfg"} \
           --workloads "${WORKLOADS:-8x32768,1x130816,8x16384}" --max-model-len 131072 \
           --budgets "${BUDGETS:-2048,512,4096}" --out "$RES/e2e-$tag.json" > "$RES/e2e-$tag.log" 2>&1
@@ -49,9 +49,7 @@ for step in ${STEPS:-e2e serve sel defaults}; do
     profile)  # issue 14: per-kernel device time of one decode step at 8 x 32k (torch profiler, in-graph), default
       # configuration vs reselect_async off vs FA3, one engine each
       for run in ${PROFILE_RUNS:-PRESCORE:hybrid PRESCORE:hybrid:reselect_async=false FLASH_ATTN:none}; do
-        IFS=: read -r be mode cfg <<< "$run"
-        tag=$be-$mode${cfg:+-$(echo "$cfg" | tr -c 'A-Za-z0-9\n' _)}
-        log "profile $be $mode $cfg"
+        split_run "$run"; log "profile $be $mode $cfg"
         python3 scripts/profile_h100.py --backend "$be" --mode "$mode" ${cfg:+--config "$cfg"} --budgets 2048 \
           --profile-budget 2048 --steps 48 --out "$RES/profile-$tag.json" > "$RES/profile-$tag.log" 2>&1
         log "profile $be rc=$?"; grep "^ROW\|^PROFILE" "$RES/profile-$tag.log"

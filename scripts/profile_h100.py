@@ -162,7 +162,8 @@ def main():
         print(f"{'us/step':>9} {'calls/step':>10}  kernel")
         for k in kernels[:45]:
             print(f"{k['us_per_step']:9.1f} {k['calls_per_step']:10.1f}  {k['name'][:120]}")
-        res["profile"] = dict(budget=b, config=config or None, mode=args.mode if b is not None else None, steps=nsteps, wall_ms_per_step=round(state["wall"] / nsteps * 1e3, 3),
+        res["profile"] = dict(budget=b, config=config or None, mode=args.mode if b is not None else None,
+                              steps=nsteps, wall_ms_per_step=round(state["wall"] / nsteps * 1e3, 3),
                               device_ms_per_step=round(total / 1e3, 3), kernels=kernels[:80])
         if os.environ.get("OUT"):
             try:
