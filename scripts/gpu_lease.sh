@@ -2,7 +2,7 @@
 # One H100 lease for issues 14/15: the default mode end to end vs FA3 (8 x 32k, 1 x 131k, 8 x 16k in one engine
 # each, max_model_len 131072, budgets 2048/512/4096), `vllm bench serve` (prescore with each reselect_clock, then
 # stock FA3), the selection bench, and issue 15's start check. STEPS picks and orders (default below).
-# Started by scripts/gpu_lease_start.sh after the devgpu bundle is unpacked. Steps: e2e serve sel profile defaults quality
+# Started by scripts/gpu_lease_start.sh after the devgpu bundle is unpacked. Steps: e2e serve sel kernels profile defaults quality ruler
 # (quality and defaults part 2 need the real models under /tmp/models: scripts/devgpu_models.sh).
 set -uo pipefail
 RES=${1:-/tmp/res}
@@ -17,11 +17,15 @@ split_run() { IFS=: read -r be mode cfg <<< "$1"; tag=$be-$mode${cfg:+-$(echo "$
 for step in ${STEPS:-e2e serve sel defaults}; do
   # real models carried and converted by scripts/devgpu_models.sh (stash + assemble), looked up at each step (the
   # pieces may arrive while an earlier step runs)
-  if [ "$step" = quality ] && [ -d /tmp/models/q00 ]; then  # Qwen's pieces are on their way: wait for the convert
-    for _ in $(seq 300); do [ -f /tmp/models/qwen/.prescore-complete ] && break; sleep 2; done
-  fi
+  case $step in quality) want=${QUALITY_MODELS:-smollm2 qwen} ;; ruler) want=${RULER_MODELS:-qwen gemma} ;; *) want= ;; esac
+  for m in qwen gemma; do  # a model's pieces are on their way (its first piece is stashed): wait for the convert
+    if [[ " $want " == *" $m "* ]] && [ -d "/tmp/models/${m:0:1}00" ]; then
+      for _ in $(seq 300); do [ -f "/tmp/models/$m/.prescore-complete" ] && break; sleep 2; done
+    fi
+  done
   [ -f /tmp/models/smollm2/.prescore-complete ] && export SMOLLM2_DIR=/tmp/models/smollm2
   [ -f /tmp/models/qwen/.prescore-complete ] && export QWEN_DIR=/tmp/models/qwen
+  [ -f /tmp/models/gemma/.prescore-complete ] && export GEMMA_DIR=/tmp/models/gemma
   case $step in
     e2e)
       # E2E_RUNS: BACKEND:MODE[:k=v,...] (server-wide prescore defaults, e.g. PRESCORE:hybrid:reselect_every=8;
@@ -40,6 +44,9 @@ for step in ${STEPS:-e2e serve sel defaults}; do
         --input-len "${INLEN:-32768}" --output-len "${OUTLEN:-1024}" \
         --command "RUNS=\"${RUNS:-}\" PROMPTS=${PROMPTS:-64} bash scripts/serve_bench.sh (commit $(git rev-parse --short HEAD 2>/dev/null))" \
         "$RES"/serve/bench-*.json > "$RES/serve-collect.log" 2>&1; log "collect rc=$?" ;;
+    kernels)  # issue 13: the kernel table (decode, scoring, the default step's selection column; ~4 min on the H100)
+      log "kernels"; python3 benchmarks/kernels_bench.py --out "$RES/kernels-h100.json" > "$RES/kernels.log" 2>&1
+      log "kernels rc=$?" ;;
     sel)
       log "select bench"
       python3 benchmarks/select_bench.py --modes hybrid --every "${SEL_EVERY:-4}" --clocks "${SEL_CLOCKS:-request,step}" --width 8192 \
@@ -60,6 +67,10 @@ for step in ${STEPS:-e2e serve sel defaults}; do
       log "quality"; mkdir -p "$RES/quality"
       MODELS="${QUALITY_MODELS:-smollm2 qwen}" RESULTS="$RES/quality" bash eval/h100.sh > "$RES/quality.log" 2>&1
       log "quality rc=$?" ;;
+    ruler)  # issue 16: the 32k task tables (RULER-style tasks, passkey, ppl; >= 100 trials) on Qwen and gemma
+      log "ruler"; mkdir -p "$RES/quality"
+      MAIN=0 RULER=1 MODELS="${RULER_MODELS:-qwen gemma}" RESULTS="$RES/quality" bash eval/h100.sh > "$RES/ruler.log" 2>&1
+      log "ruler rc=$?" ;;
   esac
 done
 touch "$RES/DONE"
