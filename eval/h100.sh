@@ -34,7 +34,7 @@ OUT=${RESULTS:-results}
 # The session-4 tables ran with HYBRID_SHARE=0.5 QUEST_BETA=1 SINK=64 WINDOW=256 and 8 / 4 ppl windows.
 COMMON=(--device cuda --dtype bfloat16 --block-size 16 --budgets 512,1024,2048
         ${HYBRID_SHARE:+--hybrid-prior-fraction $HYBRID_SHARE} ${QUEST_BETA:+--quest-beta $QUEST_BETA}
-        ${RESELECT_EVERYS:+--reselect-everys $RESELECT_EVERYS} $( [ "${RESELECT_ASYNC:-}" = 0 ] && echo --no-reselect-async)
+        ${RESELECT_EVERYS:+--reselect-everys $RESELECT_EVERYS} $( [ "${RESELECT_ASYNC:-}" = 0 ] && echo --no-reselect-async || true)
         --fidelity-steps 8 --passkey-depths 0.1,0.3,0.5,0.7,0.9 --passkey-trials ${TRIALS:-4} --trial-batch ${TRIAL_BATCH:-20})
 SW=(--sink ${SINK:-16} --window ${WINDOW:-64})
 SMOL=${SMOLLM2_DIR:-smollm2}
