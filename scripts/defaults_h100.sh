@@ -4,9 +4,10 @@
 # prefill, CUDA graphs) must come up and serve a budgeted request sparse; the same start with stock FLASH_ATTN gives
 # the KV capacity prescore costs. Writes OUT/defaults-part1.json {"vllm", "device", "max_num_seqs",
 # "kv_cache_tokens_prescore", "kv_cache_tokens_flash_attn", "start_ok", "sparse_rows", "prescore_memory_line"}.
-# Part 2, with a real model ($SMOLLM2_DIR, e.g. from scripts/devgpu_models.sh assemble smollm2): the prefix-cache
-# check (scripts/prefix_cache_check.py -> OUT/prefix.json) and dense identity (scripts/identity_h100.py: FA3,
-# TRITON_ATTN, PRESCORE, then --compare-dense -> OUT/dense.json). Last, scripts/collect_defaults.py writes
+# Part 2, with a real model ($SMOLLM2_DIR, e.g. from scripts/devgpu_models.sh assemble smollm2): dense identity
+# (scripts/identity_h100.py: FA3, TRITON_ATTN, PRESCORE, then --compare-dense -> OUT/dense.json), then the
+# prefix-cache check judged with dense.json's noise floor (scripts/prefix_cache_check.py -> OUT/prefix.json) and
+# the same check on FA3 as a control (OUT/prefix-FLASH_ATTN.json). Last, scripts/collect_defaults.py writes
 # OUT/defaults-h100.json (issue 15's keys; a part that did not run stays null). PARTS picks (default "1 2").
 # Needs the devgpu bundle unpacked (eval "$(bash .devgpu/c01/unpack)", never in a pipe), prescore on PYTHONPATH
 # and the dummy model.
@@ -89,10 +90,6 @@ print(json.dumps(res))
 PY
 fi
 if [[ " $PARTS " == *" 2 "* ]] && [ -n "${SMOLLM2_DIR:-}" ]; then
-  echo "[defaults $(date +%T)] prefix caching check"
-  env -u PRESCORE_METRICS_DIR python3 scripts/prefix_cache_check.py --model "$SMOLLM2_DIR" --gpu-memory-utilization 0.4 \
-    --out "$OUT/prefix.json" > "$OUT/prefix.log" 2>&1
-  echo "[defaults $(date +%T)] prefix rc=$?"
   for be in FLASH_ATTN TRITON_ATTN PRESCORE; do
     echo "[defaults $(date +%T)] identity $be"
     python3 scripts/identity_h100.py --model "$SMOLLM2_DIR" --backend $be --out "$OUT/identity-$be.json" \
@@ -101,9 +98,18 @@ if [[ " $PARTS " == *" 2 "* ]] && [ -n "${SMOLLM2_DIR:-}" ]; then
   done
   python3 scripts/identity_h100.py --compare-dense "$OUT"/identity-{FLASH_ATTN,TRITON_ATTN,PRESCORE}.json \
     --out "$OUT/dense.json"
+  # prefix caching on vs off: prescore, judged with the dense backends' noise floor (dense.json); then the same
+  # two engines on FA3 as a control (does prefix caching change FA3's own greedy tokens on this GPU?)
+  for be in prescore FLASH_ATTN; do
+    f=$OUT/prefix.json; [ $be = prescore ] || f=$OUT/prefix-$be.json
+    echo "[defaults $(date +%T)] prefix caching check $be"
+    env -u PRESCORE_METRICS_DIR python3 scripts/prefix_cache_check.py --model "$SMOLLM2_DIR" --backend $be \
+      --gpu-memory-utilization 0.4 --noise-floor-from "$OUT/dense.json" --out "$f" > "${f%.json}.log" 2>&1
+    echo "[defaults $(date +%T)] prefix $be rc=$?"
+  done
 fi
 # PART1=path: part 1's JSON from an earlier lease (e.g. results/h100/session12/defaults-part1.json) when PARTS=2
 P1="$OUT/defaults-part1.json"; [ -f "$P1" ] || P1=${PART1:-$P1}
-python3 scripts/collect_defaults.py --part1 "$P1" --prefix "$OUT/prefix.json" \
+python3 scripts/collect_defaults.py --part1 "$P1" --prefix "$OUT/prefix.json" --prefix-control "$OUT/prefix-FLASH_ATTN.json" \
   --dense "$OUT/dense.json" --out "$OUT/defaults-h100.json" \
   --command "PARTS='$PARTS' PART1=${PART1:-} SMOLLM2_DIR=... bash scripts/defaults_h100.sh OUT (scripts/collect_defaults.py)"

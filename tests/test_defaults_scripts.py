@@ -65,6 +65,18 @@ def test_prefix_verdict_and_defaults_keys():
     assert not pc.verdict(dict(on, num_cached_tokens={"y": 0}), off)["prefix_cache_sparse"]  # no cache hit
     assert not pc.verdict(on, dict(off, tokens={"x": [1, 2, 3, 9], "y": [5, 6]}))["prefix_cache_sparse"]
     assert not pc.verdict(dict(on, totals=dict(tot, decode_rows_sparse=3.0)), off)["prefix_cache_sparse"]
+    # GPU: a differing token passes only as a near-tie (the larger margin of the two engines there <= the floor)
+    on_m = dict(on, margins={"x": [1.0, 1.0, 0.1, 1.0], "y": [1.0, 1.0]})
+    off_d = dict(off, tokens={"x": [1, 2, 9, 4], "y": [5, 6]}, margins={"x": [1.0, 1.0, 0.2, 1.0], "y": [1.0, 1.0]})
+    v = pc.verdict(on_m, off_d, noise_floor=0.25)
+    assert v["prefix_cache_sparse"] and v["prefix_detail"]["which"] == "near_ties"
+    assert v["prefix_detail"]["divergences"] == [{"request": "x", "position": 2, "margin": 0.2, "near_tie": True}]
+    assert not pc.verdict(on_m, off_d, noise_floor=0.15)["prefix_cache_sparse"]  # 0.2 > the floor
+    assert not pc.verdict(on_m, off_d)["prefix_cache_sparse"]  # no floor: only identical tokens pass
+    # a dense control run has no sparse counters to check
+    dense_tot = {"decode_rows_sparse": 0.0, "selected_tokens": 0.0, "context_tokens": 0.0}
+    assert pc.verdict(dict(on, totals=dense_tot), dict(off, totals=dense_tot), dense=True)["prefix_cache_sparse"]
+    assert pc.margins(None) == []
     part1 = {"vllm": "0.33.0", "device": "H100", "max_num_seqs": 1024, "kv_cache_tokens_prescore": 900,
              "kv_cache_tokens_flash_attn": 1000, "start_ok": True}
     res = cd.collect(part1, v, {"dense_identical": True, "dense_detail": {"which": "identical"}})
@@ -73,3 +85,5 @@ def test_prefix_verdict_and_defaults_keys():
         assert k in res
     assert res["kv_capacity_vs_flash_attn"] == 0.9 and res["prefix_cache_sparse"] is True
     assert cd.collect(part1, {}, {})["dense_identical"] is None  # a part that did not run stays null
+    assert cd.collect(part1, v, {}, control={"prefix_detail": {"which": "identical"}})[
+        "prefix_control_flash_attn"] == {"which": "identical"}
