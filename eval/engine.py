@@ -107,7 +107,8 @@ def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "ques
                  quest_betas=(), reselect_everys=()) -> list[Config]:
     """Dense, then per budget every mode (prior/hybrid once per method); ``quest_betas``: extra quest rows at
     those ``quest_beta`` values (a sweep; the plain quest row runs at the engine's); ``reselect_everys``: extra
-    quest and hybrid (first method) rows at those re-selection intervals."""
+    quest and hybrid rows at those re-selection intervals (hybrid with the server's default method when it is
+    among ``methods``, else the first)."""
     out = [Config("dense", "dense", None)]
     for b in budgets:
         if "static" in modes:
@@ -119,8 +120,9 @@ def make_configs(budgets, methods=PRIOR_METHODS, modes=("static", "prior", "ques
         out += [Config("quest", "quest", int(b), float(x)) for x in quest_betas]
         if "hybrid" in modes:
             out += [Config(m, "hybrid", int(b)) for m in methods]
+        hm = PrescoreParams.method if PrescoreParams.method in methods else methods[0]
         for e in reselect_everys:
-            out += [Config("quest", "quest", int(b), every=int(e)), Config(methods[0], "hybrid", int(b), every=int(e))]
+            out += [Config("quest", "quest", int(b), every=int(e)), Config(hm, "hybrid", int(b), every=int(e))]
     return out
 
 

@@ -51,6 +51,15 @@ def test_budget_at_context_equals_dense_and_small_budget_differs(tiny):
             assert torch.all(fid[i] > 0), c.label
 
 
+def test_reselect_rows_use_the_default_method():
+    from prescore.backend.params import PrescoreParams
+
+    rows = [(c.method, c.mode, c.every) for c in eng.make_configs([128], reselect_everys=[1]) if c.every]
+    assert rows == [("quest", "quest", 1), (PrescoreParams.method, "hybrid", 1)]
+    rows = [c.method for c in eng.make_configs([128], methods=("keynorm",), reselect_everys=[1]) if c.every]
+    assert rows == ["quest", "keynorm"]
+
+
 def test_batched_attention_equals_reference(tiny):
     _, model = tiny
     cfgs = eng.make_configs([128])
