@@ -18,10 +18,11 @@ prior no share), ``quest_beta`` (the query-aware key q.c + beta * |q|.r of a blo
 midpoint c and half range r: 1 = Quest's upper bound, default 0.5, see results/QUALITY.md) and ``max_selected``
 (tokens: the fixed capacity of one row's per-step selection on the CUDA decode path, default 8192 beyond
 sink + window; a row whose budget plus must-attend blocks exceed it runs dense, never truncated) and
-``reselect_every`` (decode steps, default 16: a quest/hybrid row runs the query-aware selection when its clock
-is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; 1 = every step; 16
-spreads the selection's cost over 16 steps at the same perplexity within noise: SmolLM2 4k, budget 1024, 1.031x
-dense vs 1.029x at 4, results/sweeps/reuse-smollm2-4k-every16-cpu.json) and
+``reselect_every`` (decode steps, default 1: a quest/hybrid row runs the query-aware selection when its clock
+is a multiple of it and otherwise keeps its last selection plus the blocks new tokens open; with
+``reselect_async`` the selection a row uses is then one step old. H100 quality tables, session 13
+(results/QUALITY.md), budget 1024: Qwen2.5-Coder 32k ppl 1.077x dense at 16 vs 1.021x at 1, SmolLM2 8k 1.063x vs
+1.034x, passkeys equal; a larger interval spreads the selection's cost over more steps at that quality cost) and
 ``reselect_clock`` (``"request"``, the default: the row's own length, so a request's tokens do not depend on
 the step at which it was admitted (the same greedy request twice gives the same tokens), at the cost of about one
 selection launch on most steps when rows of different lengths share a batch; ``"step"``: the engine's step
@@ -30,7 +31,7 @@ selection, but a request's tokens depend on its admission step); ``reselect_asyn
 re-selection (from its second one on) runs on a side stream beside the other work of the step (CUDA uniform decode
 steps, joined before the next layer's step; elsewhere in order, same semantics) into a pending selection that the
 row adopts on its next step, so the selection is one step older and a re-selecting row costs no latency (H100,
-session 12, same lease: 8 x 32k 8.09 ms vs 8.70 ms in order, FA3 16.59; results/e2e-h100.json); it doubles the
+session 12, same lease, at ``reselect_every`` 16: 8 x 32k 8.09 ms vs 8.70 ms in order, FA3 16.59; results/e2e-h100.json); it doubles the
 selection cache per request slot; false selects in order. Token counts are rounded up to whole KV blocks. ``debug`` (default false) logs the builder's plans and, in eager steps, the
 first layer's prefill scoring and selections. ``methods`` (a list of method names, default the default
 ``method`` plus every stateless method) is what the server offers: each stateful method offered costs its fitted
@@ -73,7 +74,7 @@ class PrescoreParams:
     hybrid_min_budget: int = 512
     quest_beta: float = 0.5
     max_selected: int = 8192
-    reselect_every: int = 16
+    reselect_every: int = 1  # 16 costs ppl at 32k (results/QUALITY.md, session 13)
     reselect_clock: str = "request"  # by the row's length (reproducible); "step": rows re-select together
     reselect_async: bool = True  # a re-selection runs beside the decode (CUDA side stream), adopted a step later
     # server policy (never per request)
