@@ -89,15 +89,18 @@ json.dump(res, open(os.path.join(out, "defaults-part1.json"), "w"), indent=1)
 print(json.dumps(res))
 PY
 fi
+# DENSE_JSON=path: an earlier lease's dense.json (e.g. results/h100/session13/dense.json): skip the identity runs and
+# judge the prefix check with its noise floor
+if [[ " $PARTS " == *" 2 "* ]] && [ -n "${DENSE_JSON:-}" ]; then cp "$DENSE_JSON" "$OUT/dense.json"; fi
 if [[ " $PARTS " == *" 2 "* ]] && [ -n "${SMOLLM2_DIR:-}" ]; then
-  for be in FLASH_ATTN TRITON_ATTN PRESCORE; do
+  [ -n "${DENSE_JSON:-}" ] || for be in FLASH_ATTN TRITON_ATTN PRESCORE; do
     echo "[defaults $(date +%T)] identity $be"
     python3 scripts/identity_h100.py --model "$SMOLLM2_DIR" --backend $be --out "$OUT/identity-$be.json" \
       > "$OUT/identity-$be.log" 2>&1
     echo "[defaults $(date +%T)] identity $be rc=$?"
   done
-  python3 scripts/identity_h100.py --compare-dense "$OUT"/identity-{FLASH_ATTN,TRITON_ATTN,PRESCORE}.json \
-    --out "$OUT/dense.json"
+  [ -n "${DENSE_JSON:-}" ] || python3 scripts/identity_h100.py --compare-dense \
+    "$OUT"/identity-{FLASH_ATTN,TRITON_ATTN,PRESCORE}.json --out "$OUT/dense.json"
   # prefix caching on vs off: prescore, judged with the dense backends' noise floor (dense.json); then the same
   # two engines on FA3 as a control (does prefix caching change FA3's own greedy tokens on this GPU?)
   for be in prescore FLASH_ATTN; do
@@ -112,4 +115,4 @@ fi
 P1="$OUT/defaults-part1.json"; [ -f "$P1" ] || P1=${PART1:-$P1}
 python3 scripts/collect_defaults.py --part1 "$P1" --prefix "$OUT/prefix.json" --prefix-control "$OUT/prefix-FLASH_ATTN.json" \
   --dense "$OUT/dense.json" --out "$OUT/defaults-h100.json" \
-  --command "PARTS='$PARTS' PART1=${PART1:-} SMOLLM2_DIR=... bash scripts/defaults_h100.sh OUT (scripts/collect_defaults.py)"
+  --command "PARTS='$PARTS' PART1=${PART1:-} DENSE_JSON=${DENSE_JSON:-} SMOLLM2_DIR=... bash scripts/defaults_h100.sh OUT (scripts/collect_defaults.py)"
