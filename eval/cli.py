@@ -152,6 +152,11 @@ def format_table(rows: list[dict], fid_rows: list[dict]) -> str:
     from .engine import config_label
 
     lines = []
+    # multi-item tasks (multikey with several queries, multivalue, freqwords): also the share of answer items
+    # recalled (RULER's string_match_all, teacher-forced), as its own table
+    rows = rows + [dict(r, task=r["task"] + " recall", value=r["recall"], trials=r["items"],
+                        ci_low=r["recall_ci_low"], ci_high=r["recall_ci_high"])
+                   for r in rows if r.get("items", 0) > r.get("trials", 0)]
     keyf = lambda r: (r["task"], r["context"])  # noqa: E731
     for task, ctx in sorted({keyf(r) for r in rows}, key=lambda k: (k[0], k[1])):
         sub = [r for r in rows if keyf(r) == (task, ctx)]
@@ -319,6 +324,9 @@ def main(argv: list[str] | None = None) -> int:
             "tasks": {t: {"contexts": task_contexts, "trials": args.task_trials, **task_kw[t]}
                       for t in NEW_TASKS if t in tasks},
             "interval": "95% Wilson score interval of hits / trials (ci_low, ci_high)",
+            "recall": "RULER tasks: share of answer items (values, words) whose tokens were all the argmax "
+                      "(teacher-forced string_match_all; recall_ci_* is Wilson over items, which are correlated "
+                      "within a trial: optimistic)",
             "texts": args.text_dir or "eval/data (shipped excerpts)", "seed": args.seed,
             "threads": torch.get_num_threads(), "torch": torch.__version__,
         },

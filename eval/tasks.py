@@ -244,7 +244,8 @@ def _var_name(rng: random.Random, taken: set) -> str:
 
 def ruler_spec(task: str, rng: random.Random, **kw) -> dict:
     """One trial's text pieces: ``intro``, ``needles`` (strings, in context order), ``question`` (ends where the
-    answer starts), ``answer`` (with its leading space), ``meta``. Deterministic given the rng state.
+    answer starts), ``answer`` (with its leading space: ``" " + ", ".join(items)``), ``items`` (the answer's
+    parts, for the recall score), ``meta``. Deterministic given the rng state.
 
     - multikey: ``keys`` needles "The special magic number for <key> is: <value>", one per distinct key; the
       question asks ``queries`` of them (RULER's multikey / multiquery); the answer lists their values in the
@@ -271,6 +272,7 @@ def ruler_spec(task: str, rng: random.Random, **kw) -> dict:
                 f"The special magic numbers for {ks} mentioned in the provided text are"
         ans = " " + ", ".join(str(vals[i]) for i in asked)
         return {"intro": RULER_INTRO, "needles": needles, "question": q, "answer": ans,
+                "items": [str(vals[i]) for i in asked],
                 "meta": {"keys": keys, "values": vals, "asked": [keys[i] for i in asked]}}
     if task == "multivalue":
         n = kw.get("values", 4)
@@ -280,7 +282,8 @@ def ruler_spec(task: str, rng: random.Random, **kw) -> dict:
         q = f"\n\nWhat are all the special magic numbers for {key} mentioned in the provided text? " \
             f"The special magic numbers for {key} mentioned in the provided text are"
         return {"intro": RULER_INTRO, "needles": needles, "question": q,
-                "answer": " " + ", ".join(str(v) for v in vals), "meta": {"key": key, "values": vals}}
+                "answer": " " + ", ".join(str(v) for v in vals), "items": [str(v) for v in vals],
+                "meta": {"key": key, "values": vals}}
     if task == "vartrack":
         hops, nch = kw.get("hops", 4), kw.get("chains", 2)
         taken: set = set()
@@ -302,6 +305,7 @@ def ruler_spec(task: str, rng: random.Random, **kw) -> dict:
         q = f"\n\nWhat is the value of the variable {last}? Follow the chain of assignments. " \
             f"The value of {last} is"
         return {"intro": VT_INTRO, "needles": needles, "question": q, "answer": f" {values[0]}",
+                "items": [str(values[0])],
                 "meta": {"chain": chains[0][0], "value": values[0], "distractors": [c[0] for c in chains[1:]]}}
     if task == "freqwords":
         nw, top, rest_max = kw.get("words", 6), kw.get("top", 2), kw.get("rest_max", 2)
@@ -316,8 +320,23 @@ def ruler_spec(task: str, rng: random.Random, **kw) -> dict:
         q = f"\n\nWhich {what} listed most often in the text above, most frequent first? " \
             f"Answer: the most frequently listed {'word is' if top == 1 else 'words are'}"
         return {"intro": FW_INTRO, "needles": needles, "question": q, "answer": " " + ", ".join(words[:top]),
+                "items": list(words[:top]),
                 "meta": {"counts": counts, "top": words[:top]}}
     raise ValueError(f"unknown task {task!r}; one of {NEW_TASKS}")
+
+
+def item_ends(tok, question: str, q: list[int], a: list[int], items: list[str]) -> list[int]:
+    """Where each answer item ends in the answer's tokens ``a`` (the question's tokens ``q`` precede them): the
+    token count of the answer cut after item k, tokenized in context, for k = 1..n. One item spanning the whole
+    answer when a cut does not tokenize as a prefix of the full answer."""
+    ends = []
+    for k in range(1, len(items) + 1):
+        ids = _ids(tok, question + " " + ", ".join(items[:k]))
+        cut = ids[len(q):]
+        if ids[:len(q)] != q or a[:len(cut)] != cut or (ends and len(cut) <= ends[-1]):
+            return [len(a)]
+        ends.append(len(cut))
+    return ends if ends and ends[-1] == len(a) else [len(a)]
 
 
 def ruler_prompts(task: str, tok, corpus: Corpus, context: int, trials: int, block_size: int, seed: int = 0,
@@ -339,6 +358,7 @@ def ruler_prompts(task: str, tok, corpus: Corpus, context: int, trials: int, blo
         qa = _ids(tok, s["question"] + s["answer"])
         a = qa[len(q):] if qa[:len(q)] == q else _ids(tok, s["answer"])
         tail, dec = (q[:-1], q[-1:] + a) if question == "prefill" else ([], q + a)
+        s["item_ends"] = item_ends(tok, s["question"], q, a, s["items"])
         parts.append((s, _bos(tok) + _ids(tok, s["intro"]), [_ids(tok, x) for x in s["needles"]], tail, dec,
                       len(a)))
     N = min((context - len(p[4])) // block_size * block_size for p in parts)
@@ -373,6 +393,7 @@ def ruler_task(engine: SparseEvalEngine, tok, texts, configs, task: str, context
     for i, p in enumerate(prompts):
         shapes.setdefault((len(p["dec"]), p["answer_len"]), []).append(i)
     hit = torch.zeros(len(prompts), len(configs))
+    item_hits = torch.zeros(len(prompts), len(configs))  # answer items whose tokens were all the argmax
     nll = torch.zeros(len(prompts), len(configs), dtype=torch.float64)
     timing = {"prefill_s": 0.0, "decode_s": 0.0}
     for (QA, A), idx in sorted(shapes.items()):
@@ -381,7 +402,11 @@ def ruler_task(engine: SparseEvalEngine, tok, texts, configs, task: str, context
             pre = torch.tensor([prompts[i]["prefix"] for i in b])
             qa = torch.tensor([prompts[i]["dec"] for i in b])
             r = engine.run(pre, qa[:, :-1], qa[:, 1:], configs, log=log)
-            hit[b] = r["hit"][:, :, -A:].all(-1).float()
+            tok_hit = r["hit"][:, :, -A:]
+            hit[b] = tok_hit.all(-1).float()
+            for j, i in enumerate(b):
+                ends = prompts[i]["spec"]["item_ends"]
+                item_hits[i] = sum(tok_hit[j, :, s0:e].all(-1).float() for s0, e in zip([0] + ends[:-1], ends))
             nll[b] = r["nll"][:, :, -A:].double().mean(-1)
             for k in timing:
                 timing[k] += r["timing"][k]
@@ -389,10 +414,13 @@ def ruler_task(engine: SparseEvalEngine, tok, texts, configs, task: str, context
                 f"{r['timing']['prefill_s']:.1f}s decode {r['timing']['decode_s']:.1f}s")
     QA = max(len(p["dec"]) for p in prompts)
     rows = []
+    n_items = sum(len(p["spec"]["item_ends"]) for p in prompts)
     for i, c in enumerate(configs):
-        h = int(hit[:, i].sum())
+        h, ih = int(hit[:, i].sum()), int(item_hits[:, i].sum())
+        rlo, rhi = wilson(ih, n_items)
         rows.append({"task": task, "method": c.method, "mode": c.mode, "budget": c.budget,
                      "value": h / len(prompts), "trials": len(prompts), **ci_fields(h, len(prompts)),
+                     "recall": ih / n_items, "items": n_items, "recall_ci_low": rlo, "recall_ci_high": rhi,
                      "context": N + QA, "prefill": N, "decode_tokens": QA - 1, "question": question,
                      "answer_nll": float(nll[:, i].mean()), "per_trial": [int(x) for x in hit[:, i]],
                      "task_args": {k: v for k, v in sorted(kw.items())}, **engine.row_fields(c)})

@@ -65,6 +65,21 @@ def test_needles_where_said_and_answer_after_question(task, question, tok, corpu
 
 
 @pytest.mark.parametrize("task", T.NEW_TASKS)
+def test_answer_items_cut_the_answer_tokens(task, tok, corpus):
+    """item_ends split the answer tokens into the items (the recall score's units), the last one at its end."""
+    for p in _prompts(task, tok, corpus):
+        s, A = p["spec"], p["answer_len"]
+        ends, ans = s["item_ends"], p["dec"][-A:]
+        assert ends[-1] == A and ends == sorted(set(ends))
+        if len(ends) > 1:  # multi-item answers: each cut decodes to the answer up to that item
+            assert len(ends) == len(s["items"])
+            for k, e in enumerate(ends, 1):
+                assert tok.decode(ans[:e]).strip() == ", ".join(s["items"][:k])
+    n = {"multikey": "queries", "multivalue": "values", "freqwords": "top"}
+    assert len(_prompts(task, tok, corpus)[0]["spec"]["items"]) == SMALL[task].get(n.get(task), 1)
+
+
+@pytest.mark.parametrize("task", T.NEW_TASKS)
 def test_generators_deterministic_by_seed(task, tok, corpus):
     a, b, c = (_prompts(task, tok, corpus, seed=s) for s in (0, 0, 1))
     assert [p["prefix"] + p["dec"] for p in a] == [p["prefix"] + p["dec"] for p in b]
@@ -153,6 +168,9 @@ def test_cli_new_tasks_end_to_end_with_intervals_and_plot(tmp_path, capsys):
         assert len(dense) == 1 and any(r["mode"] == "static" for r in sub)
         big = [r for r in sub if r["budget"] == 1024]
         assert len(big) == 3
+        for r in sub:  # recall: items recalled / items, never below exact-match accuracy
+            assert r["items"] >= r["trials"] and 0 <= r["recall_ci_low"] <= r["recall"] <= r["recall_ci_high"] <= 1
+            assert r["recall"] >= r["value"]
         for r in big:  # budget >= context: dense (the same hits; the answer's NLL to float32 rounding: the
             # attention runs in float64, then the float32 model rounds a row's output by its batch position)
             assert (r["value"], r["per_trial"]) == (dense[0]["value"], dense[0]["per_trial"])
@@ -161,6 +179,7 @@ def test_cli_new_tasks_end_to_end_with_intervals_and_plot(tmp_path, capsys):
     assert set(data["settings"]["tasks"]) == set(T.NEW_TASKS)
     text = capsys.readouterr().out
     assert "vartrack context=" in text and "[95% Wilson interval]" in text
+    assert "multivalue recall context=" in text and "vartrack recall" not in text  # multi-item tasks only
     png = out.with_suffix(".png")  # written next to --out
     assert png.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     png.unlink()
