@@ -72,6 +72,9 @@ for step in ${STEPS:-e2e serve sel defaults}; do
       MAIN=0 RULER=1 MODELS="${RULER_MODELS:-qwen gemma}" RESULTS="$RES/quality" bash eval/h100.sh > "$RES/ruler.log" 2>&1
       log "ruler rc=$?" ;;
   esac
+  # everything so far in one file, so that one wait glob ($RES.tgz) brings it all back (bg wait copies <= 8 files)
+  tar czf "$RES.tgz.tmp" -C "$RES" . 2>/dev/null && mv "$RES.tgz.tmp" "$RES.tgz"
 done
 touch "$RES/DONE"
+tar czf "$RES.tgz.tmp" -C "$RES" . 2>/dev/null && mv "$RES.tgz.tmp" "$RES.tgz"
 log done
