@@ -12,6 +12,30 @@ import re
 from pathlib import Path
 
 
+def settings(bench: Path, variant: str) -> dict:
+    """prescore's server settings for a run: the `request defaults: k=v, ...` line of its server log
+    (server-TAG.log beside bench-TAG.json), else the package defaults with the file name's variant (step, async)."""
+    log = bench.with_name("server-" + bench.stem[len("bench-"):] + ".log")
+    m = re.search(r"request defaults: ([^\n]*)", log.read_text(errors="replace")) if log.exists() else None
+    if m:
+        kv = dict(re.findall(r"(\w+)=(\([^)]*\)|[^,]+)", m.group(1)))
+    else:
+        try:
+            from dataclasses import asdict
+
+            from prescore.backend.params import PrescoreParams
+            kv = {k: str(v) for k, v in asdict(PrescoreParams()).items()}
+        except ImportError:
+            kv = {}
+        kv.update({"step": {"reselect_clock": "step"}, "async": {"reselect_async": "True"}}.get(variant, {}))
+    out = {k: kv[k].strip() for k in ("mode", "reselect_clock") if k in kv}
+    if "reselect_every" in kv:
+        out["reselect_every"] = int(kv["reselect_every"])
+    if "reselect_async" in kv:
+        out["reselect_async"] = kv["reselect_async"].strip() == "True"
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--out", required=True)
@@ -25,14 +49,17 @@ def main():
     a = ap.parse_args()
     rows = []
     for f in a.files:
-        d = json.loads(Path(f).read_text())
-        m = re.match(r"bench-([A-Za-z_]+)-(\w+?)(?:-(request|step|async))?\.json", Path(f).name)
-        be, budget, clock = m.group(1), m.group(2), m.group(3)
+        f = Path(f)
+        d = json.loads(f.read_text())
+        be, _, rest = f.stem[len("bench-"):].partition("-")
+        budget, _, variant = rest.partition("-")
         prescore = be.lower() == "prescore"
-        rows.append({"backend": "PRESCORE" if prescore else be, "mode": a.mode if prescore else None,
-                     "reselect_clock": ("step" if clock == "step" else "request") if prescore else None,
-                     "reselect_async": clock == "async" if prescore else None,
+        s = settings(f, variant) if prescore else {}
+        rows.append({"backend": "PRESCORE" if prescore else be, "mode": s.get("mode", a.mode) if prescore else None,
+                     "reselect_every": s.get("reselect_every"), "reselect_clock": s.get("reselect_clock"),
+                     "reselect_async": s.get("reselect_async"), "variant": variant or None,
                      "budget": int(budget) if prescore else None, "concurrency": d.get("max_concurrency"),
+                     "request_rate": d.get("request_rate"),
                      "requests": d.get("num_prompts"), "completed": d.get("completed"),
                      "errors": (d.get("num_prompts") or 0) - (d.get("completed") or 0),
                      "output_tok_s": round(d["output_throughput"], 1),

@@ -4,22 +4,30 @@
 # --ignore-eos, --max-concurrency 8, 64 requests after 8 warm-up requests (both backends); CUDA graphs and vLLM's default flags apart from the model
 # length and --max-num-seqs 16. Needs the devgpu bundle unpacked, prescore on PYTHONPATH (/tmp/site) and the
 # dummy model (shared/devgpu/dummy_model.py). Then: python3 scripts/collect_serve_bench.py OUT/*.json.
-#   bash scripts/serve_bench.sh /tmp/res/serve            # env: RUNS, PROMPTS, CONC, INLEN, OUTLEN
+#   bash scripts/serve_bench.sh /tmp/res/serve            # env: RUNS, PROMPTS, CONC, RATE, INLEN, OUTLEN
 set -uo pipefail
 RES=${1:-/tmp/res/serve}
 MODEL=${MODEL:-/tmp/llama3-8b-dummy}
 mkdir -p "$RES"
 export PYTHONUNBUFFERED=1
 PORT=8765
-# RUNS: backend:budget[:variant] (prescore: request, the default clock; step: reselect_clock step; async:
-# reselect_async on)
-for run in ${RUNS:-prescore:2048 prescore:2048:step FLASH_ATTN:none}; do
+# RUNS: backend:budget[:variant] (variant: step = reselect_clock step; async = reselect_async on; or server config
+# fields k=v[,k=v], e.g. prescore:2048:reselect_every=4). RATE: open loop, `--request-rate RATE` requests/s
+# (Poisson arrivals, still capped by CONC), e.g. FA3's closed-loop rate to compare TTFT at the same load.
+for run in ${RUNS:-prescore:2048 FLASH_ATTN:none}; do
   IFS=: read -r be budget clock <<< "$run"
-  tag=$be-$budget${clock:+-$clock}
+  tag=$be-$budget${clock:+-$(echo "$clock" | tr -c 'A-Za-z0-9\n' _)}${RATE:+-rate$RATE}
   case $clock in
     async) setting=', "reselect_async": true' ;;
     "") setting= ;;
-    *) setting=", \"reselect_clock\": \"$clock\"" ;;
+    step|request) setting=", \"reselect_clock\": \"$clock\"" ;;
+    *) setting=$(python3 -c '
+import json, sys
+out = {}
+for kv in sys.argv[1].split(","):
+    k, v = kv.split("=", 1)
+    out[k] = json.loads(v.lower()) if v.lower() in ("true", "false") or v.lstrip("-").replace(".", "", 1).isdigit() else v
+print("".join(f", {json.dumps(k)}: {json.dumps(x)}" for k, x in out.items()))' "$clock") ;;
   esac
   extra=()
   [ "$be" = prescore ] && extra=(--additional-config "{\"prescore\": {\"budget\": $budget$setting}}")
@@ -30,7 +38,7 @@ for run in ${RUNS:-prescore:2048 prescore:2048:step FLASH_ATTN:none}; do
   for _ in $(seq 300); do curl -sf 127.0.0.1:$PORT/health >/dev/null && break; sleep 1; done
   vllm bench serve --backend vllm --base-url http://127.0.0.1:$PORT --model "$MODEL" --dataset-name random \
     --random-input-len "${INLEN:-32768}" --random-output-len "${OUTLEN:-1024}" --ignore-eos \
-    --max-concurrency "${CONC:-8}" --num-prompts "${PROMPTS:-64}" --num-warmups "${WARMUPS:-8}" \
+    --max-concurrency "${CONC:-8}" ${RATE:+--request-rate "$RATE"} --num-prompts "${PROMPTS:-64}" --num-warmups "${WARMUPS:-8}" \
     --percentile-metrics ttft,tpot,itl,e2el \
     --metric-percentiles 50,99 --save-result --save-detailed --result-dir "$RES" --result-filename "bench-$tag.json" \
     > "$RES/bench-$tag.log" 2>&1

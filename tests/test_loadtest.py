@@ -185,31 +185,40 @@ def test_load_errors_are_counted_by_kind(server, tmp_path):
 
 def test_collect_serve_bench_rows(tmp_path):
     """scripts/collect_serve_bench.py: one row per `vllm bench serve` result file (scripts/serve_bench.sh names
-    them bench-BACKEND-BUDGET[-step|-async].json), issue 14's keys, each prescore row's reselect_clock and
-    reselect_async, ratios vs FA3."""
+    them bench-BACKEND-BUDGET[-VARIANT].json), issue 14's keys, each prescore row's settings from its server log's
+    `request defaults:` line (else the package defaults + the variant), ratios vs FA3."""
+    from prescore.backend.params import PrescoreParams
+
     base = {"max_concurrency": 8, "num_prompts": 64, "completed": 64, "p50_itl_ms": 9.0, "p99_e2el_ms": 9e3}
-    runs = {"prescore-2048": (900.0, 10.0), "prescore-2048-step": (1000.0, 9.0), "prescore-2048-async": (1100.0, 8.0),
-            "FLASH_ATTN-none": (500.0, 16.0)}
+    runs = {"prescore-2048": (900.0, 10.0), "prescore-2048-step": (1000.0, 9.0),
+            "prescore-2048-reselect_every_4": (1100.0, 8.0), "FLASH_ATTN-none": (500.0, 16.0)}
     for name, (tok_s, tpot) in runs.items():
         d = dict(base, output_throughput=tok_s, p50_ttft_ms=2000.0, p99_ttft_ms=4000.0, p50_tpot_ms=tpot,
                  p99_tpot_ms=tpot * 2)
         (tmp_path / f"bench-{name}.json").write_text(json.dumps(d))
+    line = ("(Worker pid=7) INFO 12-08 01:30:49 [common.py:28] prescore: attention backend PRESCORE active on vLLM "
+            "0.33.0; request defaults: budget=2048, method=kmeans, mode=hybrid, sink=16, window=64, quest_beta=0.5, "
+            "reselect_every={e}, reselect_clock=request, reselect_async={a}, methods=('kmeans', 'keynorm')\n")
+    (tmp_path / "server-prescore-2048.log").write_text("x\n" + line.format(e=1, a=True))
+    (tmp_path / "server-prescore-2048-reselect_every_4.log").write_text(line.format(e=4, a=False))
     out = tmp_path / "serve.json"
     script = Path(__file__).resolve().parents[1] / "scripts" / "collect_serve_bench.py"
     subprocess.run([sys.executable, str(script), "--device", "H100", "--vllm", "0.33.0", "--out", str(out),
                     *sorted(str(p) for p in tmp_path.glob("bench-*.json"))], check=True, capture_output=True)
     res = json.loads(out.read_text())
-    rows = {(r["backend"], r["reselect_clock"], r["reselect_async"]): r for r in res["rows"]}
-    assert set(rows) == {("PRESCORE", "request", False), ("PRESCORE", "step", False), ("PRESCORE", "request", True),
-                         ("FLASH_ATTN", None, None)}
+    rows = {(r["backend"], r["reselect_every"], r["reselect_clock"], r["reselect_async"]): r for r in res["rows"]}
+    d = PrescoreParams()
+    assert set(rows) == {("PRESCORE", 1, "request", True), ("PRESCORE", d.reselect_every, "step", d.reselect_async),
+                         ("PRESCORE", 4, "request", False), ("FLASH_ATTN", None, None, None)}
     keys = {"backend", "mode", "budget", "concurrency", "requests", "errors", "output_tok_s", "ttft_p50_ms",
             "ttft_p99_ms", "tpot_p50_ms", "tpot_p99_ms"}
     assert all(keys <= set(r) for r in res["rows"]) and res["vllm"] == "0.33.0" and res["device"] == "H100"
-    step = rows[("PRESCORE", "step", False)]
+    step = rows[("PRESCORE", d.reselect_every, "step", d.reselect_async)]
     assert step["budget"] == 2048 and step["mode"] == "hybrid" and step["errors"] == 0
     assert step["vs_fa3"]["output_tok_s"] == 2.0 and step["vs_fa3"]["tpot_p50_ms"] == round(9 / 16, 3)
-    assert rows[("FLASH_ATTN", None, None)]["budget"] is None
-    assert rows[("PRESCORE", "request", True)]["vs_fa3"]["output_tok_s"] == 2.2
+    assert rows[("FLASH_ATTN", None, None, None)]["budget"] is None
+    assert rows[("PRESCORE", 4, "request", False)]["vs_fa3"]["output_tok_s"] == 2.2
+    assert rows[("PRESCORE", 4, "request", False)]["variant"] == "reselect_every_4"
 
 
 def test_collect_profile_table(tmp_path):
