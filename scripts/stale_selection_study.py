@@ -116,7 +116,7 @@ def main(argv=None):
 
     _, path = resolve_model(a.model)
     tok = AutoTokenizer.from_pretrained(str(path))
-    model = AutoModelForCausalLM.from_pretrained(str(path), torch_dtype=torch.float32, attn_implementation="sdpa")
+    model = AutoModelForCausalLM.from_pretrained(str(path), dtype=torch.float32, attn_implementation="sdpa")
     model.eval()
     bs = a.block
     B = (a.budget - a.sink - a.window) // bs
