@@ -13,6 +13,8 @@ export PYTHONPATH=/tmp/site:${PYTHONPATH:-} PYTHONUNBUFFERED=1
 log() { echo "[lease $(date +%T)] $*"; }
 # BACKEND:MODE[:k=v,...] -> be, mode, cfg and a file-name tag
 split_run() { IFS=: read -r be mode cfg <<< "$1"; tag=$be-$mode${cfg:+-$(echo "$cfg" | tr -c 'A-Za-z0-9\n' _)}; }
+# everything so far in one file, so that one wait glob ($RES.tgz) brings it all back (bg wait copies <= 8 files)
+pack() { tar czf "$RES.tgz.tmp" -C "$RES" . 2>/dev/null && mv "$RES.tgz.tmp" "$RES.tgz"; }
 [ -d /tmp/llama3-8b-dummy ] || python3 "${DUMMY:-/tmp/tools/dummy_model.py}" /tmp/llama3-8b-dummy
 for step in ${STEPS:-e2e serve sel defaults}; do
   # real models carried and converted by scripts/devgpu_models.sh (stash + assemble), looked up at each step (the
@@ -72,9 +74,8 @@ for step in ${STEPS:-e2e serve sel defaults}; do
       MAIN=0 RULER=1 MODELS="${RULER_MODELS:-qwen gemma}" RESULTS="$RES/quality" bash eval/h100.sh > "$RES/ruler.log" 2>&1
       log "ruler rc=$?" ;;
   esac
-  # everything so far in one file, so that one wait glob ($RES.tgz) brings it all back (bg wait copies <= 8 files)
-  tar czf "$RES.tgz.tmp" -C "$RES" . 2>/dev/null && mv "$RES.tgz.tmp" "$RES.tgz"
+  pack
 done
 touch "$RES/DONE"
-tar czf "$RES.tgz.tmp" -C "$RES" . 2>/dev/null && mv "$RES.tgz.tmp" "$RES.tgz"
+pack
 log done

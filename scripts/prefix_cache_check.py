@@ -25,6 +25,9 @@ import os
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from identity_h100 import _gap, first_divergence, margins  # noqa: E402  (same folder: one margin rule)
+
 TEXT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "data", "pride-and-prejudice-opening.txt")
 QUESTIONS = ("\n\nWho has taken Netherfield Park?", "\n\nWhat does Mrs. Bennet want her husband to do?")
 
@@ -77,28 +80,16 @@ def one(args) -> dict:
             "margins": margin, "backend": args.backend, "totals": t}
 
 
-def margins(logprobs) -> list:
-    """Top-1 - top-2 log-probability margin at each generated position (None where fewer than two came back)."""
-    out = []
-    for pos in logprobs or []:
-        v = sorted((lp.logprob for lp in pos.values()), reverse=True)
-        out.append(v[0] - v[1] if len(v) > 1 else None)
-    return out
-
-
 def divergences(on: dict, off: dict) -> list:
-    """Each request's first differing greedy token and the larger of the two engines' margins there."""
+    """Each request's first differing greedy token and the larger of the two engines' margins there (None
+    without margins)."""
     rows = []
     for r in sorted(on["tokens"]):
-        x, y = on["tokens"][r], off["tokens"].get(r, [])
-        k = next((i for i, (a, b) in enumerate(zip(x, y)) if a != b), None)
-        if k is None and len(x) != len(y):
-            k = min(len(x), len(y))
+        k = first_divergence(on["tokens"][r], off["tokens"].get(r, []))
         if k is None:
             continue
-        ms = [m[k] for m in (on.get("margins", {}).get(r, []), off.get("margins", {}).get(r, []))
-              if k < len(m) and m[k] is not None]
-        rows.append({"request": r, "position": k, "margin": max(ms) if ms else None})
+        m = _gap(on.get("margins", {}).get(r, []), off.get("margins", {}).get(r, []), k)
+        rows.append({"request": r, "position": k, "margin": None if m == float("inf") else m})
     return rows
 
 

@@ -21,13 +21,9 @@ for run in ${RUNS:-prescore:2048 FLASH_ATTN:none}; do
     async) setting=', "reselect_async": true' ;;
     "") setting= ;;
     step|request) setting=", \"reselect_clock\": \"$clock\"" ;;
-    *) setting=$(python3 -c '
-import json, sys
-out = {}
-for kv in sys.argv[1].split(","):
-    k, v = kv.split("=", 1)
-    out[k] = json.loads(v.lower()) if v.lower() in ("true", "false") or v.lstrip("-").replace(".", "", 1).isdigit() else v
-print("".join(f", {json.dumps(k)}: {json.dumps(x)}" for k, x in out.items()))' "$clock") ;;
+    *) setting=$(python3 -c 'import json, sys; sys.path.insert(0, sys.argv[1]); from e2e_h100 import parse_config
+print("".join(f", {json.dumps(k)}: {json.dumps(v)}" for k, v in parse_config(sys.argv[2]).items()))' \
+         "$(dirname "$0")" "$clock") ;;  # the k=v parser of e2e_h100.py --config
   esac
   extra=()
   [ "$be" = prescore ] && extra=(--additional-config "{\"prescore\": {\"budget\": $budget$setting}}")

@@ -140,22 +140,24 @@ def main(argv=None):
                 dense = attend(q[:, t], k, v, n, None, torch.ones(nblk, dtype=torch.bool), bs)
                 key_t = group_key(q[:, t], kmin, kmax, a.beta)
                 sel = {"fresh": top(key_t, forced, B)}
-                cand = {}
+                scans = {}
 
-                def scan(tq):  # the selection state kept from a scan at tq (with its window), and its key
-                    m = tq + 1
-                    kmn, kmx = summaries(k, m, bs)
-                    f2 = torch.zeros(kmn.shape[1], dtype=torch.bool)
-                    f2[: -(-a.sink // bs)] = True
-                    f2[kmn.shape[1] - -(-a.window // bs):] = True
-                    return group_key(q[:, tq], kmn, kmx, a.beta), f2, set(torch.nonzero(f2).flatten().tolist())
+                def scan(every):  # the state kept from the last scan of a schedule (its window too) and its key
+                    tq = t - 1 - ((t - 1 - a.context) % every)  # every 1: the previous step
+                    if tq not in scans:
+                        kmn, kmx = summaries(k, tq + 1, bs)
+                        f2 = torch.zeros(kmn.shape[1], dtype=torch.bool)
+                        f2[: -(-a.sink // bs)] = True
+                        f2[kmn.shape[1] - -(-a.window // bs):] = True
+                        scans[tq] = (group_key(q[:, tq], kmn, kmx, a.beta), f2,
+                                     set(torch.nonzero(f2).flatten().tolist()))
+                    return scans[tq]
 
-                key_1, f_1, was_1 = scan(t - 1)
-                sel["stale1"] = [x | was_1 for x in top(key_1, f_1, B)]
-                key_16, f_16, was_16 = scan(t - 1 - ((t - 1 - a.context) % 16))
-                sel["stale16"] = [x | was_16 for x in top(key_16, f_16, B)]
+                for name, every in (("stale1", 1), ("stale16", 16)):
+                    ks, fs, was = scan(every)
+                    sel[name] = [x | was for x in top(ks, fs, B)]
                 for e in everys:
-                    ks, fs, was = (key_1, f_1, was_1) if e == 1 else scan(t - 1 - ((t - 1 - a.context) % e))
+                    ks, fs, was = scan(e)
                     for x in extras:
                         c = [c | was for c in top(ks, fs, B + int(round(x * B)))]
                         kk = key_t.clone()
